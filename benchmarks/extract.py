@@ -1,0 +1,174 @@
+"""Descriptor-extraction speed: images/s, R-MAC head share, peak RSS.
+
+Random-weight ResNet-101 (or --backbone) on an already decoded image of
+--width x --height, one image per call, single scale and three scales
+(1, 1/sqrt(2), sqrt(2)). With --reference PATH, the PyTorch reference
+(`torch_rmac_reference.py`) runs in the same invocation, right after, on the
+same image size, and the ratio of images/s is printed.
+
+    python benchmarks/extract.py --reference ../shared/bench/torch_rmac_reference.py
+
+Works on the TensorFlow and JAX backends (KERAS_BACKEND); on JAX, --dtype
+bfloat16 runs the backbone under mixed precision, --batch > 1 times batches.
+"""
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from deep_retrieval.model import DescriptorConfig, build_descriptor_model  # noqa: E402
+
+SINGLE = (1.0,)
+MULTI = (1.0, 2**-0.5, 2**0.5)
+
+
+def _peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _compile(fn):
+    """A compiled callable for ``fn`` on the active backend."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, jit_compile=False, reduce_retracing=False)
+    if backend == "jax":
+        import jax
+
+        return jax.jit(fn)
+    return fn
+
+
+def _stateless(model, layer):
+    """A jittable pure function of the inputs with the layer's weights baked in."""
+    if keras.backend.backend() != "jax":
+        return lambda x: layer(x, training=False)
+    trainable = [v.value for v in layer.trainable_variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+
+    def fn(x):
+        out, _ = layer.stateless_call(trainable, non_trainable, x, training=False)
+        return out
+
+    return fn
+
+
+def _block(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def time_model(model, scales, images, warmup, batch):
+    """Median seconds per call of the whole model, and of its R-MAC head."""
+    model.multi_resolution.scales = scales
+    full = _compile(_stateless(model, model))
+    backbone = _compile(_stateless(model, model.backbone))
+    head = _compile(_stateless(model, model.head))
+    preprocess = _compile(_stateless(model, model.preprocess))
+    from deep_retrieval import functional
+
+    rng = np.random.RandomState(0)
+    totals, heads = [], []
+    for i in range(warmup + images):
+        x = rng.uniform(0, 255, (batch,) + IMAGE_SHAPE).astype("float32")
+        t0 = time.perf_counter()
+        _block(full(x))
+        total = time.perf_counter() - t0
+        # The head on the feature maps of each scale, timed on its own.
+        pre = preprocess(x)
+        head_time = 0.0
+        for s in scales:
+            size = functional.scaled_size(IMAGE_SHAPE[0], IMAGE_SHAPE[1], s)
+            xs = pre if s == 1 else functional.resize_bilinear(pre, *size)
+            fmap = backbone(xs)
+            _block(fmap)
+            t0 = time.perf_counter()
+            _block(head(fmap))
+            head_time += time.perf_counter() - t0
+        if i >= warmup:
+            totals.append(total)
+            heads.append(head_time)
+        print(f"  scales={len(scales)} call {i}{' (warm-up)' if i < warmup else ''}: "
+              f"{total:.3f}s, head {head_time * 1e3:.1f} ms", flush=True)
+    total = statistics.median(totals)
+    return {
+        "images_per_s": batch / total,
+        "seconds_per_call": total,
+        "head_share": statistics.median(h / t for h, t in zip(heads, totals)),
+        "head_ms": statistics.median(heads) * 1e3,
+    }
+
+
+def run_reference(path, args):
+    cmd = [sys.executable, path, "--images", str(args.images), "--warmup", str(args.warmup),
+           "--long-side", str(args.width), "--aspect", str(args.width / args.height),
+           "--json", "/tmp/torch_rmac_reference.json"]
+    if args.device:
+        cmd += ["--device", args.device]
+    print("reference:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    with open("/tmp/torch_rmac_reference.json") as f:
+        return json.load(f)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="resnet101")
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--height", type=int, default=768)
+    parser.add_argument("--images", type=int, default=5, help="timed calls per setting")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--reference", default="", help="path of torch_rmac_reference.py")
+    parser.add_argument("--device", default="", help="--device for the reference (cuda on a GPU)")
+    parser.add_argument("--json", default="", help="write all figures here")
+    parser.add_argument("--skip_multi", action="store_true")
+    args = parser.parse_args()
+
+    global IMAGE_SHAPE
+    IMAGE_SHAPE = (args.height, args.width, 3)
+    if args.dtype == "bfloat16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    model = build_descriptor_model(
+        DescriptorConfig(backbone=args.backbone, weights=None, levels=3, include_global=True)
+    )
+    info = {"backend": keras.backend.backend(), "backbone": args.backbone, "dtype": args.dtype,
+            "batch": args.batch, "image": [args.height, args.width], "cpu_count": os.cpu_count()}
+    print(json.dumps(info), flush=True)
+    results = {"info": info, "single_scale": time_model(model, SINGLE, args.images, args.warmup, args.batch)}
+    if not args.skip_multi:
+        results["multi_scale"] = time_model(model, MULTI, args.images, args.warmup, args.batch)
+    results["peak_rss_mb"] = _peak_rss_mb()
+    if args.reference:
+        results["reference"] = run_reference(args.reference, args)
+    for key in ("single_scale", "multi_scale"):
+        if key not in results:
+            continue
+        r = results[key]
+        line = (f"{key}: {r['images_per_s']:.3f} images/s ({r['seconds_per_call']:.3f} s/call), "
+                f"R-MAC head {r['head_share'] * 100:.2f}% ({r['head_ms']:.1f} ms)")
+        if "reference" in results and key in results["reference"]:
+            ref = results["reference"][key]
+            line += (f"; reference {ref['images_per_s']:.3f} images/s, R-MAC {ref['rmac_share'] * 100:.2f}%"
+                     f"; ratio {r['images_per_s'] / ref['images_per_s']:.2f}x")
+        print(line)
+    print(f"peak RSS {results['peak_rss_mb']:.0f} MB (this process, all settings)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

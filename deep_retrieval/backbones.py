@@ -1,0 +1,88 @@
+"""CNN backbones cut at their last convolution, with their preprocessing."""
+
+import dataclasses
+import os
+
+import keras
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one backbone.
+
+    Attributes:
+        preprocessing: `ImagePreprocessing` mode the weights expect.
+        stride: total stride (input pixels per feature cell).
+        channels: feature channels of the last convolution.
+    """
+
+    preprocessing: str
+    stride: int
+    channels: int
+
+
+SPECS = {
+    "resnet101": BackboneSpec("caffe", 32, 2048),
+    "resnet50": BackboneSpec("caffe", 32, 2048),
+    "vgg16": BackboneSpec("caffe", 16, 512),
+    "tiny": BackboneSpec("tf", 16, 128),
+}
+
+
+def _tiny(weights):
+    """Four stages of (3x3 stride-2 conv, 3x3 conv), 16 to 128 channels.
+
+    Fast enough to train on two CPU cores in minutes; for tests and the demo.
+    """
+    inputs = keras.Input((None, None, 3))
+    x = inputs
+    for i, filters in enumerate((16, 32, 64, 128)):
+        x = keras.layers.Conv2D(
+            filters, 3, strides=2, padding="same", activation="relu", name=f"conv{i + 1}_1"
+        )(x)
+        x = keras.layers.Conv2D(
+            filters, 3, padding="same", activation="relu", name=f"conv{i + 1}_2"
+        )(x)
+    model = keras.Model(inputs, x, name="tiny")
+    if weights is not None:
+        model.load_weights(weights)
+    return model
+
+
+def _keras_application(name, weights):
+    constructor = {
+        "resnet101": keras.applications.ResNet101,
+        "resnet50": keras.applications.ResNet50,
+        "vgg16": keras.applications.VGG16,
+    }[name]
+    model = constructor(include_top=False, weights=weights, input_shape=(None, None, 3))
+    if name == "vgg16":
+        # Cut before the last max-pooling: R-MAC pools block5_conv3.
+        model = keras.Model(
+            model.input, model.get_layer("block5_conv3").output, name="vgg16"
+        )
+    return model
+
+
+def build_backbone(name, weights=None):
+    """A backbone as a Keras model from preprocessed images to its last conv map.
+
+    Args:
+        name: one of `SPECS`.
+        weights: ``"imagenet"``, a path to a weights file, or ``None``.
+
+    Returns:
+        ``(model, spec)``.
+    """
+    if name not in SPECS:
+        raise ValueError(f"Unknown backbone {name!r}; choose one of {sorted(SPECS)}.")
+    if weights not in (None, "imagenet") and not os.path.isfile(weights):
+        raise ValueError(
+            f"Backbone weights file {weights!r} does not exist; pass "
+            "'imagenet', an existing file, or None."
+        )
+    if name == "tiny":
+        if weights == "imagenet":
+            raise ValueError("The 'tiny' backbone has no ImageNet weights.")
+        return _tiny(weights), SPECS[name]
+    return _keras_application(name, weights), SPECS[name]

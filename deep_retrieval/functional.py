@@ -1,0 +1,195 @@
+"""Pure `keras.ops` functions behind the descriptor layers.
+
+Everything here is stateless and backend-agnostic; the Keras layers in
+`deep_retrieval.layers` are thin wrappers that hold configuration and weights.
+Tensors are channels-last: feature maps ``[N, H, W, C]``, region sets
+``[N, R, C]``.
+"""
+
+import math
+
+from keras import ops
+
+from deep_retrieval import regions as regions_lib
+
+_TINY = 1e-24
+
+
+def l2_normalize(x, axis=-1, epsilon=1e-6):
+    """``x / (||x||_2 + epsilon)`` along ``axis``.
+
+    The epsilon is added to the norm (as in the DIR and cirtorch code), not
+    to its square. The norm's square is floored at 1e-24 before the square
+    root so that an all-zero vector has a finite (zero) gradient.
+    """
+    sq = ops.sum(ops.square(x), axis=axis, keepdims=True)
+    return x / (ops.sqrt(ops.maximum(sq, _TINY)) + epsilon)
+
+
+def is_static_size(*dims):
+    """True when every dimension is a Python int (known at trace time)."""
+    return all(isinstance(d, int) for d in dims)
+
+
+def grid_max_pool(features, levels=3, include_global=False):
+    """Exact max over every R-MAC region of a feature map.
+
+    Args:
+        features: ``[N, H, W, C]`` feature map.
+        levels: number of grid scales.
+        include_global: also pool the whole map (first region).
+
+    Returns:
+        ``(pooled, valid)``: ``pooled`` is ``[N, R, C]``; ``valid`` is ``None``
+        when the map size was known at trace time (all ``R`` regions are real)
+        and otherwise a boolean ``[R]`` mask over a fixed set of candidate
+        regions (invalid rows hold arbitrary values and must be masked).
+    """
+    _, height, width, _ = ops.shape(features)
+    if is_static_size(height, width):
+        return _static_grid_max_pool(features, height, width, levels, include_global), None
+    return _dynamic_grid_max_pool(features, height, width, levels, include_global)
+
+
+def _flatten_regions(x):
+    """``[N, A, B, C]`` -> ``[N, A * B, C]`` keeping a symbolic batch size."""
+    _, a, b, channels = ops.shape(x)
+    return ops.reshape(x, (-1, a * b, channels))
+
+
+def _static_grid_max_pool(features, height, width, levels, include_global):
+    out = []
+    if include_global:
+        out.append(ops.max(features, axis=(1, 2))[:, None, :])
+    for level in regions_lib.rmac_grid(height, width, levels):
+        s = level.side
+        # Separable window max: rows first, then columns of the row maxima.
+        rows = ops.stack(
+            [ops.max(features[:, y : y + s], axis=1) for y in level.ys], axis=1
+        )
+        windows = ops.stack(
+            [ops.max(rows[:, :, x : x + s], axis=2) for x in level.xs], axis=2
+        )
+        out.append(_flatten_regions(windows))
+    return ops.concatenate(out, axis=1) if len(out) > 1 else out[0]
+
+
+def _window_max(x, starts, side, axis):
+    """Max over ``[start, start + side)`` along ``axis`` for each start.
+
+    ``x`` is rank 4 and ``axis`` is 1 or 2; one output slice per start is
+    stacked at ``axis``. Cells outside a window are replaced by -inf, so the
+    result is exact; a window with no cell yields -inf.
+    """
+    extent = ops.shape(x)[axis]
+    cells = ops.arange(extent, dtype="int32")[None, :]
+    inside = ops.logical_and(
+        cells >= starts[:, None], cells < (starts + side)[:, None]
+    )
+    neg_inf = ops.cast(float("-inf"), x.dtype)
+    out = []
+    for i in range(ops.shape(starts)[0]):
+        mask = inside[i]
+        mask = mask[None, :, None, None] if axis == 1 else mask[None, None, :, None]
+        out.append(ops.max(ops.where(mask, x, neg_inf), axis=axis))
+    return ops.stack(out, axis=axis)
+
+
+def _dynamic_grid_max_pool(features, height, width, levels, include_global):
+    pooled, valid = [], []
+    if include_global:
+        pooled.append(ops.max(features, axis=(1, 2))[:, None, :])
+        valid.append(ops.ones((1,), dtype="bool"))
+    for level in regions_lib.dynamic_rmac_grid(height, width, levels):
+        rows = _window_max(features, level.ys, level.side, axis=1)
+        windows = _window_max(rows, level.xs, level.side, axis=2)
+        num = ops.shape(level.xs)[0]
+        flat = _flatten_regions(windows)
+        index = level.pairs[:, 0] * num + level.pairs[:, 1]
+        pooled.append(ops.take(flat, index, axis=1))
+        valid.append(level.pair_valid)
+    return ops.concatenate(pooled, axis=1), ops.concatenate(valid, axis=0)
+
+
+def mask_invalid_regions(regions, valid):
+    """Replace invalid regions by ones (a harmless placeholder: finite, non-zero)."""
+    if valid is None:
+        return regions
+    return ops.where(valid[None, :, None], regions, ops.ones_like(regions))
+
+
+def sum_regions(regions, valid=None):
+    """Sum of ``[N, R, C]`` over the region axis, counting only valid regions."""
+    if valid is not None:
+        regions = regions * ops.cast(valid, regions.dtype)[None, :, None]
+    return ops.sum(regions, axis=1)
+
+
+def rmac(features, levels=3, include_global=False, whiten=None, epsilon=1e-6):
+    """R-MAC: ``L2(sum_r L2(whiten(L2(max over region r))))``.
+
+    Args:
+        features: ``[N, H, W, C]`` feature map.
+        levels: grid scales.
+        include_global: also pool the whole map as a region.
+        whiten: optional callable ``[N, R, C] -> [N, R, D]`` (PCA-whitening),
+            followed by a second per-region L2. Skipped when None.
+        epsilon: added to every norm.
+
+    Returns:
+        ``[N, C]`` (or ``[N, D]``) L2-normalised descriptors.
+    """
+    pooled, valid = grid_max_pool(features, levels, include_global)
+    x = l2_normalize(mask_invalid_regions(pooled, valid), epsilon=epsilon)
+    if whiten is not None:
+        x = l2_normalize(whiten(x), epsilon=epsilon)
+    return l2_normalize(sum_regions(x, valid), epsilon=epsilon)
+
+
+def scaled_size(height, width, scale):
+    """``(round(height * scale), round(width * scale))``, at least 1 each.
+
+    Rounds half up (``floor(v + 0.5)``) for Python ints and tensors alike.
+    """
+    if scale == 1:
+        return height, width
+    if is_static_size(height, width):
+        return tuple(max(1, int(math.floor(d * scale + 0.5))) for d in (height, width))
+    return tuple(
+        ops.maximum(
+            ops.cast(ops.floor(ops.cast(d, "float32") * scale + 0.5), "int32"), 1
+        )
+        for d in (height, width)
+    )
+
+
+def _source_index(out_size, in_size):
+    """Bilinear source indices and weights with half-pixel centres.
+
+    Matches ``tf.image.resize(..., "bilinear", antialias=False)`` and torch's
+    ``interpolate(mode="bilinear", align_corners=False)`` for a given size.
+    """
+    scale = ops.cast(in_size, "float32") / ops.cast(out_size, "float32")
+    pos = (ops.arange(out_size, dtype="float32") + 0.5) * scale - 0.5
+    pos = ops.clip(pos, 0.0, ops.cast(in_size - 1, "float32"))
+    lo = ops.floor(pos)
+    frac = pos - lo
+    lo = ops.cast(lo, "int32")
+    hi = ops.minimum(lo + 1, in_size - 1)
+    return lo, hi, frac
+
+
+def resize_bilinear(images, height, width):
+    """Bilinear resize of ``[N, H, W, C]`` images to ``height x width``.
+
+    Works with Python ints and with scalar tensors (a size known only at run
+    time), on every backend. No antialiasing, so it matches the usual
+    ``F.interpolate``/``tf.image.resize`` bilinear resampling.
+    """
+    _, in_h, in_w, _ = ops.shape(images)
+    lo, hi, frac = _source_index(height, in_h)
+    frac = ops.cast(frac, images.dtype)[None, :, None, None]
+    x = ops.take(images, lo, axis=1) * (1 - frac) + ops.take(images, hi, axis=1) * frac
+    lo, hi, frac = _source_index(width, in_w)
+    frac = ops.cast(frac, images.dtype)[None, None, :, None]
+    return ops.take(x, lo, axis=2) * (1 - frac) + ops.take(x, hi, axis=2) * frac

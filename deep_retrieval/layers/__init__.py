@@ -1,0 +1,20 @@
+"""Keras 3 layers of the DIR descriptor (all `keras.ops`, every backend)."""
+
+from deep_retrieval.layers.image_preprocessing import ImagePreprocessing
+from deep_retrieval.layers.l2_normalization import L2Normalization
+from deep_retrieval.layers.multi_resolution import PAPER_SCALES, MultiResolution
+from deep_retrieval.layers.pca_whitening import PCAWhitening
+from deep_retrieval.layers.region_max_pooling import RegionMaxPooling
+from deep_retrieval.layers.region_sum import RegionSum
+from deep_retrieval.layers.rmac import RMAC
+
+__all__ = [
+    "ImagePreprocessing",
+    "L2Normalization",
+    "MultiResolution",
+    "PAPER_SCALES",
+    "PCAWhitening",
+    "RMAC",
+    "RegionMaxPooling",
+    "RegionSum",
+]

@@ -1,0 +1,25 @@
+import keras
+
+from deep_retrieval import functional
+
+
+@keras.saving.register_keras_serializable(package="deep_retrieval")
+class RegionSum(keras.layers.Layer):
+    """Sums region descriptors ``[N, R, C] -> [N, C]``, counting valid ones.
+
+    Call arguments:
+        inputs: ``[N, R, C]`` region descriptors.
+        valid: optional boolean ``[R]`` mask (see `RegionMaxPooling`).
+
+    Example:
+    >>> RegionSum()(np.ones((2, 5, 3)))  # all 5.0
+
+    Reference:
+        Tolias, Sicre, Jégou, ICLR 2016 (R-MAC aggregation).
+    """
+
+    def call(self, inputs, valid=None):
+        return functional.sum_regions(inputs, valid)
+
+    def compute_output_shape(self, input_shape, valid_shape=None):
+        return (input_shape[0], input_shape[2])

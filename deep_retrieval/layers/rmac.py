@@ -1,0 +1,86 @@
+import keras
+
+from deep_retrieval import functional
+from deep_retrieval.layers.l2_normalization import L2Normalization
+from deep_retrieval.layers.pca_whitening import PCAWhitening
+from deep_retrieval.layers.region_max_pooling import RegionMaxPooling
+from deep_retrieval.layers.region_sum import RegionSum
+
+
+@keras.saving.register_keras_serializable(package="deep_retrieval")
+class RMAC(keras.layers.Layer):
+    """The R-MAC head of Deep Image Retrieval.
+
+    ``L2(sum over regions of L2(whiten(L2(max over region))))``: exact region
+    max-pooling on the R-MAC grid, per-region L2, PCA-whitening as a shifted
+    fully-connected layer followed by L2 (skipped when ``whitening`` is None),
+    sum over regions, and a final L2. Computes in float32 whatever the global
+    dtype policy, so it is safe under mixed precision.
+
+    Args:
+        levels: grid scales ``L``.
+        include_global: also pool the whole map as a region.
+        whitening: output size of the PCA-whitening layer, or None for none.
+        epsilon: added to every norm.
+
+    Call arguments:
+        inputs: ``[N, H, W, C]`` feature map of any spatial size.
+
+    Example:
+    >>> head = RMAC(levels=3, whitening=None)
+    >>> head(np.random.rand(2, 24, 32, 2048).astype("float32")).shape
+    (2, 2048)
+
+    Reference:
+        Gordo, Almazán, Revaud, Larlus, "Deep Image Retrieval: Learning global
+        representations for image search", ECCV 2016; Tolias, Sicre, Jégou,
+        ICLR 2016.
+    """
+
+    def __init__(
+        self, levels=3, include_global=False, whitening=None, epsilon=1e-6, **kwargs
+    ):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.levels = levels
+        self.include_global = include_global
+        self.whitening = None if whitening is None else int(whitening)
+        self.epsilon = epsilon
+        self.pooling = RegionMaxPooling(
+            levels, include_global, dtype=self.dtype_policy, name="region_max_pooling"
+        )
+        self.normalize = L2Normalization(
+            epsilon=epsilon, dtype=self.dtype_policy, name="l2_normalization"
+        )
+        self.pca = (
+            None
+            if whitening is None
+            else PCAWhitening(self.whitening, dtype=self.dtype_policy, name="pca_whitening")
+        )
+        self.region_sum = RegionSum(dtype=self.dtype_policy, name="region_sum")
+
+    def build(self, input_shape):
+        if self.pca is not None:
+            self.pca.build((None, input_shape[-1]))
+
+    def call(self, inputs):
+        pooled, valid = self.pooling(inputs)
+        x = self.normalize(functional.mask_invalid_regions(pooled, valid))
+        if self.pca is not None:
+            x = self.normalize(self.pca(x))
+        return self.normalize(self.region_sum(x, valid))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.whitening or input_shape[-1])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "levels": self.levels,
+                "include_global": self.include_global,
+                "whitening": self.whitening,
+                "epsilon": self.epsilon,
+            }
+        )
+        return config

@@ -1,0 +1,140 @@
+"""The DIR descriptor model: pixels in, L2-normalised global descriptors out.
+
+    images [N, H, W, 3] (RGB, 0..255)
+      -> backbone preprocessing
+      -> for each scale: resize -> backbone -> R-MAC head (regions, L2,
+         PCA-whitening, L2, sum, L2)
+      -> sum over scales -> L2
+"""
+
+import dataclasses
+
+import keras
+
+from deep_retrieval import backbones
+from deep_retrieval import functional
+from deep_retrieval.config import DescriptorConfig
+from deep_retrieval.layers import RMAC, ImagePreprocessing, MultiResolution
+
+__all__ = ["DescriptorConfig", "DescriptorModel", "build_descriptor_model"]
+
+
+@keras.saving.register_keras_serializable(package="deep_retrieval")
+class DescriptorModel(keras.Model):
+    """Multi-resolution R-MAC descriptor model (see the module docstring).
+
+    Args:
+        backbone, weights, levels, include_global, scales, whitening_dim: the
+            fields of `DescriptorConfig`.
+
+    Call arguments:
+        images: float32 ``[N, H, W, 3]`` RGB pixels in ``[0, 255]``, any
+            ``H, W`` such that every scaled image covers at least one
+            feature cell.
+
+    Attributes:
+        backbone: the convolutional trunk (a Keras model).
+        head: the `RMAC` layer.
+        network: backbone followed by head (one scale).
+    """
+
+    def __init__(
+        self,
+        backbone="resnet101",
+        weights="imagenet",
+        levels=3,
+        include_global=False,
+        scales=DescriptorConfig.scales,
+        whitening_dim=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.config = DescriptorConfig(
+            backbone=backbone,
+            weights=weights,
+            levels=levels,
+            include_global=include_global,
+            scales=scales,
+            whitening_dim=whitening_dim,
+        )
+        self.backbone, self.spec = backbones.build_backbone(backbone, weights)
+        self.preprocess = ImagePreprocessing(self.spec.preprocessing, name="preprocessing")
+        self.head = RMAC(
+            levels=levels,
+            include_global=include_global,
+            whitening=whitening_dim,
+            name="rmac",
+        )
+        self.network = keras.Sequential(
+            [keras.Input((None, None, 3)), self.backbone, self.head], name="network"
+        )
+        self.multi_resolution = MultiResolution(
+            self.network, self.config.scales, name="multi_resolution"
+        )
+
+    @property
+    def descriptor_size(self):
+        return self.config.whitening_dim or self.spec.channels
+
+    @property
+    def min_image_size(self):
+        """Smallest side (pixels) for which every scale covers the stride."""
+        side = self.spec.stride
+        while min(functional.scaled_size(side, side, s)[0] for s in self.config.scales) < self.spec.stride:
+            side += 1
+        return side
+
+    def build(self, input_shape):
+        self.built = True
+
+    def _check_input(self, images):
+        shape = tuple(images.shape)
+        dtype = keras.backend.standardize_dtype(images.dtype)
+        if len(shape) != 4:
+            raise ValueError(
+                f"Expected a batch of images of shape [N, H, W, 3], got shape {shape}."
+            )
+        if shape[-1] is not None and shape[-1] != 3:
+            raise ValueError(
+                f"Expected 3 RGB channels, got {shape[-1]} (input shape {shape}); "
+                "convert grayscale or RGBA images to RGB first."
+            )
+        if "float" not in dtype:
+            raise ValueError(
+                f"Expected float32 pixels in [0, 255], got dtype {dtype}; cast the "
+                "images to float32 first (no rescaling: the model preprocesses)."
+            )
+        height, width = shape[1], shape[2]
+        smallest = self.min_image_size
+        if functional.is_static_size(height, width) and min(height, width) < smallest:
+            raise ValueError(
+                f"Image of {height}x{width} pixels is too small: the {self.config.backbone} "
+                f"backbone has a total stride of {self.spec.stride}, so with scales "
+                f"{self.config.scales} both sides must be at least {smallest} pixels."
+            )
+
+    def call(self, images):
+        self._check_input(images)
+        return self.multi_resolution(self.preprocess(images))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.descriptor_size)
+
+    def get_config(self):
+        config = dataclasses.asdict(self.config)
+        config["scales"] = list(config["scales"])
+        config.update(name=self.name, trainable=self.trainable)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        # A saved model carries its weights: never re-fetch backbone weights.
+        return cls(**{**config, "weights": None})
+
+
+def build_descriptor_model(config=None):
+    """Builds the descriptor model described by a `DescriptorConfig`."""
+    config = config or DescriptorConfig()
+    model = DescriptorModel(**dataclasses.asdict(config), name="descriptor_model")
+    model.build((None, None, None, 3))
+    return model

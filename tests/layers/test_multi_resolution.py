@@ -1,0 +1,30 @@
+import keras
+import numpy as np
+
+from deep_retrieval.layers import RMAC, MultiResolution
+from tests import keras_utils, reference
+
+
+def test_sums_l2_descriptors_over_scales(tmp_path):
+    x = np.random.RandomState(0).rand(2, 20, 26, 3).astype("float32")
+    scales = (0.5, 1.0, 1.5)
+    layer = MultiResolution(RMAC(levels=2), scales=scales)
+    got = np.asarray(layer(x))
+    want = []
+    for image in x:
+        total = 0
+        for s in scales:
+            h, w = int(np.floor(20 * s + 0.5)), int(np.floor(26 * s + 0.5))
+            total = total + reference.rmac(reference.bilinear_resize(image, h, w), 2)
+        want.append(reference.l2n(total))
+    np.testing.assert_allclose(got, np.asarray(want), atol=1e-5)
+    model = keras_utils.wrap(layer, (None, None, 3))
+    loaded = keras_utils.keras_round_trip(model, x, tmp_path)
+    assert loaded.layers[-1].get_config()["scales"] == [0.5, 1.0, 1.5]
+
+
+def test_rejects_bad_scales():
+    import pytest
+
+    with pytest.raises(ValueError, match="positive"):
+        MultiResolution(keras.layers.Identity(), scales=(1.0, 0.0))

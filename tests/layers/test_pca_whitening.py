@@ -1,0 +1,31 @@
+import numpy as np
+import pytest
+
+from deep_retrieval.layers import PCAWhitening
+from tests import keras_utils
+
+
+def test_shifted_projection(tmp_path):
+    rng = np.random.RandomState(0)
+    layer = PCAWhitening(3)
+    layer.build((None, 5))
+    mean, proj = rng.randn(5).astype("float32"), rng.randn(5, 3).astype("float32")
+    layer.set_pca(mean, proj)
+    x = rng.randn(4, 7, 5).astype("float32")
+    np.testing.assert_allclose(np.asarray(layer(x)), (x - mean) @ proj, atol=1e-5)
+    model = keras_utils.wrap(layer, (7, 5))
+    loaded = keras_utils.keras_round_trip(model, x, tmp_path)
+    np.testing.assert_allclose(np.asarray(loaded.layers[-1].mean), mean)
+
+
+def test_starts_as_identity_and_is_trainable():
+    layer = PCAWhitening(4)
+    layer.build((None, 4))
+    x = np.arange(8, dtype="float32").reshape(2, 4)
+    np.testing.assert_allclose(np.asarray(layer(x)), x)
+    assert len(layer.trainable_weights) == 2
+
+
+def test_more_units_than_channels_is_refused():
+    with pytest.raises(ValueError, match="must not exceed"):
+        PCAWhitening(8).build((None, 4))

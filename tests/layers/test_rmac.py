@@ -1,0 +1,51 @@
+import keras
+import numpy as np
+import tensorflow as tf
+
+from deep_retrieval.layers import RMAC
+from tests import keras_utils, reference
+
+
+def test_without_whitening_matches_numpy(tmp_path):
+    x = np.random.RandomState(0).rand(2, 7, 10, 8).astype("float32")
+    head = RMAC(levels=3, include_global=True)
+    want = np.stack([reference.rmac(f, 3, True) for f in x])
+    np.testing.assert_allclose(np.asarray(head(x)), want, atol=1e-5)
+    model = keras_utils.wrap(head, (None, None, 8))
+    keras_utils.keras_round_trip(model, x, tmp_path)
+
+
+def test_with_whitening_matches_numpy_and_round_trips(tmp_path):
+    rng = np.random.RandomState(1)
+    x = rng.rand(3, 24, 32, 16).astype("float32")
+    head = RMAC(levels=3, whitening=8)
+    head.build((None, None, None, 16))
+    mean, proj = rng.randn(16).astype("float32") * 0.1, rng.randn(16, 8).astype("float32")
+    head.pca.set_pca(mean, proj)
+    want = np.stack([reference.rmac(f, 3, False, mean, proj) for f in x])
+    np.testing.assert_allclose(np.asarray(head(x)), want, atol=1e-5)
+    assert head.compute_output_shape((3, 24, 32, 16)) == (3, 8)
+    model = keras_utils.wrap(head, (None, None, 16))
+    loaded = keras_utils.keras_round_trip(model, x, tmp_path)
+    assert loaded.layers[-1].get_config()["whitening"] == 8
+
+
+def test_one_traced_graph_for_all_sizes():
+    rng = np.random.RandomState(2)
+    head = RMAC(levels=3, include_global=True, whitening=4)
+    head.build((None, None, None, 6))
+    fn = tf.function(head, input_signature=[tf.TensorSpec([None, None, None, 6])])
+    for size in [(7, 10), (24, 32), (9, 9), (1, 5)]:
+        x = rng.rand(2, *size, 6).astype("float32")
+        np.testing.assert_allclose(fn(x).numpy(), np.asarray(head(x)), atol=1e-6)
+    assert fn.experimental_get_tracing_count() == 1
+
+
+def test_computes_in_float32_under_mixed_precision():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        head = RMAC(levels=2)
+        out = head(np.random.rand(1, 8, 8, 4).astype("float32"))
+        assert keras.backend.standardize_dtype(out.dtype) == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

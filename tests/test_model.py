@@ -1,0 +1,126 @@
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from deep_retrieval.model import DescriptorConfig, build_descriptor_model
+from tests import reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny(**kwargs):
+    kwargs = {"backbone": "tiny", "weights": None, **kwargs}
+    return build_descriptor_model(DescriptorConfig(**kwargs))
+
+
+def _images(n=2, h=70, w=90, seed=0):
+    return np.random.RandomState(seed).uniform(0, 255, (n, h, w, 3)).astype("float32")
+
+
+def test_matches_numpy_pipeline():
+    model = _tiny(scales=(0.75, 1.0), whitening_dim=32, include_global=True)
+    rng = np.random.RandomState(1)
+    mean, proj = rng.randn(128).astype("float32") * 0.01, rng.randn(128, 32).astype("float32")
+    model.head.pca.set_pca(mean, proj)
+    images = _images()
+    got = np.asarray(model(images))
+    pre = images / 127.5 - 1.0
+    want = []
+    for image in pre:
+        total = 0
+        for s in (0.75, 1.0):
+            h, w = int(np.floor(70 * s + 0.5)), int(np.floor(90 * s + 0.5))
+            x = reference.bilinear_resize(image, h, w) if s != 1 else image
+            fmap = np.asarray(model.backbone(x[None].astype("float32")))[0]
+            total = total + reference.rmac(fmap, 3, True, mean, proj)
+        want.append(reference.l2n(total))
+    np.testing.assert_allclose(got, np.asarray(want), atol=1e-5)
+    assert got.shape == (2, model.descriptor_size) == (2, 32)
+
+
+def test_round_trip_and_config(tmp_path):
+    model = _tiny(whitening_dim=16, levels=2)
+    images = _images()
+    before = np.asarray(model(images))
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(np.asarray(loaded(images)), before, atol=1e-6)
+    assert loaded.config == DescriptorConfig(
+        backbone="tiny", weights=None, levels=2, whitening_dim=16
+    )
+
+
+def test_one_graph_serves_all_image_sizes():
+    model = _tiny(whitening_dim=8)
+    fn = tf.function(model, input_signature=[tf.TensorSpec([None, None, None, 3])])
+    for h, w in [(70, 90), (90, 70), (48, 48), (33, 200)]:
+        images = _images(h=h, w=w)
+        np.testing.assert_allclose(fn(images).numpy(), np.asarray(model(images)), atol=1e-5)
+    assert fn.experimental_get_tracing_count() == 1
+
+
+@pytest.mark.parametrize(
+    "images,message",
+    [
+        (np.zeros((1, 64, 64, 3), "uint8"), "dtype uint8"),
+        (np.zeros((1, 64, 64, 4), "float32"), "3 RGB channels, got 4"),
+        (np.zeros((1, 64, 64, 1), "float32"), "3 RGB channels, got 1"),
+        (np.zeros((1, 15, 64, 3), "float32"), "15x64 pixels is too small"),
+        (np.zeros((64, 64, 3), "float32"), r"shape \[N, H, W, 3\]"),
+    ],
+)
+def test_bad_input_raises_value_error(images, message):
+    with pytest.raises(ValueError, match=message):
+        _tiny(scales=(1.0,))(images)
+
+
+def test_min_image_size_accounts_for_smallest_scale():
+    model = _tiny(scales=(0.5, 1.0))
+    # 31 * 0.5 = 15.5 rounds up to 16 = one stride; 30 * 0.5 = 15 does not.
+    assert model.min_image_size == 31
+    model(np.zeros((1, 31, 31, 3), "float32"))
+    with pytest.raises(ValueError, match="at least 31 pixels"):
+        model(np.zeros((1, 30, 40, 3), "float32"))
+
+
+_JAX_SCRIPT = """
+import json, sys
+import numpy as np
+import keras
+import deep_retrieval.model  # registers the classes
+assert keras.backend.backend() == "jax", keras.backend.backend()
+model = keras.models.load_model(sys.argv[1])
+out = {}
+for name in ("a", "b"):
+    out[name] = np.asarray(model(np.load(sys.argv[2] + name + ".npy"))).tolist()
+print(json.dumps(out))
+"""
+
+
+def test_jax_backend_gives_the_same_descriptors(tmp_path):
+    model = _tiny(whitening_dim=32, include_global=True)
+    model.head.pca.set_pca(
+        np.random.RandomState(3).randn(128) * 0.01,
+        np.random.RandomState(4).randn(128, 32),
+    )
+    inputs = {"a": _images(h=70, w=90), "b": _images(n=3, h=100, w=64, seed=5)}
+    for name, x in inputs.items():
+        np.save(tmp_path / f"{name}.npy", x)
+    model.save(tmp_path / "m.keras")
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-c", _JAX_SCRIPT, str(tmp_path / "m.keras"), str(tmp_path) + "/"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jax_out = json.loads(result.stdout.strip().splitlines()[-1])
+    for name, x in inputs.items():
+        diff = np.abs(np.asarray(jax_out[name]) - np.asarray(model(x))).max()
+        assert diff <= 1e-4, (name, diff)
