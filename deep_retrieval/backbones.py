@@ -30,19 +30,23 @@ SPECS = {
 
 
 def _tiny(weights):
-    """Four stages of (3x3 stride-2 conv, 3x3 conv), 16 to 128 channels.
+    """Four stages of (3x3 stride-2 conv, 3x3 conv), each conv followed by
+    batch normalisation and ReLU, 16 to 128 channels.
 
-    Fast enough to train on two CPU cores in minutes; for tests and the demo.
+    Fast enough to train from scratch on two CPU cores in minutes; for tests
+    and the demo.
     """
     inputs = keras.Input((None, None, 3))
     x = inputs
     for i, filters in enumerate((16, 32, 64, 128)):
-        x = keras.layers.Conv2D(
-            filters, 3, strides=2, padding="same", activation="relu", name=f"conv{i + 1}_1"
-        )(x)
-        x = keras.layers.Conv2D(
-            filters, 3, padding="same", activation="relu", name=f"conv{i + 1}_2"
-        )(x)
+        for j, stride in enumerate((2, 1)):
+            name = f"conv{i + 1}_{j + 1}"
+            x = keras.layers.Conv2D(
+                filters, 3, strides=stride, padding="same", use_bias=False,
+                kernel_initializer="he_normal", name=name,
+            )(x)
+            x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+            x = keras.layers.ReLU(name=f"{name}_relu")(x)
     model = keras.Model(inputs, x, name="tiny")
     if weights is not None:
         model.load_weights(weights)

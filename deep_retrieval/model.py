@@ -31,6 +31,7 @@ class DescriptorModel(keras.Model):
         images: float32 ``[N, H, W, 3]`` RGB pixels in ``[0, 255]``, any
             ``H, W`` such that every scaled image covers at least one
             feature cell.
+        training: passed to the backbone (batch-norm mode).
 
     Attributes:
         backbone: the convolutional trunk (a Keras model).
@@ -113,9 +114,14 @@ class DescriptorModel(keras.Model):
                 f"{self.config.scales} both sides must be at least {smallest} pixels."
             )
 
-    def call(self, images):
+    def call(self, images, training=None):
         self._check_input(images)
-        return self.multi_resolution(self.preprocess(images))
+        return self.multi_resolution(self.preprocess(images), training=training)
+
+    def single_scale(self, images, training=None):
+        """The descriptor at the input's own scale (what ranking training uses)."""
+        self._check_input(images)
+        return self.network(self.preprocess(images), training=training)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.descriptor_size)

@@ -1,0 +1,5 @@
+"""Entry points: ``python -m training.train``."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

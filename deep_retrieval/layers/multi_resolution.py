@@ -22,6 +22,7 @@ class MultiResolution(keras.layers.Wrapper):
 
     Call arguments:
         inputs: ``[N, H, W, 3]`` images (after preprocessing).
+        training: passed to the wrapped layer.
 
     Example:
     >>> net = keras.Sequential([backbone, RMAC()])
@@ -44,13 +45,13 @@ class MultiResolution(keras.layers.Wrapper):
             self.layer.build(input_shape)
         self.built = True
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         _, height, width, _ = keras.ops.shape(inputs)
         total = None
         for scale in self.scales:
             size = functional.scaled_size(height, width, scale)
             x = inputs if scale == 1 else functional.resize_bilinear(inputs, *size)
-            d = self.layer(x)
+            d = self.layer(x, training=training)
             total = d if total is None else total + d
         return functional.l2_normalize(total)
 

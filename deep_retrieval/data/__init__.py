@@ -1,0 +1,1 @@
+"""Training and evaluation data: manifests, the synthetic dataset, tf.data."""

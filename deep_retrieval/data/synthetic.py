@@ -1,0 +1,317 @@
+"""A built-in synthetic landmark dataset, generated deterministically.
+
+Each landmark is a procedural planar facade (a wall colour and texture, a grid
+of windows, ornaments, a sign). Each photograph places the facade in a
+cluttered scene under a random perspective warp, scale, partial crop,
+rotation, illumination and colour change, blur, occlusion and JPEG
+compression, and records the landmark's bounding box. Distractor images hold
+clutter only. Optional label noise (wrong labels, junk images) exercises the
+cleaning step.
+
+Layout written under the cache directory::
+
+    train/*.jpg, train.csv          image,label,x0,y0,x1,y1 (the training manifest)
+    train_noise.csv                 image,kind,true_label (the injected noise)
+    synthetic/jpg/*.jpg             held-out queries and database
+    synthetic/gnd_synthetic.pkl     Revisited Oxford ground truth
+    COMPLETE                        written last; its presence marks a full dataset
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFilter
+from tqdm import tqdm
+
+from deep_retrieval.config import SyntheticConfig
+
+FORMAT_VERSION = 1
+DATASET_NAME = "synthetic"
+FACADE_SIZE = (256, 192)
+
+
+def default_cache_dir():
+    """``$KERAS_HOME/datasets/deep_retrieval`` (``~/.keras`` without KERAS_HOME)."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return os.path.join(home, "datasets", "deep_retrieval")
+
+
+def dataset_dir(config, cache_dir=None):
+    """The folder of the dataset described by ``config`` (a hash of it)."""
+    blob = json.dumps({"v": FORMAT_VERSION, **dataclasses.asdict(config)}, sort_keys=True)
+    digest = hashlib.sha1(blob.encode()).hexdigest()[:10]
+    return os.path.join(cache_dir or default_cache_dir(), f"synthetic-v{FORMAT_VERSION}-{digest}")
+
+
+def _colour(rng, low=0, high=256):
+    return tuple(int(c) for c in rng.integers(low, high, 3))
+
+
+def make_facade(landmark_seed):
+    """The frontal image of one landmark (RGB, `FACADE_SIZE`)."""
+    rng = np.random.default_rng(landmark_seed)
+    w, h = FACADE_SIZE
+    wall = np.array(_colour(rng, 40, 220), dtype=np.float32)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    # Wall texture: a gradient plus a couple of sinusoidal patterns.
+    tex = 0
+    for _ in range(2):
+        fx, fy = rng.uniform(0.02, 0.25, 2)
+        tex = tex + rng.uniform(8, 30) * np.sin(fx * xx + fy * yy + rng.uniform(0, 6.3))
+    grad = rng.uniform(-40, 40) * (yy / h - 0.5)
+    base = np.clip(wall[None, None, :] + (tex + grad)[..., None], 0, 255).astype(np.uint8)
+    img = Image.fromarray(base, "RGB")
+    draw = ImageDraw.Draw(img)
+    rows, cols = int(rng.integers(2, 6)), int(rng.integers(2, 7))
+    margin_x, margin_y = w * rng.uniform(0.05, 0.12), h * rng.uniform(0.05, 0.15)
+    cell_w, cell_h = (w - 2 * margin_x) / cols, (h - 2 * margin_y) / rows
+    window, frame = _colour(rng), _colour(rng)
+    fill_w, fill_h = rng.uniform(0.4, 0.8), rng.uniform(0.4, 0.8)
+    arched = rng.random() < 0.5
+    for r in range(rows):
+        for c in range(cols):
+            if rng.random() < 0.1:
+                continue
+            cx, cy = margin_x + (c + 0.5) * cell_w, margin_y + (r + 0.5) * cell_h
+            ww, hh = cell_w * fill_w / 2, cell_h * fill_h / 2
+            box = [cx - ww, cy - hh, cx + ww, cy + hh]
+            draw.rectangle(box, fill=window, outline=frame, width=2)
+            if arched:
+                draw.pieslice([cx - ww, cy - hh - ww, cx + ww, cy - hh + ww], 180, 360, fill=frame)
+    for _ in range(int(rng.integers(2, 6))):
+        kind = rng.integers(0, 3)
+        x, y = rng.uniform(0, w), rng.uniform(0, h)
+        s = rng.uniform(8, 40)
+        if kind == 0:
+            draw.ellipse([x - s, y - s, x + s, y + s], fill=_colour(rng))
+        elif kind == 1:
+            pts = [(x + s * np.cos(a), y + s * np.sin(a)) for a in rng.uniform(0, 6.3, 3)]
+            draw.polygon(pts, fill=_colour(rng))
+        else:
+            draw.rectangle([x - s, y - s / 3, x + s, y + s / 3], fill=_colour(rng))
+    # A sign: a band with a random bar code, strongly landmark-specific.
+    sy = rng.uniform(0.02, 0.9) * h
+    draw.rectangle([w * 0.2, sy, w * 0.8, sy + h * 0.08], fill=_colour(rng))
+    bars = rng.integers(0, 2, 24)
+    for i, b in enumerate(bars):
+        if b:
+            x0 = w * 0.22 + i * w * 0.56 / 24
+            draw.rectangle([x0, sy + 2, x0 + w * 0.56 / 48, sy + h * 0.08 - 2], fill=frame)
+    return img
+
+
+def _clutter(rng, size):
+    w, h = size
+    arr = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3)).astype(np.uint8)
+    img = Image.fromarray(arr, "RGB").resize((w, h), Image.BILINEAR)
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(10, 30))):
+        x, y = rng.uniform(0, w), rng.uniform(0, h)
+        sx, sy = rng.uniform(1, max(2, w / 4)), rng.uniform(1, max(2, h / 4))
+        shape = [x - sx, y - sy, x + sx, y + sy]
+        if rng.random() < 0.5:
+            draw.rectangle(shape, fill=_colour(rng))
+        else:
+            draw.ellipse(shape, fill=_colour(rng))
+    return img
+
+
+def _homography(src, dst):
+    """3x3 H with dst ~ H @ src for four point pairs."""
+    rows = []
+    for (x, y), (u, v) in zip(src, dst):
+        rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y, -u])
+        rows.append([0, 0, 0, x, y, 1, -v * x, -v * y, -v])
+    _, _, vt = np.linalg.svd(np.asarray(rows, dtype=np.float64))
+    return (vt[-1] / vt[-1, -1]).reshape(3, 3)
+
+
+def photograph(facade, rng, size, difficulty):
+    """Renders ``facade`` into a scene.
+
+    Args:
+        facade: the landmark's frontal image.
+        rng: numpy Generator.
+        size: output (width, height).
+        difficulty: 0 (frontal, fully visible) .. 1 (strong warp, partial).
+
+    Returns:
+        ``(image, box, visible)``: the RGB image, the landmark's box
+        ``(x0, y0, x1, y1)`` clipped to the image, and the visible share of
+        the landmark's area.
+    """
+    w, h = size
+    fw, fh = facade.size
+    scene = _clutter(rng, size)
+    scale = rng.uniform(0.55, 0.95) * (1 - 0.35 * difficulty * rng.random())
+    bw = w * scale
+    bh = bw * fh / fw
+    if bh > h * 0.95:
+        bh = h * 0.95
+        bw = bh * fw / fh
+    shift = 0.5 * difficulty
+    cx = w / 2 + rng.uniform(-1, 1) * (w - bw) / 2 + rng.uniform(-shift, shift) * bw
+    cy = h / 2 + rng.uniform(-1, 1) * (h - bh) / 2 + rng.uniform(-shift, shift) * bh
+    angle = np.deg2rad(rng.uniform(-8, 8) * (0.5 + difficulty))
+    corners = np.array([[-bw / 2, -bh / 2], [bw / 2, -bh / 2], [bw / 2, bh / 2], [-bw / 2, bh / 2]])
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    corners = corners @ rot.T + [cx, cy]
+    corners += rng.uniform(-1, 1, (4, 2)) * (0.05 + 0.15 * difficulty) * np.array([bw, bh])
+    src = [(0, 0), (fw, 0), (fw, fh), (0, fh)]
+    # PIL's PERSPECTIVE maps output pixels to input pixels: invert.
+    inv = _homography(corners, src)
+    coeffs = (inv / inv[2, 2]).flatten()[:8]
+    warped = facade.transform(size, Image.PERSPECTIVE, coeffs, Image.BILINEAR)
+    mask = Image.new("L", (fw, fh), 255).transform(size, Image.PERSPECTIVE, coeffs, Image.BILINEAR)
+    scene.paste(warped, (0, 0), mask)
+    m = np.asarray(mask) > 127
+    visible = m.sum() / max(_polygon_area(corners), 1.0)
+    if m.any():
+        ys, xs = np.nonzero(m)
+        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    else:
+        box = (0, 0, 0, 0)
+    # Occluder over part of the landmark.
+    if rng.random() < 0.3 + 0.5 * difficulty and m.any():
+        ox0, oy0, ox1, oy1 = box
+        ow = (ox1 - ox0) * rng.uniform(0.1, 0.2 + 0.3 * difficulty)
+        oh = (oy1 - oy0) * rng.uniform(0.2, 0.6)
+        x = rng.uniform(ox0, max(ox0 + 1, ox1 - ow))
+        y = rng.uniform(oy0, max(oy0 + 1, oy1 - oh))
+        occ = _clutter(rng, (max(1, int(ow)), max(1, int(oh))))
+        scene.paste(occ, (int(x), int(y)))
+        visible *= 1 - (ow * oh) / max((ox1 - ox0) * (oy1 - oy0), 1)
+    arr = np.asarray(scene, dtype=np.float32)
+    gain = rng.uniform(0.6, 1.4) * rng.uniform(0.8, 1.2, 3)
+    gamma = rng.uniform(0.7, 1.4)
+    arr = 255.0 * (np.clip(arr * gain, 0, 255) / 255.0) ** gamma
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    if rng.random() < 0.5:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.5)))
+    return img, box, float(min(visible, 1.0))
+
+
+def _polygon_area(p):
+    x, y = p[:, 0], p[:, 1]
+    return 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
+
+
+def _save_jpeg(img, path, rng):
+    img.save(path, "JPEG", quality=int(rng.integers(40, 92)))
+
+
+def _landmark_seed(config, split, index):
+    return [config.seed, 7919, 0 if split == "train" else 1, index]
+
+
+def generate(config, out_dir, progress=True):
+    """Writes the dataset for ``config`` into ``out_dir`` (see module docs)."""
+    size = (config.image_width, config.image_height)
+    train_dir = os.path.join(out_dir, "train")
+    test_dir = os.path.join(out_dir, DATASET_NAME, "jpg")
+    os.makedirs(train_dir)
+    os.makedirs(test_dir)
+    total = (
+        config.train_landmarks * config.images_per_landmark
+        + config.test_landmarks * (config.test_images_per_landmark + 1)
+        + config.distractors
+    )
+    bar = tqdm(total=total, desc="synthetic dataset", unit="img", disable=not progress)
+
+    rows, noise = [], []
+    noisy_rng = np.random.default_rng([config.seed, 17])
+    for lm in range(config.train_landmarks):
+        facade = make_facade(_landmark_seed(config, "train", lm))
+        for k in range(config.images_per_landmark):
+            rng = np.random.default_rng([config.seed, 1, lm, k])
+            name = f"l{lm:04d}_{k:02d}.jpg"
+            img, box, _ = photograph(facade, rng, size, rng.uniform(0, 0.7))
+            label = lm
+            draw = noisy_rng.random()
+            if draw < config.label_noise:
+                label = int((lm + noisy_rng.integers(1, config.train_landmarks)) % config.train_landmarks)
+                noise.append((name, "mislabeled", lm))
+                box = None
+            elif draw < config.label_noise + config.junk_noise:
+                img, box = _clutter(rng, size), None
+                noise.append((name, "junk", -1))
+            _save_jpeg(img, os.path.join(train_dir, name), rng)
+            rows.append((f"train/{name}", label) + (box if box else (None,) * 4))
+            bar.update()
+    columns = ["image", "label", "x0", "y0", "x1", "y1"]
+    pd.DataFrame(rows, columns=columns).to_csv(os.path.join(out_dir, "train.csv"), index=False)
+    pd.DataFrame(noise, columns=["image", "kind", "true_label"]).to_csv(
+        os.path.join(out_dir, "train_noise.csv"), index=False
+    )
+
+    imlist, qimlist, gnd = [], [], []
+    db_labels, db_visible = [], []
+    for lm in range(config.test_landmarks):
+        facade = make_facade(_landmark_seed(config, "test", lm))
+        rng = np.random.default_rng([config.seed, 3, lm])
+        qname = f"q{lm:04d}"
+        img, box, _ = photograph(facade, rng, size, 0.1)
+        _save_jpeg(img, os.path.join(test_dir, qname + ".jpg"), rng)
+        qimlist.append(qname)
+        gnd.append({"bbx": np.asarray(box, dtype=np.float64)})
+        bar.update()
+        for k in range(config.test_images_per_landmark):
+            rng = np.random.default_rng([config.seed, 4, lm, k])
+            name = f"t{lm:04d}_{k:02d}"
+            img, _, visible = photograph(facade, rng, size, rng.uniform(0, 1))
+            _save_jpeg(img, os.path.join(test_dir, name + ".jpg"), rng)
+            imlist.append(name)
+            db_labels.append(lm)
+            db_visible.append(visible)
+            bar.update()
+    for d in range(config.distractors):
+        rng = np.random.default_rng([config.seed, 5, d])
+        name = f"x{d:04d}"
+        _save_jpeg(_clutter(rng, size), os.path.join(test_dir, name + ".jpg"), rng)
+        imlist.append(name)
+        db_labels.append(-1)
+        db_visible.append(0.0)
+        bar.update()
+    bar.close()
+    db_labels, db_visible = np.asarray(db_labels), np.asarray(db_visible)
+    for q, entry in enumerate(gnd):
+        same = db_labels == q
+        # Easy: most of the landmark visible; hard: partly; junk: barely.
+        entry["easy"] = np.nonzero(same & (db_visible >= 0.9))[0]
+        entry["hard"] = np.nonzero(same & (db_visible >= 0.4) & (db_visible < 0.9))[0]
+        entry["junk"] = np.nonzero(same & (db_visible < 0.4))[0]
+    with open(os.path.join(out_dir, DATASET_NAME, f"gnd_{DATASET_NAME}.pkl"), "wb") as f:
+        pickle.dump({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}, f)
+
+
+def ensure_dataset(config=None, cache_dir=None, progress=True):
+    """Returns the dataset folder, generating it on first use.
+
+    Generation writes into a temporary sibling folder that is renamed into
+    place when complete, so an interrupted run leaves no half dataset.
+    """
+    config = config or SyntheticConfig()
+    out_dir = dataset_dir(config, cache_dir)
+    if os.path.exists(os.path.join(out_dir, "COMPLETE")):
+        return out_dir
+    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    generate(config, tmp, progress)
+    with open(os.path.join(tmp, "COMPLETE"), "w") as f:
+        json.dump(dataclasses.asdict(config), f)
+    if os.path.isdir(out_dir) and not os.path.exists(os.path.join(out_dir, "COMPLETE")):
+        shutil.rmtree(out_dir, ignore_errors=True)  # left by an older crash
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:
+        # Another process finished the same dataset first: use theirs.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.exists(os.path.join(out_dir, "COMPLETE")):
+            raise
+    return out_dir

@@ -1,0 +1,315 @@
+"""DIR ranking training: the three-stream siamese model under tf.distribute.
+
+One descriptor model embeds query, positive and negative images (shared
+weights); the loss is the triplet ranking loss; negatives are re-mined with
+the current model every ``mine_every`` steps. Before ranking training the
+PCA-whitening layer is fitted to region descriptors of training images. The
+backbone's batch-norm statistics stay frozen, as in the reference code.
+
+TensorFlow only (tf.data, tf.distribute, tf.train.Checkpoint).
+"""
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from deep_retrieval import evaluation, extraction, functional, losses, mining, whitening
+from deep_retrieval.data import groundtruth, manifest as manifest_lib, pipeline, synthetic
+from deep_retrieval.model import build_descriptor_model
+
+
+def make_strategy(name):
+    """``default`` (one device), ``mirrored`` (local GPUs/CPU) or
+    ``multi_worker`` (hosts described by TF_CONFIG)."""
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"Unknown strategy {name!r}; use default, mirrored or multi_worker.")
+
+
+def _is_chief(strategy):
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    return resolver.task_type in ("chief", None) or (
+        resolver.task_type == "worker"
+        and resolver.task_id == 0
+        and "chief" not in resolver.cluster_spec().as_dict()
+    )
+
+
+def _worker_info(strategy):
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return 1, 0
+    return strategy.extended._num_workers, resolver.task_id
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """Resolved training and evaluation inputs."""
+
+    manifest: manifest_lib.Manifest
+    eval_dataset: object
+
+
+def resolve_data(config, progress=True):
+    """Reads the manifest (generating the synthetic dataset if none is given)
+    and the evaluation benchmark."""
+    manifest_path, data_dir = config.manifest, config.data_dir
+    eval_root, eval_name = config.eval_root, config.eval_dataset
+    if not manifest_path:
+        root = synthetic.ensure_dataset(config.synthetic, progress=progress)
+        manifest_path, data_dir = os.path.join(root, "train.csv"), root
+        eval_root = eval_root or root
+        eval_name = eval_name or synthetic.DATASET_NAME
+    data_dir = data_dir or os.path.dirname(os.path.abspath(manifest_path))
+    manifest = manifest_lib.read_manifest(
+        manifest_path, data_dir, allow_outside=config.allow_outside_data_dir
+    )
+    if len(manifest.frame) < 2:
+        raise ValueError(f"{manifest_path}: no usable training images ({manifest.summary()}).")
+    dataset = groundtruth.load_dataset(eval_root, eval_name) if eval_root and eval_name else None
+    return TrainingData(manifest, dataset)
+
+
+class Trainer:
+    """Runs `TrainConfig` end to end; see `run`."""
+
+    def __init__(self, config, strategy=None, progress=True):
+        self.config = config
+        self.strategy = strategy or make_strategy(config.strategy)
+        self.progress = progress
+        self.chief = _is_chief(self.strategy)
+        self.num_workers, self.worker_index = _worker_info(self.strategy)
+        keras.utils.set_random_seed(config.seed)
+        self.data = resolve_data(config, progress=progress and self.chief)
+        frame = self.data.manifest.frame
+        self.paths = frame["path"].tolist()
+        self.labels = frame["label"].to_numpy()
+        with self.strategy.scope():
+            self.model = build_descriptor_model(config.descriptor)
+            for layer in self.model.backbone.layers:
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    if config.descriptor.weights is not None:
+                        # Pretrained statistics stay frozen, as in the
+                        # reference code (triplet batches are small and
+                        # correlated).
+                        layer.trainable = False
+                    elif self.strategy.num_replicas_in_sync > 1:
+                        # From scratch they keep learning, from the statistics
+                        # of the global batch so that replicas stay equal.
+                        layer.synchronized = True
+            self.optimizer = self._optimizer()
+            self.optimizer.build(self.model.trainable_variables)
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        self.checkpoint = tf.train.Checkpoint(
+            model=self.model, optimizer=self.optimizer, step=self.step
+        )
+        os.makedirs(config.output_dir, exist_ok=True)
+        if self.chief:
+            with open(os.path.join(config.output_dir, "config.json"), "w") as f:
+                json.dump(dataclasses.asdict(config), f, indent=1, default=str)
+        ckpt_dir = os.path.join(config.output_dir, "checkpoints")
+        if not self.chief:
+            ckpt_dir = tempfile.mkdtemp(prefix=f"worker{self.worker_index}_ckpt_")
+        self.manager = tf.train.CheckpointManager(self.checkpoint, ckpt_dir, max_to_keep=3)
+        self.writer = (
+            tf.summary.create_file_writer(os.path.join(config.output_dir, "tensorboard"))
+            if self.chief
+            else tf.summary.create_noop_writer()
+        )
+        self._train_step = tf.function(self._distributed_step)
+        self._embed_single = extraction.compiled_fn(
+            lambda x: self.model.single_scale(x, training=False)
+        )
+        self._embed = extraction.compiled(self.model)
+
+    def _optimizer(self):
+        c = self.config
+        if c.optimizer == "adam":
+            return keras.optimizers.Adam(c.learning_rate, weight_decay=c.weight_decay or None)
+        if c.optimizer == "sgd":
+            return keras.optimizers.SGD(
+                c.learning_rate, momentum=c.momentum, weight_decay=c.weight_decay or None
+            )
+        raise ValueError(f"Unknown optimizer {c.optimizer!r}; use adam or sgd.")
+
+    # ----------------------------------------------------------------- steps
+
+    def _distributed_step(self, query, positive, negative):
+        global_batch = self.config.batch_size
+        margin = self.config.margin
+
+        def step_fn(q, p, n):
+            with tf.GradientTape() as tape:
+                d = self.model.single_scale(tf.concat([q, p, n], 0), training=True)
+                dq, dp, dn = tf.split(d, 3)
+                loss = losses.triplet_ranking_loss_sum(dq, dp, dn, margin) / global_batch
+            grads = tape.gradient(loss, self.model.trainable_variables)
+            self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+            return loss
+
+        per_replica = self.strategy.run(step_fn, args=(query, positive, negative))
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    # ------------------------------------------------------------ components
+
+    def init_whitening(self):
+        """Fits the PCA-whitening layer to region descriptors of training images."""
+        pca = self.model.head.pca
+        if pca is None:
+            return
+        rng = np.random.default_rng([self.config.seed, 11])
+        count = min(self.config.whitening_images, len(self.paths))
+        chosen = rng.choice(len(self.paths), count, replace=False)
+        regions = []
+        desc = "whitening: region descriptors"
+        with tqdm(total=count, desc=desc, unit="img", disable=not (self.progress and self.chief)) as bar:
+            for _, image in pipeline.image_dataset([self.paths[i] for i in chosen], self.config.image_size):
+                fmap = self.model.backbone(self.model.preprocess(image[None]))
+                pooled, _ = functional.grid_max_pool(
+                    fmap, self.model.config.levels, self.model.config.include_global
+                )
+                regions.append(np.asarray(functional.l2_normalize(pooled))[0])
+                bar.update()
+        regions = np.concatenate(regions)
+        whitening.init_whitening(pca, regions, self.config.whitening_power)
+        self._log(f"whitening fitted on {len(regions)} regions of {count} images")
+
+    def mine(self, round_index):
+        """Embeds the mining pool, mines hard negatives, returns triplets."""
+        c = self.config
+        rng = np.random.default_rng([c.seed, 13, round_index])
+        n = len(self.paths)
+        pool = np.arange(n) if not c.pool_size or c.pool_size >= n else np.sort(rng.choice(n, c.pool_size, replace=False))
+        desc, failed = extraction.extract(
+            self._embed_single, [self.paths[i] for i in pool], c.image_size,
+            progress=self.progress and self.chief, desc=f"mining round {round_index}", strict=False,
+        )
+        keep = np.setdiff1d(np.arange(len(pool)), failed)
+        pool, desc = pool[keep], desc[keep]
+        labels = self.labels[pool]
+        negatives = mining.hard_negatives(desc, labels, desc, labels, c.num_negatives)
+        negatives = np.where(negatives >= 0, pool[np.maximum(negatives, 0)], -1)
+        return mining.sample_triplets(self.labels, negatives, rng, queries=pool)
+
+    def triplet_iterator(self, triplets, round_index):
+        """An endless iterator of distributed triplet batches for one round."""
+        c = self.config
+        seed = c.seed * 100003 + round_index
+
+        def dataset_fn(context):
+            shard = None
+            if context.num_input_pipelines > 1:
+                shard = (context.num_input_pipelines, context.input_pipeline_id)
+            return pipeline.triplet_dataset(
+                self.paths, triplets, c.image_size,
+                context.get_per_replica_batch_size(c.batch_size), seed, shard=shard, repeat=True,
+            )
+
+        return iter(self.strategy.distribute_datasets_from_function(dataset_fn))
+
+    def evaluate(self, step):
+        """Scores the held-out benchmark; appends to metrics.jsonl (chief)."""
+        if self.data.eval_dataset is None or not self.chief:
+            return None
+        start = time.time()
+        results = extraction.evaluate_model(
+            self._embed, self.data.eval_dataset, self.config.image_size, progress=self.progress
+        )
+        record = {"step": int(step), "time": round(time.time() - start, 2)}
+        for protocol, values in results.items():
+            for key, value in values.items():
+                record[f"{protocol}_{key.replace('@', '')}"] = round(float(value), 3)
+        with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        with self.writer.as_default():
+            for key, value in record.items():
+                if key not in ("step", "time"):
+                    tf.summary.scalar(f"eval/{key}", value, step=int(step))
+        self._log(f"evaluation at step {step}:\n{evaluation.format_table(results)}")
+        return results
+
+    def save_model(self):
+        """Writes model.keras atomically (chief only)."""
+        if not self.chief:
+            return None
+        final = os.path.join(self.config.output_dir, "model.keras")
+        tmp = os.path.join(self.config.output_dir, f".model.{os.getpid()}.keras")
+        self.model.save(tmp)
+        os.replace(tmp, final)
+        return final
+
+    def _log(self, message):
+        if self.chief:
+            tqdm.write(message)
+
+    # ------------------------------------------------------------------ run
+
+    def restore_or_start(self):
+        """Restores the latest checkpoint when resuming; refuses to overwrite."""
+        latest = self.manager.latest_checkpoint
+        if self.chief and not self.config.resume and latest:
+            raise ValueError(
+                f"{self.config.output_dir} already holds checkpoints ({latest}); pass "
+                "--resume to continue that run or choose another --output_dir."
+            )
+        if self.config.resume and latest:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            self._log(f"resumed from {latest} at step {int(self.step.numpy())}")
+            return True
+        if self.config.resume:
+            self._log("no checkpoint to resume from: starting a new run")
+        return False
+
+    def run(self):
+        """Trains; returns the path of model.keras (None on non-chief workers)."""
+        c = self.config
+        self._log(f"training data: {self.data.manifest.summary()}")
+        for problem in self.data.manifest.problems[:20]:
+            self._log(f"  skipped {problem}")
+        if len(self.data.manifest.problems) > 20:
+            self._log(f"  ... and {len(self.data.manifest.problems) - 20} more")
+        resumed = self.restore_or_start()
+        if not resumed:
+            self.init_whitening()
+            self.evaluate(0)
+            self.manager.save(checkpoint_number=0)
+        step = int(self.step.numpy())
+        bar = tqdm(total=c.steps, initial=step, desc="training", unit="step",
+                   disable=not (self.progress and self.chief))
+        iterator = None
+        while step < c.steps:
+            if iterator is None or step % c.mine_every == 0:
+                # A resumed run re-mines with the restored weights.
+                round_index = step // c.mine_every
+                triplets = self.mine(round_index)
+                if len(triplets) == 0:
+                    raise ValueError("mining produced no triplet: every label needs two images and other labels must exist")
+                iterator = self.triplet_iterator(triplets, round_index)
+            loss = float(self._train_step(*next(iterator)))
+            step += 1
+            self.step.assign(step)
+            with self.writer.as_default():
+                tf.summary.scalar("train/loss", loss, step=step)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.update()
+            if step % c.checkpoint_every == 0 or step == c.steps:
+                self.manager.save(checkpoint_number=step)
+            if c.eval_every and step % c.eval_every == 0 and step != c.steps:
+                self.evaluate(step)
+        bar.close()
+        self.evaluate(step)
+        self.writer.flush()
+        return self.save_model()

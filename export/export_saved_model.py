@@ -1,0 +1,136 @@
+"""Exports a trained descriptor model as a SavedModel for TensorFlow Serving.
+
+    python -m export.export_saved_model --model runs/demo/model.keras \
+        --output_dir models/deep_retrieval/1
+
+Writes the SavedModel (signatures ``serving_default`` and ``pixels``, see
+`export.descriptor_module`), ``assets.extra/tf_serving_warmup_requests`` (a
+few PredictionLog records TF Serving replays at load with
+``--enable_model_warmup``) and ``assets.extra/model_info.json`` (descriptor
+size, scales, backbone, regions, image size, training run id). The export is
+written beside the target and renamed into place, so a serving process never
+sees a half-written version.
+"""
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+
+from absl import app, flags
+
+def define_flags():
+    """Defines the command-line flags (only when run as a program)."""
+    flags.DEFINE_string("model", None, "Trained descriptor model (.keras file).")
+    flags.DEFINE_string("output_dir", None, "Versioned export folder, e.g. models/deep_retrieval/1.")
+    flags.DEFINE_integer("image_size", None, "Longest image side in pixels (default: from the training "
+                         "run's metrics next to the model, else 800).")
+    flags.DEFINE_string("model_name", "deep_retrieval", "Model name used in the warm-up requests.")
+    flags.DEFINE_string("run_id", None, "Training run id recorded in model_info.json (default: a hash "
+                        "of the .keras file).")
+    flags.DEFINE_boolean("overwrite", False, "Replace an existing export at --output_dir.")
+
+
+WARMUP_SIZES = ((480, 640), (640, 480), (64, 64))
+
+
+def warmup_records(model_name, sizes=WARMUP_SIZES):
+    """Serialized PredictionLog records: one single-image request per size."""
+    import numpy as np
+    import tensorflow as tf
+    from PIL import Image
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    records = []
+    rng = np.random.default_rng(0)
+    for h, w in sizes:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "JPEG")
+        request = predict_pb2.PredictRequest(
+            model_spec=model_pb2.ModelSpec(name=model_name, signature_name="serving_default")
+        )
+        request.inputs["images"].CopyFrom(tf.make_tensor_proto([buf.getvalue()], dtype=tf.string))
+        log = prediction_log_pb2.PredictionLog(
+            predict_log=prediction_log_pb2.PredictLog(request=request)
+        )
+        records.append(log.SerializeToString())
+    return records
+
+
+def export(model_path, output_dir, image_size, model_name="deep_retrieval", run_id=None, overwrite=False):
+    """Exports ``model_path`` to ``output_dir``; returns the model info dict."""
+    import keras
+    import tensorflow as tf
+
+    import deep_retrieval.model  # noqa: F401 - registers the classes
+    from export.descriptor_module import DescriptorModule
+
+    if not os.path.isfile(model_path):
+        raise ValueError(f"{model_path}: model file not found")
+    if os.path.exists(output_dir) and not overwrite:
+        raise ValueError(f"{output_dir} already exists; pass --overwrite or use a new version number")
+    try:
+        model = keras.models.load_model(model_path)
+    except Exception as e:
+        raise ValueError(f"{model_path}: cannot load the model: {e}") from e
+    if run_id is None:
+        with open(model_path, "rb") as f:
+            run_id = hashlib.sha1(f.read()).hexdigest()[:12]
+    module = DescriptorModule(model, image_size)
+    tmp = output_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    module.archive().write_out(tmp, verbose=False)
+    extra = os.path.join(tmp, "assets.extra")
+    os.makedirs(extra, exist_ok=True)
+    with tf.io.TFRecordWriter(os.path.join(extra, "tf_serving_warmup_requests")) as writer:
+        for record in warmup_records(model_name):
+            writer.write(record)
+    info = {
+        "descriptor_size": int(model.descriptor_size),
+        "backbone": model.config.backbone,
+        "scales": list(model.config.scales),
+        "levels": model.config.levels,
+        "include_global": model.config.include_global,
+        "whitening_dim": model.config.whitening_dim,
+        "regions": "grid",
+        "image_size": int(image_size),
+        "training_run_id": run_id,
+        "source": os.path.abspath(model_path),
+    }
+    with open(os.path.join(extra, "model_info.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    if os.path.exists(output_dir):
+        shutil.rmtree(output_dir)
+    os.makedirs(os.path.dirname(os.path.abspath(output_dir)), exist_ok=True)
+    os.replace(tmp, output_dir)
+    return info
+
+
+def _default_image_size(model_path):
+    config = os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json")
+    if os.path.exists(config):
+        with open(config) as f:
+            return int(json.load(f).get("image_size", 800))
+    return 800
+
+
+def main(argv):
+    del argv
+    if not flags.FLAGS.model or not flags.FLAGS.output_dir:
+        raise app.UsageError("--model and --output_dir are required")
+    size = flags.FLAGS.image_size or _default_image_size(flags.FLAGS.model)
+    try:
+        info = export(flags.FLAGS.model, flags.FLAGS.output_dir, size, flags.FLAGS.model_name,
+                      flags.FLAGS.run_id, flags.FLAGS.overwrite)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"exported to {flags.FLAGS.output_dir}: {json.dumps(info)}")
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

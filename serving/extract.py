@@ -1,0 +1,310 @@
+"""Batch descriptor extraction against TensorFlow Serving (or the embedded server).
+
+    python -m serving.extract --server localhost:8500 --model_name deep_retrieval \
+        --images photos/ --output descriptors.parquet
+
+Walks a folder recursively (or reads a CSV with an ``image`` column), sends
+encoded images in batches with several requests in flight, and writes a
+Parquet file with one row per image: ``image`` (path relative to the folder,
+or the CSV value) and ``descriptor`` (float32 list). Only the public
+``PredictionService.Predict`` protocol is used, so the real TF Serving works
+unchanged.
+
+* ``--server`` takes several comma-separated replicas; batches are spread
+  over them and a batch whose replica fails is retried on another, with
+  exponential backoff.
+* A batch the server rejects is split to isolate the bad images; each goes to
+  ``OUTPUT.errors.csv`` with its reason and the rest are extracted.
+* Results are committed in chunks under ``OUTPUT.parts/``; killed and rerun
+  with the same arguments, the run resumes, with no image lost or repeated.
+  The final Parquet file is written atomically, then the parts are removed.
+"""
+
+import concurrent.futures
+import itertools
+import os
+import random
+import sys
+import threading
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """Defines the command-line flags (only when run as a program)."""
+    flags.DEFINE_list("server", ["127.0.0.1:8500"], "host:port of one or more TF Serving replicas.")
+    flags.DEFINE_string("model_name", "deep_retrieval", "ModelSpec.name.")
+    flags.DEFINE_string("signature_name", "serving_default", "Signature taking encoded images.")
+    flags.DEFINE_string("images", None, "Folder of images (walked recursively) or a CSV with an 'image' column.")
+    flags.DEFINE_string("data_dir", None, "With a CSV: folder its image paths are relative to (default: the CSV's folder).")
+    flags.DEFINE_string("output", None, "Output Parquet file.")
+    flags.DEFINE_integer("batch_size", 16, "Images per request at most.")
+    flags.DEFINE_integer("max_request_bytes", 16 << 20, "Encoded bytes per request at most (a single larger image "
+                         "goes alone).")
+    flags.DEFINE_integer("max_message_bytes", 256 << 20, "gRPC channel message limit (the default 4 MiB is too small "
+                         "for image batches).")
+    flags.DEFINE_integer("in_flight", 4, "Requests in flight at once.")
+    flags.DEFINE_integer("chunk_size", 512, "Images per committed chunk (the unit of resumption).")
+    flags.DEFINE_float("timeout", 120.0, "Seconds per request.")
+    flags.DEFINE_integer("retries", 5, "Attempts per batch on unavailable replicas before giving up.")
+    flags.DEFINE_boolean("progress", True, "Show a progress bar.")
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+RETRYABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "INTERNAL", "UNKNOWN")
+
+
+def list_images(source, data_dir=None):
+    """``[(name, path)]``: a folder walked recursively (sorted), or a CSV."""
+    import pandas as pd
+
+    if os.path.isdir(source):
+        out = []
+        for root, dirs, files in os.walk(source):
+            dirs.sort()
+            for name in sorted(files):
+                if name.lower().endswith(IMAGE_EXTENSIONS):
+                    path = os.path.join(root, name)
+                    out.append((os.path.relpath(path, source), path))
+        return out
+    if not os.path.isfile(source):
+        raise ValueError(f"{source}: no such folder or CSV file")
+    try:
+        frame = pd.read_csv(source)
+    except Exception as e:
+        raise ValueError(f"{source}: cannot read CSV: {e}") from e
+    if "image" not in frame.columns:
+        raise ValueError(f"{source}: the CSV needs an 'image' column")
+    base = data_dir or os.path.dirname(os.path.abspath(source))
+    names = [str(v) for v in frame["image"].tolist()]
+    return [(n, n if os.path.isabs(n) else os.path.join(base, n)) for n in names]
+
+
+class Replicas:
+    """Round-robin over PredictionService stubs, skipping failing replicas."""
+
+    def __init__(self, addresses, max_message_bytes):
+        import grpc
+        from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        self.addresses = list(addresses)
+        self.stubs = [
+            prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(a, options=options))
+            for a in self.addresses
+        ]
+        self._next = itertools.count()
+
+    def pick(self, attempt):
+        i = (next(self._next) + attempt) % len(self.stubs)
+        return self.addresses[i], self.stubs[i]
+
+
+class Extractor:
+    """Sends batches, isolates bad images, retries on other replicas."""
+
+    def __init__(self, replicas, model_name, signature_name, timeout, retries):
+        self.replicas = replicas
+        self.model_name, self.signature_name = model_name, signature_name
+        self.timeout, self.retries = timeout, retries
+
+    def _predict(self, blobs):
+        import grpc
+        import numpy as np
+        import tensorflow as tf
+        from tensorflow_serving.apis import predict_pb2
+
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = self.model_name
+        request.model_spec.signature_name = self.signature_name
+        request.inputs["images"].CopyFrom(tf.make_tensor_proto(blobs, dtype=tf.string, shape=[len(blobs)]))
+        delay = 0.2
+        for attempt in range(self.retries):
+            address, stub = self.replicas.pick(attempt)
+            try:
+                response = stub.Predict(request, timeout=self.timeout)
+                return np.asarray(tf.make_ndarray(response.outputs["descriptors"]), np.float32)
+            except grpc.RpcError as e:
+                if e.code().name not in RETRYABLE or attempt == self.retries - 1:
+                    raise
+                time.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 5.0)
+        raise AssertionError("unreachable")
+
+    def run(self, items):
+        """``items``: ``[(name, bytes or Exception)]`` -> ``(rows, errors)``."""
+        import grpc
+
+        rows, errors, good = [], [], []
+        for name, data in items:
+            if isinstance(data, Exception):
+                errors.append((name, f"cannot read file: {data}"))
+            elif not data:
+                errors.append((name, "empty file"))
+            else:
+                good.append((name, data))
+        stack = [good] if good else []
+        while stack:
+            batch = stack.pop()
+            try:
+                out = self._predict([d for _, d in batch])
+                rows.extend((name, vec) for (name, _), vec in zip(batch, out))
+            except grpc.RpcError as e:
+                if e.code().name in RETRYABLE:
+                    raise
+                if len(batch) == 1:
+                    errors.append((batch[0][0], f"{e.code().name}: {e.details()}"))
+                else:
+                    half = len(batch) // 2
+                    stack.extend([batch[half:], batch[:half]])
+        return rows, errors
+
+
+def _batches(items, batch_size, max_bytes):
+    batch, size = [], 0
+    for item in items:
+        n = len(item[1]) if isinstance(item[1], (bytes, bytearray)) else 0
+        if batch and (len(batch) == batch_size or size + n > max_bytes):
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += n
+    if batch:
+        yield batch
+
+
+def _read(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        return e
+
+
+class PartStore:
+    """Committed chunks of results under ``OUTPUT.parts/`` (atomic files)."""
+
+    def __init__(self, output):
+        self.output = output
+        self.folder = output + ".parts"
+        os.makedirs(self.folder, exist_ok=True)
+
+    def done(self):
+        import pandas as pd
+
+        names = set()
+        for f in sorted(os.listdir(self.folder)):
+            path = os.path.join(self.folder, f)
+            if f.endswith(".parquet"):
+                names.update(pd.read_parquet(path, columns=["image"])["image"])
+            elif f.endswith(".errors.csv"):
+                names.update(pd.read_csv(path, keep_default_na=False)["image"])
+        return names
+
+    def commit(self, rows, errors):
+        import numpy as np
+        import pandas as pd
+
+        stamp = f"{time.time_ns()}-{os.getpid()}"
+        if rows:
+            frame = pd.DataFrame({"image": [r[0] for r in rows],
+                                  "descriptor": [np.asarray(r[1], np.float32) for r in rows]})
+            self._atomic(frame.to_parquet, f"part-{stamp}.parquet")
+        if errors:
+            frame = pd.DataFrame(errors, columns=["image", "reason"])
+            self._atomic(lambda p: frame.to_csv(p, index=False), f"part-{stamp}.errors.csv")
+
+    def _atomic(self, write, name):
+        tmp = os.path.join(self.folder, "." + name + ".tmp")
+        write(tmp)
+        os.replace(tmp, os.path.join(self.folder, name))
+
+    def finish(self, order):
+        """Merges the parts into OUTPUT (and OUTPUT.errors.csv), in input order."""
+        import shutil
+
+        import pandas as pd
+
+        parts = sorted(os.listdir(self.folder))
+        frames = [pd.read_parquet(os.path.join(self.folder, f)) for f in parts if f.endswith(".parquet")]
+        errors = [pd.read_csv(os.path.join(self.folder, f), keep_default_na=False)
+                  for f in parts if f.endswith(".errors.csv")]
+        rank = {name: i for i, name in enumerate(order)}
+        result = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"image": [], "descriptor": []})
+        order_key = result["image"].map(rank)
+        result = result.iloc[order_key.argsort(kind="stable")].reset_index(drop=True)
+        tmp = self.output + ".tmp"
+        result.to_parquet(tmp)
+        os.replace(tmp, self.output)
+        error_path = self.output + ".errors.csv"
+        if errors:
+            merged = pd.concat(errors, ignore_index=True)
+            merged.to_csv(error_path + ".tmp", index=False)
+            os.replace(error_path + ".tmp", error_path)
+        elif os.path.exists(error_path):
+            os.remove(error_path)
+        shutil.rmtree(self.folder)
+        return len(result), (len(merged) if errors else 0)
+
+
+def extract(items, output, extractor, batch_size=16, max_request_bytes=16 << 20, in_flight=4,
+            chunk_size=512, progress=True):
+    """Extracts ``items`` (``[(name, path)]``) into ``output``; resumable."""
+    from tqdm import tqdm
+
+    names = [n for n, _ in items]
+    duplicates = len(names) - len(set(names))
+    if duplicates:
+        raise ValueError(f"{duplicates} duplicate image names in the input; each image must appear once")
+    store = PartStore(output)
+    done = store.done()
+    todo = [(n, p) for n, p in items if n not in done]
+    lock = threading.Lock()
+    with tqdm(total=len(items), initial=len(items) - len(todo), unit="img", desc="extract",
+              disable=not progress) as bar, \
+            concurrent.futures.ThreadPoolExecutor(in_flight) as pool:
+        for start in range(0, len(todo), chunk_size):
+            chunk = [(n, _read(p)) for n, p in todo[start:start + chunk_size]]
+            futures = [pool.submit(extractor.run, b) for b in _batches(chunk, batch_size, max_request_bytes)]
+            rows, errors = [], []
+            for future in concurrent.futures.as_completed(futures):
+                r, e = future.result()
+                with lock:
+                    rows.extend(r)
+                    errors.extend(e)
+                    bar.update(len(r) + len(e))
+            store.commit(rows, errors)
+    return store.finish(names)
+
+
+def main(argv):
+    del argv
+    if not FLAGS.images or not FLAGS.output:
+        raise app.UsageError("--images and --output are required")
+    try:
+        items = list_images(FLAGS.images, FLAGS.data_dir)
+        replicas = Replicas(FLAGS.server, FLAGS.max_message_bytes)
+        extractor = Extractor(replicas, FLAGS.model_name, FLAGS.signature_name, FLAGS.timeout, FLAGS.retries)
+        count, failed = extract(items, FLAGS.output, extractor, FLAGS.batch_size, FLAGS.max_request_bytes,
+                                FLAGS.in_flight, FLAGS.chunk_size, FLAGS.progress)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # grpc errors that survived the retries
+        print(f"error: extraction stopped ({type(e).__name__}: {e}); rerun the same command to resume",
+              file=sys.stderr)
+        return 2
+    print(f"{count} descriptors written to {FLAGS.output}"
+          + (f"; {failed} images failed, see {FLAGS.output}.errors.csv" if failed else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

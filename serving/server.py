@@ -1,0 +1,312 @@
+"""An embedded gRPC server speaking TensorFlow Serving's protocol.
+
+For machines where the ``tensorflow_model_server`` binary is not available:
+it implements ``PredictionService.Predict``, ``PredictionService.GetModelMetadata``
+and ``ModelService.GetModelStatus`` with the protos of
+``tensorflow-serving-api``, so clients written against it work unchanged with
+the real server. It serves the newest numeric version under
+``--model_base_path`` and picks up a newer version dropped in while running.
+
+    python -m serving.server --port 8500 --model_name deep_retrieval \
+        --model_base_path models/deep_retrieval
+
+Bad requests get TF Serving's codes: an unknown model or version is
+NOT_FOUND; an unknown signature or input, a wrong dtype or shape, an empty
+batch or an undecodable image (named by its position in the batch) is
+INVALID_ARGUMENT. The server keeps serving.
+"""
+
+import concurrent.futures
+import logging
+import os
+import re
+import sys
+import threading
+import time
+
+import grpc
+from absl import app, flags
+from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """Defines the command-line flags (only when run as a program)."""
+    flags.DEFINE_integer("port", 8500, "gRPC port.")
+    flags.DEFINE_string("host", "127.0.0.1", "Address to bind; 0.0.0.0 exposes the server on every interface.")
+    flags.DEFINE_string("model_name", "deep_retrieval", "Name clients use in ModelSpec.name.")
+    flags.DEFINE_string("model_base_path", None, "Folder holding numeric version subfolders (SavedModels).")
+    flags.DEFINE_integer("file_system_poll_wait_seconds", 1, "Seconds between checks for a new version (0: never).")
+    flags.DEFINE_integer("grpc_max_threads", 8, "Requests served concurrently.")
+    flags.DEFINE_integer("max_message_bytes", 256 << 20, "Largest request or response message accepted.")
+
+
+log = logging.getLogger("serving.server")
+
+
+
+class InvalidRequest(Exception):
+    """A request error with its gRPC status code."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+class LoadedVersion:
+    """One loaded SavedModel version: callables and signature protos."""
+
+    def __init__(self, path, version):
+        import tensorflow as tf
+        from tensorflow.core.protobuf import saved_model_pb2
+
+        self.path, self.version = path, version
+        self.module = tf.saved_model.load(path, tags=["serve"])
+        self.functions = dict(self.module.signatures)
+        proto = saved_model_pb2.SavedModel()
+        with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+            proto.ParseFromString(f.read())
+        meta = next(m for m in proto.meta_graphs if "serve" in m.meta_info_def.tags)
+        self.signature_defs = {k: v for k, v in meta.signature_def.items() if k in self.functions}
+
+
+def _versions(base_path):
+    try:
+        names = os.listdir(base_path)
+    except OSError:
+        return []
+    return sorted(
+        int(n) for n in names
+        if n.isdigit() and os.path.exists(os.path.join(base_path, n, "saved_model.pb"))
+    )
+
+
+class ModelManager:
+    """Loads the newest version and swaps in newer ones found by polling."""
+
+    def __init__(self, name, base_path, poll_seconds=1):
+        self.name, self.base_path = name, base_path
+        self._lock = threading.Lock()
+        self.current = None
+        self.failed = {}
+        self.refresh()
+        if self.current is None:
+            raise ValueError(f"{base_path}: no loadable numeric version folder (e.g. {base_path}/1)")
+        self._stop = threading.Event()
+        if poll_seconds > 0:
+            self._thread = threading.Thread(target=self._poll, args=(poll_seconds,), daemon=True)
+            self._thread.start()
+
+    def refresh(self):
+        versions = _versions(self.base_path)
+        newest = next((v for v in reversed(versions) if v not in self.failed), None)
+        if newest is None or (self.current and self.current.version >= newest):
+            return
+        path = os.path.join(self.base_path, str(newest))
+        try:
+            loaded = LoadedVersion(path, newest)
+        except Exception as e:  # keep serving the old version
+            self.failed[newest] = str(e)
+            log.error("cannot load %s: %s", path, e)
+            return
+        with self._lock:
+            self.current = loaded
+        log.info("serving %s version %d from %s", self.name, newest, path)
+
+    def _poll(self, seconds):
+        while not self._stop.wait(seconds):
+            self.refresh()
+
+    def stop(self):
+        self._stop.set()
+
+    def get(self, spec):
+        if spec.name != self.name:
+            raise InvalidRequest(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Latest({spec.name})")
+        with self._lock:
+            current = self.current
+        if spec.HasField("version") and spec.version.value != current.version:
+            raise InvalidRequest(
+                grpc.StatusCode.NOT_FOUND,
+                f"Servable not found for request: Specific({spec.name}, {spec.version.value})",
+            )
+        if spec.version_label:
+            raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, "version labels are not configured")
+        return current
+
+
+def _run_signature(version, request):
+    import numpy as np
+    import tensorflow as tf
+
+    name = request.model_spec.signature_name or "serving_default"
+    if name not in version.functions:
+        raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f'Serving signature key "{name}" not found.')
+    fn = version.functions[name]
+    specs = fn.structured_input_signature[1]
+    unknown = set(request.inputs) - set(specs)
+    if unknown or set(specs) - set(request.inputs):
+        raise InvalidRequest(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"input tensor alias not found in signature: {', '.join(sorted(unknown)) or '(missing)'}. "
+            f"Inputs expected to be in the set {{{', '.join(sorted(specs))}}}.",
+        )
+    args = {}
+    for key, spec in specs.items():
+        proto = request.inputs[key]
+        got = tf.dtypes.as_dtype(proto.dtype) if proto.dtype else None
+        if got != spec.dtype:
+            raise InvalidRequest(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Expects arg[{key}] to be {spec.dtype.name} but {got.name if got else 'invalid'} is provided",
+            )
+        try:
+            value = tf.make_ndarray(proto)
+        except Exception as e:
+            raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f"input {key}: malformed tensor: {e}")
+        if not spec.shape.is_compatible_with(value.shape):
+            raise InvalidRequest(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"input {key}: shape {list(value.shape)} does not match the signature's {spec.shape}",
+            )
+        if value.ndim and value.shape[0] == 0:
+            raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f"input {key}: empty batch")
+        args[key] = value
+    try:
+        outputs = fn(**{k: tf.constant(v) for k, v in args.items()})
+    except tf.errors.InvalidArgumentError as e:
+        raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, _explain(args, specs, e))
+    wanted = list(request.output_filter) or list(outputs)
+    missing = [k for k in wanted if k not in outputs]
+    if missing:
+        raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f"output tensor alias not found in signature: {missing}")
+    return name, {k: np.asarray(outputs[k]) for k in wanted}
+
+
+def _explain(args, specs, error):
+    """Names the undecodable image of a failed string batch, if that was it."""
+    import tensorflow as tf
+
+    for key, spec in specs.items():
+        if spec.dtype != tf.string:
+            continue
+        for position, data in enumerate(args[key].reshape(-1)):
+            try:
+                tf.io.decode_image(data, channels=3, expand_animations=False)
+            except tf.errors.InvalidArgumentError as e:
+                return f"{key}[{position}]: cannot decode image: {_clean(e.message)}"
+    return _clean(error.message)
+
+
+def _clean(message):
+    """A TF error message without its graph-node decorations."""
+    text = re.sub(r"\{\{[^}]*\}\}|\[Op:\w+\]", "", message.splitlines()[0])
+    return " ".join(text.split())
+
+
+class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+    """``PredictionService`` servicer (Predict, GetModelMetadata)."""
+
+    def __init__(self, manager):
+        self.manager = manager
+
+    def Predict(self, request, context):
+        import tensorflow as tf
+        from tensorflow_serving.apis import predict_pb2
+
+        try:
+            version = self.manager.get(request.model_spec)
+            signature, outputs = _run_signature(version, request)
+        except InvalidRequest as e:
+            context.abort(e.code, str(e))
+        response = predict_pb2.PredictResponse()
+        response.model_spec.name = self.manager.name
+        response.model_spec.version.value = version.version
+        response.model_spec.signature_name = signature
+        for key, value in outputs.items():
+            response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
+        return response
+
+    def GetModelMetadata(self, request, context):
+        from tensorflow_serving.apis import get_model_metadata_pb2
+
+        try:
+            version = self.manager.get(request.model_spec)
+        except InvalidRequest as e:
+            context.abort(e.code, str(e))
+        fields = list(request.metadata_field)
+        if fields != ["signature_def"]:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Metadata field signature_def is the one supported")
+        sig_map = get_model_metadata_pb2.SignatureDefMap()
+        for key, sig in version.signature_defs.items():
+            sig_map.signature_def[key].CopyFrom(sig)
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.name = self.manager.name
+        response.model_spec.version.value = version.version
+        response.metadata["signature_def"].Pack(sig_map)
+        return response
+
+
+class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+    """``ModelService`` servicer (GetModelStatus)."""
+
+    def __init__(self, manager):
+        self.manager = manager
+
+    def GetModelStatus(self, request, context):
+        from tensorflow_serving.apis import get_model_status_pb2
+
+        try:
+            version = self.manager.get(request.model_spec)
+        except InvalidRequest as e:
+            context.abort(e.code, str(e))
+        response = get_model_status_pb2.GetModelStatusResponse()
+        status = response.model_version_status.add()
+        status.version = version.version
+        status.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+        return response
+
+
+def build_server(manager, port, host="127.0.0.1", max_threads=8, max_message_bytes=256 << 20):
+    """A grpc.Server (not started yet) and the port it bound."""
+    server = grpc.server(
+        concurrent.futures.ThreadPoolExecutor(max_workers=max_threads),
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ],
+    )
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(manager), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if not bound:
+        raise ValueError(f"cannot bind {host}:{port}")
+    return server, bound
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if not FLAGS.model_base_path:
+        raise app.UsageError("--model_base_path is required")
+    try:
+        manager = ModelManager(FLAGS.model_name, FLAGS.model_base_path, FLAGS.file_system_poll_wait_seconds)
+        server, port = build_server(manager, FLAGS.port, FLAGS.host, FLAGS.grpc_max_threads, FLAGS.max_message_bytes)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    server.start()
+    log.info("gRPC PredictionService for %r on %s:%d", FLAGS.model_name, FLAGS.host, port)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop(grace=5).wait()
+        manager.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,74 @@
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from deep_retrieval.data import groundtruth
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _write(path, obj, protocol=pickle.HIGHEST_PROTOCOL):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=protocol)
+
+
+def _gnd():
+    return {
+        "imlist": ["a", "b", "c"],
+        "qimlist": ["q"],
+        "gnd": [{"bbx": np.array([1.0, 2.0, 30.5, 40.0]), "easy": np.array([0]),
+                 "hard": np.array([2]), "junk": np.array([], dtype=np.int64)}],
+    }
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_loads_containers_and_numpy(tmp_path, protocol):
+    path = tmp_path / "gnd_x.pkl"
+    _write(path, _gnd(), protocol)
+    cfg = groundtruth.load_groundtruth(str(path))
+    assert cfg["imlist"] == ["a", "b", "c"]
+    np.testing.assert_array_equal(cfg["gnd"][0]["bbx"], [1.0, 2.0, 30.5, 40.0])
+
+
+def test_refuses_code_execution(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "gnd_evil.pkl"
+    evil = _gnd()
+    evil["gnd"][0]["easy"] = _Exploit(marker)
+    _write(path, evil)
+    with pytest.raises(ValueError, match="refused to load posix.system|refused to load os.system"):
+        groundtruth.load_groundtruth(str(path))
+    assert not marker.exists()
+
+
+def test_refuses_other_globals(tmp_path):
+    path = tmp_path / "gnd_x.pkl"
+    _write(path, {"imlist": [], "qimlist": [], "gnd": [], "x": pytest.approx})
+    with pytest.raises(ValueError, match="refused to load"):
+        groundtruth.load_groundtruth(str(path))
+
+
+def test_bad_files_name_the_file(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        groundtruth.load_groundtruth(str(tmp_path / "missing.pkl"))
+    path = tmp_path / "gnd_bad.pkl"
+    _write(path, {"imlist": []})
+    with pytest.raises(ValueError, match="gnd_bad.pkl: expected a dict"):
+        groundtruth.load_groundtruth(str(path))
+
+
+def test_load_dataset_layout(tmp_path):
+    os.makedirs(tmp_path / "toy" / "jpg")
+    _write(tmp_path / "toy" / "gnd_toy.pkl", _gnd())
+    ds = groundtruth.load_dataset(str(tmp_path), "toy")
+    assert ds.images[0] == str(tmp_path / "toy" / "jpg" / "a.jpg")
+    assert ds.queries == [str(tmp_path / "toy" / "jpg" / "q.jpg")]
+    assert ds.query_boxes == [(1.0, 2.0, 30.5, 40.0)]

@@ -1,0 +1,58 @@
+import hashlib
+import os
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from deep_retrieval.config import SyntheticConfig
+from deep_retrieval.data import groundtruth, synthetic
+
+SMALL = SyntheticConfig(
+    train_landmarks=3, images_per_landmark=3, test_landmarks=2,
+    test_images_per_landmark=3, distractors=2, label_noise=0.25, junk_noise=0.2,
+    image_width=96, image_height=72, seed=5,
+)
+
+
+def _digest(folder):
+    h = hashlib.sha1()
+    for root, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            if name == "COMPLETE":
+                continue
+            with open(os.path.join(root, name), "rb") as f:
+                h.update(name.encode() + f.read())
+    return h.hexdigest()
+
+
+def test_layout_ground_truth_and_boxes(tmp_path):
+    root = synthetic.ensure_dataset(SMALL, cache_dir=str(tmp_path), progress=False)
+    assert os.path.exists(os.path.join(root, "COMPLETE"))
+    train = pd.read_csv(os.path.join(root, "train.csv"))
+    assert len(train) == 9 and set(train.columns) == {"image", "label", "x0", "y0", "x1", "y1"}
+    boxed = train.dropna()
+    assert ((boxed.x0 >= 0) & (boxed.x1 <= 96) & (boxed.y0 >= 0) & (boxed.y1 <= 72)).all()
+    assert ((boxed.x1 > boxed.x0) & (boxed.y1 > boxed.y0)).all()
+    noise = pd.read_csv(os.path.join(root, "train_noise.csv"))
+    assert set(noise.kind) <= {"mislabeled", "junk"} and len(noise) > 0
+    ds = groundtruth.load_dataset(root, "synthetic")
+    assert len(ds.queries) == 2 and len(ds.images) == 2 * 3 + 2
+    for q, g in enumerate(ds.gnd):
+        members = np.concatenate([g["easy"], g["hard"], g["junk"]])
+        assert sorted(members.tolist()) == [3 * q, 3 * q + 1, 3 * q + 2]
+        x0, y0, x1, y1 = ds.query_boxes[q]
+        assert 0 <= x0 < x1 <= 96 and 0 <= y0 < y1 <= 72
+    with Image.open(ds.images[0]) as im:
+        assert im.size == (96, 72) and im.mode == "RGB"
+
+
+def test_deterministic_and_cached(tmp_path):
+    a = synthetic.ensure_dataset(SMALL, cache_dir=str(tmp_path / "a"), progress=False)
+    b = synthetic.ensure_dataset(SMALL, cache_dir=str(tmp_path / "b"), progress=False)
+    assert _digest(a) == _digest(b)
+    mtime = os.path.getmtime(os.path.join(a, "COMPLETE"))
+    assert synthetic.ensure_dataset(SMALL, cache_dir=str(tmp_path / "a"), progress=False) == a
+    assert os.path.getmtime(os.path.join(a, "COMPLETE")) == mtime
+    other = synthetic.dataset_dir(SyntheticConfig(seed=6), str(tmp_path))
+    assert other != synthetic.dataset_dir(SyntheticConfig(seed=5), str(tmp_path))

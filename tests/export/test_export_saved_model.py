@@ -1,0 +1,79 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from export import export_saved_model
+from tests.helpers_images import encoded, reference_descriptors
+
+
+def test_signature_matches_keras_model(exported):
+    blobs = [encoded(70, 110, 1), encoded(130, 60, 2, "PNG"), encoded(96, 96, 3, "BMP")]
+    loaded = tf.saved_model.load(exported["version"])
+    out = loaded.signatures["serving_default"](images=tf.constant(blobs))["descriptors"].numpy()
+    want = reference_descriptors(exported["model"], blobs, exported["image_size"])
+    assert out.shape == (3, 32)
+    assert np.abs(out - want).max() <= 1e-5
+
+
+def test_pixels_signature(exported):
+    pixels = np.random.RandomState(4).randint(0, 256, (2, 48, 72, 3)).astype(np.uint8)
+    loaded = tf.saved_model.load(exported["version"])
+    out = loaded.signatures["pixels"](images=tf.constant(pixels))["descriptors"].numpy()
+    resized = tf.image.resize(tf.cast(pixels, tf.float32), (64, 96), antialias=True)
+    want = np.asarray(exported["model"](resized))
+    assert np.abs(out - want).max() <= 1e-5
+
+
+def test_session_based_load_like_tf_serving(exported):
+    blobs = [encoded(80, 100, 5)]
+    want = reference_descriptors(exported["model"], blobs, exported["image_size"])
+    with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as sess:
+        meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], exported["version"])
+        sig = meta.signature_def["serving_default"]
+        assert sig.inputs["images"].dtype == tf.string.as_datatype_enum
+        assert sig.outputs["descriptors"].tensor_shape.dim[1].size == 32
+        out = sess.run(sig.outputs["descriptors"].name, {sig.inputs["images"].name: np.array(blobs, dtype=object)})
+    assert np.abs(out - want).max() <= 1e-5
+
+
+def test_saved_model_cli_lists_signatures(exported):
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    result = subprocess.run([cli, "show", "--dir", exported["version"], "--all"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = result.stdout
+    assert "signature_def['serving_default']" in text and "signature_def['pixels']" in text
+    assert "dtype: DT_STRING" in text and "dtype: DT_UINT8" in text
+    assert "shape: (-1, 32)" in text and "shape: (-1, -1, -1, 3)" in text
+
+
+def test_assets_extra(exported):
+    extra = os.path.join(exported["version"], "assets.extra")
+    with open(os.path.join(extra, "model_info.json")) as f:
+        info = json.load(f)
+    assert info["descriptor_size"] == 32 and info["scales"] == [0.75, 1.0]
+    assert info["backbone"] == "tiny" and info["regions"] == "grid" and info["image_size"] == 96
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    records = list(tf.data.TFRecordDataset(os.path.join(extra, "tf_serving_warmup_requests")))
+    assert len(records) == len(export_saved_model.WARMUP_SIZES)
+    log = prediction_log_pb2.PredictionLog.FromString(records[0].numpy())
+    request = log.predict_log.request
+    assert request.model_spec.signature_name == "serving_default"
+    blobs = tf.make_ndarray(request.inputs["images"])
+    loaded = tf.saved_model.load(exported["version"])
+    assert loaded.signatures["serving_default"](images=tf.constant(blobs))["descriptors"].shape == (1, 32)
+
+
+def test_refuses_to_overwrite_and_bad_model(exported, tmp_path):
+    with pytest.raises(ValueError, match="already exists"):
+        export_saved_model.export(exported["keras"], exported["version"], 96)
+    bad = tmp_path / "bad.keras"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="cannot load the model"):
+        export_saved_model.export(str(bad), str(tmp_path / "out" / "1"), 96)

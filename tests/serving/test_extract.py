@@ -1,0 +1,109 @@
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from serving import extract as extract_lib
+from serving import server as server_lib
+from tests.helpers_images import encoded, reference_descriptors
+
+
+@pytest.fixture(scope="module")
+def address(exported):
+    manager = server_lib.ModelManager("deep_retrieval", exported["base"], poll_seconds=0)
+    server, port = server_lib.build_server(manager, 0)
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "photos"
+    (root / "a" / "b").mkdir(parents=True)
+    files = {"one.jpg": encoded(60, 80, 1), "a/two.png": encoded(90, 40, 2, "PNG"),
+             "a/b/three.jpg": encoded(50, 50, 3), "a/b/four.JPG": encoded(70, 70, 4),
+             "corrupt.jpg": b"\xff\xd8 truncated", "empty.png": b""}
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    (root / "notes.txt").write_text("not an image")
+    return root, files
+
+
+def _extractor(address, servers=None):
+    replicas = extract_lib.Replicas(servers or [address], 64 << 20)
+    return extract_lib.Extractor(replicas, "deep_retrieval", "serving_default", 60, 4)
+
+
+def test_folder_with_bad_files(address, exported, folder, tmp_path):
+    root, files = folder
+    out = str(tmp_path / "d.parquet")
+    items = extract_lib.list_images(str(root))
+    assert sorted(n for n, _ in items) == sorted(files)  # recursive, notes.txt skipped
+    count, failed = extract_lib.extract(items, out, _extractor(address), batch_size=3, progress=False)
+    assert (count, failed) == (4, 2)
+    frame = pd.read_parquet(out)
+    assert sorted(frame["image"]) == sorted(["one.jpg", "a/two.png", "a/b/three.jpg", "a/b/four.JPG"])
+    want = reference_descriptors(exported["model"], [files[n] for n in frame["image"]], exported["image_size"])
+    got = np.stack(frame["descriptor"].to_numpy())
+    assert got.dtype == np.float32 and np.abs(got - want).max() <= 1e-5
+    errors = pd.read_csv(out + ".errors.csv")
+    reasons = dict(zip(errors["image"], errors["reason"]))
+    assert set(reasons) == {"corrupt.jpg", "empty.png"}
+    assert "cannot decode image" in reasons["corrupt.jpg"] and reasons["empty.png"] == "empty file"
+    assert not os.path.exists(out + ".parts")
+
+
+def test_csv_input_byte_cap_and_failover(address, folder, tmp_path):
+    root, files = folder
+    csv = tmp_path / "list.csv"
+    pd.DataFrame({"image": ["one.jpg", "a/two.png", "missing.jpg"]}).to_csv(csv, index=False)
+    items = extract_lib.list_images(str(csv), data_dir=str(root))
+    dead = "127.0.0.1:1"  # nothing listens there: every request to it fails over
+    out = str(tmp_path / "c.parquet")
+    count, failed = extract_lib.extract(items, out, _extractor(address, [dead, address]),
+                                        max_request_bytes=1, progress=False)
+    assert (count, failed) == (2, 1)
+    assert pd.read_parquet(out)["image"].tolist() == ["one.jpg", "a/two.png"]
+    assert "cannot read file" in pd.read_csv(out + ".errors.csv")["reason"][0]
+
+
+class _Interrupting:
+    """Passes the first ``allowed`` batches through, then fails like a kill."""
+
+    def __init__(self, inner, allowed):
+        self.inner, self.allowed, self.sent = inner, allowed, []
+
+    def run(self, batch):
+        if len(self.sent) >= self.allowed:
+            raise KeyboardInterrupt
+        self.sent.append([n for n, _ in batch])
+        return self.inner.run(batch)
+
+
+def test_interrupted_run_resumes_without_loss_or_duplicates(address, folder, tmp_path):
+    root, _ = folder
+    items = extract_lib.list_images(str(root))
+    out = str(tmp_path / "r.parquet")
+    first = _Interrupting(_extractor(address), allowed=1)
+    with pytest.raises(KeyboardInterrupt):
+        extract_lib.extract(items, out, first, batch_size=2, in_flight=1, chunk_size=2, progress=False)
+    done = set(sum(first.sent, []))
+    second = _Interrupting(_extractor(address), allowed=100)
+    extract_lib.extract(items, out, second, batch_size=2, in_flight=1, chunk_size=2, progress=False)
+    resent = set(sum(second.sent, []))
+    assert done and not (done & resent)
+    frame = pd.read_parquet(out)
+    errors = pd.read_csv(out + ".errors.csv")
+    names = list(frame["image"]) + list(errors["image"])
+    assert sorted(names) == sorted(n for n, _ in items) and len(names) == len(set(names))
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(ValueError, match="no such folder"):
+        extract_lib.list_images(str(tmp_path / "nothing"))
+    csv = tmp_path / "x.csv"
+    csv.write_text("path\na.jpg\n")
+    with pytest.raises(ValueError, match="'image' column"):
+        extract_lib.list_images(str(csv))

@@ -1,0 +1,110 @@
+import shutil
+import time
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from serving import server as server_lib
+from tests.helpers_images import encoded, reference_descriptors
+
+
+@pytest.fixture(scope="module")
+def served(exported, tmp_path_factory):
+    base = tmp_path_factory.mktemp("served") / "deep_retrieval"
+    shutil.copytree(exported["version"], base / "1")
+    manager = server_lib.ModelManager("deep_retrieval", str(base), poll_seconds=1)
+    server, port = server_lib.build_server(manager, 0)
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield {"stub": prediction_service_pb2_grpc.PredictionServiceStub(channel),
+           "models": model_service_pb2_grpc.ModelServiceStub(channel),
+           "base": base, "port": port, "exported": exported}
+    server.stop(0)
+    manager.stop()
+
+
+def _request(blobs=None, name="deep_retrieval", signature="", tensor=None, key="images"):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    if signature:
+        request.model_spec.signature_name = signature
+    if tensor is None:
+        tensor = tf.make_tensor_proto(blobs, dtype=tf.string, shape=[len(blobs)])
+    request.inputs[key].CopyFrom(tensor)
+    return request
+
+
+def _code(stub, request):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Predict(request)
+    return info.value.code(), info.value.details()
+
+
+def test_predict_matches_in_process_model(served):
+    blobs = [encoded(70, 110, 1), encoded(130, 60, 2, "PNG"), encoded(50, 50, 3, "GIF")]
+    response = served["stub"].Predict(_request(blobs))
+    out = tf.make_ndarray(response.outputs["descriptors"])
+    want = reference_descriptors(served["exported"]["model"], blobs, served["exported"]["image_size"])
+    assert np.abs(out - want).max() <= 1e-5
+    assert response.model_spec.version.value >= 1
+
+
+def test_metadata_and_status(served):
+    request = get_model_metadata_pb2.GetModelMetadataRequest()
+    request.model_spec.name = "deep_retrieval"
+    request.metadata_field.append("signature_def")
+    response = served["stub"].GetModelMetadata(request)
+    sigs = get_model_metadata_pb2.SignatureDefMap()
+    response.metadata["signature_def"].Unpack(sigs)
+    assert set(sigs.signature_def) == {"serving_default", "pixels"}
+    assert sigs.signature_def["serving_default"].inputs["images"].dtype == tf.string.as_datatype_enum
+    status = served["models"].GetModelStatus(
+        get_model_status_pb2.GetModelStatusRequest(model_spec=request.model_spec)
+    )
+    assert status.model_version_status[0].state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
+
+
+def test_bad_requests_get_tf_serving_codes_and_server_keeps_serving(served):
+    stub = served["stub"]
+    good = [encoded(40, 40, 9)]
+    assert _code(stub, _request(good, name="other"))[0] == grpc.StatusCode.NOT_FOUND
+    versioned = _request(good)
+    versioned.model_spec.version.value = 99
+    assert _code(stub, versioned)[0] == grpc.StatusCode.NOT_FOUND
+    code, details = _code(stub, _request(good, signature="nope"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "nope" in details
+    code, details = _code(stub, _request(good, key="pictures"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "pictures" in details
+    code, details = _code(stub, _request(tensor=tf.make_tensor_proto(np.zeros(2, np.float32))))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "string" in details
+    code, details = _code(stub, _request(tensor=tf.make_tensor_proto([[b"a", b"b"]])))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "shape" in details
+    code, details = _code(stub, _request([]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "empty batch" in details
+    code, details = _code(stub, _request(good + [b"not an image", encoded(30, 30)]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "images[1]: cannot decode image" in details
+    assert stub.Predict(_request(good)).outputs["descriptors"].tensor_shape.dim[0].size == 1
+
+
+def test_new_version_is_picked_up_without_restart(served):
+    shutil.copytree(served["base"] / "1", served["base"] / "7")
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = "deep_retrieval"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        version = served["models"].GetModelStatus(request).model_version_status[0].version
+        if version == 7:
+            break
+        time.sleep(0.5)
+    assert version == 7
+    response = served["stub"].Predict(_request([encoded(40, 40)]))
+    assert response.model_spec.version.value == 7

@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from deep_retrieval import extraction
+from deep_retrieval.data import pipeline
+from tests.helpers_images import encoded
+
+
+def _files(tmp_path):
+    paths = []
+    for i, (h, w) in enumerate([(40, 60), (40, 60), (60, 40), (40, 60)]):
+        p = tmp_path / f"{i}.jpg"
+        p.write_bytes(encoded(h, w, i))
+        paths.append(str(p))
+    return paths
+
+
+def _mean_color(x):
+    return tf.reduce_mean(x, axis=(1, 2))
+
+
+def test_batches_same_sizes_and_keeps_order(tmp_path):
+    paths = _files(tmp_path)
+    calls = []
+
+    def fn(x):
+        calls.append(tuple(x.shape))
+        return _mean_color(x)
+
+    out, failed = extraction.extract(fn, paths, 30, batch_size=8, progress=False)
+    assert failed.size == 0
+    assert calls == [(2, 20, 30, 3), (1, 30, 20, 3), (1, 20, 30, 3)]
+    for i, p in enumerate(paths):
+        image = pipeline.resize_longest(pipeline.decode(tf.io.read_file(p)), 30)
+        np.testing.assert_allclose(out[i], np.asarray(_mean_color(image[None]))[0], atol=1e-5)
+
+
+def test_unreadable_images(tmp_path):
+    paths = _files(tmp_path)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    paths.insert(1, str(bad))
+    with pytest.raises(ValueError, match="bad.jpg"):
+        extraction.extract(_mean_color, paths, 30, progress=False)
+    out, failed = extraction.extract(_mean_color, paths, 30, progress=False, strict=False)
+    assert failed.tolist() == [1] and np.all(out[1] == 0) and np.all(out[0] != 0)
+
+
+def test_boxes_crop_before_resize(tmp_path):
+    paths = _files(tmp_path)[:1]
+    out, _ = extraction.extract(lambda x: tf.cast(tf.shape(x)[1:3][None], tf.float32), paths, 30,
+                                boxes=[[0, 0, 20, 40]], progress=False)
+    assert out[0].tolist() == [30.0, 15.0]  # a 20x40 crop, longest side 30
