@@ -1,0 +1,126 @@
+r"""Queries an index with one image and prints (and optionally draws) the results.
+
+    python -m serving.search --index index/ --server localhost:8500 \
+        --query photo.jpg [--box 10,20,200,180] --top 10 [--qe 2] [--picture results.png]
+
+The query descriptor comes from a TF Serving server (``--server``, the
+PredictionService protocol) or from an exported SavedModel run in process
+(``--saved_model``). The query is cropped to ``--box`` first, as the
+retrieval protocols do. ``--picture`` writes a grid PNG: the query with its
+box, then the results captioned with rank and score (images are looked up
+under the index's ``images_root``, or ``--images_root``).
+"""
+
+import io
+import os
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """Defines the command-line flags (only when run as a program)."""
+    flags.DEFINE_string("index", None, "Index folder (python -m serving.index).")
+    flags.DEFINE_string("server", None, "host:port of a TF Serving (or embedded) server.")
+    flags.DEFINE_string("model_name", "deep_retrieval", "ModelSpec.name on the server.")
+    flags.DEFINE_string("saved_model", None, "An exported SavedModel folder, instead of --server.")
+    flags.DEFINE_string("query", None, "Query image file.")
+    flags.DEFINE_list("box", None, "Query box x0,y0,x1,y1 in pixels.")
+    flags.DEFINE_integer("top", 10, "Results to show.")
+    flags.DEFINE_integer("qe", 0, "αQE with the top-k results (exact and flat indexes).")
+    flags.DEFINE_string("picture", None, "Write a PNG of the query and its results here.")
+    flags.DEFINE_string("images_root", None, "Where result images are (default: the index's images_root).")
+
+
+def query_bytes(path, box=None):
+    """The query file's bytes, cropped to ``box`` (re-encoded as PNG) if given."""
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        data = f.read()
+    if not box:
+        return data
+    with Image.open(io.BytesIO(data)) as im:
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if not (0 <= x0 < x1 <= im.width and 0 <= y0 < y1 <= im.height):
+            raise ValueError(f"--box {box} is not inside the {im.width}x{im.height} query image")
+        buf = io.BytesIO()
+        im.convert("RGB").crop((int(x0), int(y0), int(round(x1)), int(round(y1)))).save(buf, "PNG")
+        return buf.getvalue()
+
+
+def describe(data, server=None, model_name="deep_retrieval", saved_model=None):
+    """The descriptor of encoded image bytes, through a server or a SavedModel."""
+    import numpy as np
+    import tensorflow as tf
+
+    if saved_model:
+        signature = tf.saved_model.load(saved_model).signatures["serving_default"]
+        return signature(images=tf.constant([data]))["descriptors"].numpy()[0]
+    from serving import extract as extract_lib
+
+    extractor = extract_lib.Extractor(extract_lib.Replicas([server], 64 << 20), model_name,
+                                      "serving_default", 60, 3)
+    return np.asarray(extractor._predict([data]))[0]
+
+
+def draw(query_path, box, results, images_root, out_path, thumb=200):
+    """A grid PNG: the query (box in red), then each result with rank and score."""
+    from PIL import Image, ImageDraw
+
+    tiles = []
+    with Image.open(query_path) as im:
+        im = im.convert("RGB")
+        if box:
+            ImageDraw.Draw(im).rectangle([float(v) for v in box], outline=(255, 0, 0), width=3)
+        tiles.append((im.copy(), "query"))
+    for rank, (image_id, score) in enumerate(results, start=1):
+        path = os.path.join(images_root or "", image_id)
+        try:
+            with Image.open(path) as im:
+                tiles.append((im.convert("RGB"), f"#{rank} {score:.3f}"))
+        except OSError:
+            tiles.append((Image.new("RGB", (thumb, thumb), (60, 60, 60)), f"#{rank} {score:.3f} (missing)"))
+    cols = min(6, len(tiles))
+    rows = (len(tiles) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * thumb, rows * (thumb + 18)), (255, 255, 255))
+    pen = ImageDraw.Draw(sheet)
+    for i, (im, caption) in enumerate(tiles):
+        im.thumbnail((thumb, thumb))
+        x, y = (i % cols) * thumb, (i // cols) * (thumb + 18)
+        sheet.paste(im, (x + (thumb - im.width) // 2, y + (thumb - im.height) // 2))
+        pen.text((x + 4, y + thumb + 2), caption, fill=(0, 0, 0))
+    sheet.save(out_path)
+
+
+def main(argv):
+    del argv
+    if not FLAGS.index or not FLAGS.query or not (FLAGS.server or FLAGS.saved_model):
+        raise app.UsageError("--index, --query and one of --server/--saved_model are required")
+    from deep_retrieval import search
+
+    try:
+        index = search.Index.load(FLAGS.index)
+        data = query_bytes(FLAGS.query, FLAGS.box)
+        vector = describe(data, FLAGS.server, FLAGS.model_name, FLAGS.saved_model)
+        if len(vector) != index.dim:
+            raise ValueError(f"the model gives {len(vector)}-D descriptors, the index holds {index.dim}-D")
+        scores, ids = index.search(vector[None], FLAGS.top, qe=FLAGS.qe)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    results = list(zip(ids[0], scores[0].tolist()))
+    for rank, (image_id, score) in enumerate(results, start=1):
+        print(f"{rank:3d}  {score:.4f}  {image_id}")
+    if FLAGS.picture:
+        root = FLAGS.images_root or index.metadata.get("images_root")
+        draw(FLAGS.query, FLAGS.box, results, root, FLAGS.picture)
+        print(f"picture written to {FLAGS.picture}")
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,67 @@
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from deep_retrieval import search
+from serving import index as index_cmd
+from serving import search as search_cmd
+from tests.helpers_images import encoded, reference_descriptors
+
+
+def _parquet(path, names, vectors):
+    pd.DataFrame({"image": names, "descriptor": list(vectors.astype(np.float32))}).to_parquet(path)
+
+
+def test_build_append_and_refuse(tmp_path):
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(30, 8)).astype(np.float32)
+    _parquet(tmp_path / "a.parquet", [f"a{i}" for i in range(20)], vectors[:20])
+    _parquet(tmp_path / "b.parquet", [f"a{i}" for i in range(10, 30)], vectors[10:])
+    out = str(tmp_path / "idx")
+    built = index_cmd.build(str(tmp_path / "a.parquet"), out, images_root=str(tmp_path))
+    assert built.kind == "exact" and len(built) == 20
+    grown = index_cmd.build(str(tmp_path / "b.parquet"), out, append=True)
+    assert len(grown) == 30 and len(set(grown.ids)) == 30  # a10..a19 not added twice
+    loaded = search.Index.load(out)
+    assert loaded.metadata["images_root"] == str(tmp_path)
+    _, ids = loaded.search(vectors[25], 1)
+    assert ids[0][0] == "a25"
+    _parquet(tmp_path / "c.parquet", ["x"], np.zeros((1, 4)))
+    with pytest.raises(ValueError, match="size 8, but the model produces 4"):
+        index_cmd.build(str(tmp_path / "c.parquet"), out, append=True)
+    with pytest.raises(ValueError, match="cannot read Parquet"):
+        index_cmd.build(str(tmp_path / "missing.parquet"), out)
+
+
+def test_query_with_box_saved_model_and_picture(exported, tmp_path):
+    root = tmp_path / "db"
+    root.mkdir()
+    blobs = {f"{i}.jpg": encoded(80, 100, i) for i in range(6)}
+    for name, data in blobs.items():
+        (root / name).write_bytes(data)
+    names = sorted(blobs)
+    vectors = reference_descriptors(exported["model"], [blobs[n] for n in names], exported["image_size"])
+    _parquet(tmp_path / "d.parquet", names, vectors)
+    index = index_cmd.build(str(tmp_path / "d.parquet"), str(tmp_path / "idx"), images_root=str(root))
+
+    query = str(root / "3.jpg")
+    vector = search_cmd.describe(search_cmd.query_bytes(query), saved_model=exported["version"])
+    scores, ids = index.search(vector[None], 3)
+    assert ids[0][0] == "3.jpg" and scores[0][0] == pytest.approx(1.0, abs=1e-4)
+
+    cropped = search_cmd.query_bytes(query, ["10", "5", "60", "45"])
+    with Image.open(__import__("io").BytesIO(cropped)) as im:
+        assert im.size == (50, 40)
+    with pytest.raises(ValueError, match="not inside"):
+        search_cmd.query_bytes(query, ["0", "0", "500", "10"])
+
+    picture = str(tmp_path / "r.png")
+    search_cmd.draw(query, ["10", "5", "60", "45"], list(zip(ids[0], scores[0].tolist())), str(root), picture)
+    with Image.open(picture) as im:
+        assert im.size == (4 * 200, 218)
+        # The query tile carries the red box.
+        pixels = np.asarray(im.convert("RGB"))
+        assert ((pixels[..., 0] > 200) & (pixels[..., 1] < 50) & (pixels[..., 2] < 50)).sum() > 50

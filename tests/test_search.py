@@ -1,0 +1,128 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from deep_retrieval import search
+
+
+def _unit(n, d, seed):
+    x = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_exact_search_equals_brute_force_across_chunks():
+    db, q = _unit(1000, 16, 0), _unit(7, 16, 1)
+    scores, idx = search.topk(q, db, 10, chunk=97)
+    full = q @ db.T
+    want = np.argsort(-full, axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(idx, want)
+    np.testing.assert_allclose(scores, np.take_along_axis(full, want, axis=1), rtol=1e-6)
+
+
+def test_alpha_query_expansion_hand_worked():
+    db = np.array([[1, 0], [0.6, 0.8], [0, 1]], np.float32)
+    q = np.array([[1, 0]], np.float32)
+    # top-2: db0 (s=1), db1 (s=0.6); alpha=1: q + 1*db0 + 0.6*db1 = (2.36, 0.48)
+    out = search.alpha_query_expansion(q, db, k=2, alpha=1.0)
+    want = np.array([2.36, 0.48]) / np.hypot(2.36, 0.48)
+    np.testing.assert_allclose(out[0], want, rtol=1e-5)
+    np.testing.assert_allclose(search.alpha_query_expansion(q, db, k=0), q)
+
+
+def test_database_augmentation_hand_worked():
+    db = np.array([[1, 0], [0.6, 0.8], [0, 1]], np.float32)
+    out = search.database_augmentation(db, k=1)
+    # k=1: x itself with weight 1, nearest neighbour with weight 0.
+    np.testing.assert_allclose(out, db, atol=1e-6)
+    out = search.database_augmentation(db, k=2)
+    # db0's neighbours by rank: db0, db1 (0.6), db2 (0): weights 1, 1/2, 0.
+    want0 = np.array([1 + 0.3, 0.4]) / np.hypot(1.3, 0.4)
+    np.testing.assert_allclose(out[0], want0, rtol=1e-5)
+
+
+def test_index_search_save_load_round_trip(tmp_path):
+    index = search.Index(16, {"model": "demo"})
+    db = _unit(50, 16, 2)
+    index.add(db[:30], [f"img{i}" for i in range(30)])
+    index.add(db[30:], [f"img{i}" for i in range(30, 50)])
+    scores, ids = index.search(db[[5, 40]], k=3)
+    assert ids[0][0] == "img5" and ids[1][0] == "img40"
+    path = str(tmp_path / "idx")
+    index.save(path)
+    loaded = search.Index.load(path, expected_dim=16)
+    assert loaded.ids == index.ids and loaded.metadata == {"model": "demo"}
+    np.testing.assert_array_equal(loaded.descriptors, index.descriptors)
+    index.add(_unit(1, 16, 3), ["new"])
+    index.save(path)  # replacing an existing index
+    assert len(search.Index.load(path)) == 51
+
+
+def test_load_refuses_mismatched_or_corrupt(tmp_path):
+    index = search.Index(8)
+    index.add(_unit(4, 8, 4), list("abcd"))
+    path = str(tmp_path / "idx")
+    index.save(path)
+    with pytest.raises(ValueError, match="model produces 16"):
+        search.Index.load(path, expected_dim=16)
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    meta["format_version"] = 99
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ValueError, match="index format 99"):
+        search.Index.load(path)
+    index.save(path)
+    with open(os.path.join(path, "descriptors.npy"), "wb") as f:
+        f.write(b"garbage")
+    with pytest.raises(ValueError, match="corrupt index"):
+        search.Index.load(path)
+    with pytest.raises(ValueError, match="not an index folder"):
+        search.Index.load(str(tmp_path / "nothing"))
+    with pytest.raises(ValueError, match="size 3"):
+        index.search(np.zeros((1, 3)))
+
+
+def test_faiss_flat_equals_exact(tmp_path):
+    db, q = _unit(500, 32, 5), _unit(9, 32, 6)
+    exact, flat = search.Index(32), search.Index(32, kind="flat")
+    ids = [f"i{j}" for j in range(500)]
+    exact.add(db, ids)
+    flat.add(db[:200], ids[:200])
+    flat.add(db[200:], ids[200:])  # incremental
+    s1, i1 = exact.search(q, 20)
+    s2, i2 = flat.search(q, 20)
+    assert i1 == i2
+    np.testing.assert_allclose(s1, s2, atol=1e-5)
+    flat.save(str(tmp_path / "f"))
+    assert search.Index.load(str(tmp_path / "f")).search(q, 20)[1] == i1
+
+
+def test_ivfpq_recall_and_round_trip(tmp_path):
+    # Clustered data: IVF-PQ should find most true neighbours.
+    rng = np.random.default_rng(7)
+    centers = _unit(20, 64, 8)
+    db = centers[rng.integers(0, 20, 4000)] + 0.3 * rng.normal(size=(4000, 64)).astype(np.float32)
+    db /= np.linalg.norm(db, axis=1, keepdims=True)
+    q = db[:50] + 0.05 * rng.normal(size=(50, 64)).astype(np.float32)
+    index = search.Index(64, kind="ivfpq", nlist=32, m=16, nprobe=8)
+    index.train(db)
+    index.add(db, [str(j) for j in range(4000)])
+    _, got = index.search(q, 10)
+    _, want = search.topk(search._normalize(q), db, 10)
+    recall = np.mean([len(set(map(int, g)) & set(w)) / 10 for g, w in zip(got, want)])
+    assert recall >= 0.5
+    assert all(int(g[0]) == j for j, g in enumerate(got[:10]))
+    index.save(str(tmp_path / "pq"))
+    loaded = search.Index.load(str(tmp_path / "pq"), expected_dim=64)
+    assert loaded.kind == "ivfpq" and loaded.search(q, 10)[1] == got
+    with pytest.raises(ValueError, match="αQE needs"):
+        loaded.search(q, 10, qe=2)
+
+
+def test_default_kind_and_parameters():
+    assert search.default_kind(10_000) == "exact"
+    assert search.default_kind(2_000_000) == "ivfpq"
+    nlist, m = search.default_ivfpq(1_000_000, 2048)
+    assert nlist == 4000 and m == 64
