@@ -1,6 +1,8 @@
 """Typed configuration of the descriptor model (one place; flags sit over it)."""
 
 import dataclasses
+import json
+import os
 from typing import Optional, Tuple
 
 from deep_retrieval.layers.multi_resolution import PAPER_SCALES
@@ -183,3 +185,17 @@ def _paper():
 
 
 PRESETS = {"demo": _demo, "paper": _paper}
+
+
+def recorded_image_size(model_path, default=1024):
+    """The image size recorded with a model: an export's
+    ``assets.extra/model_info.json``, or the ``config.json`` a training run
+    writes beside its ``model.keras``; ``default`` when neither exists."""
+    for path in (
+        os.path.join(model_path, "assets.extra", "model_info.json"),
+        os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json"),
+    ):
+        if os.path.isfile(path):
+            with open(path) as f:
+                return int(json.load(f)["image_size"])
+    return default

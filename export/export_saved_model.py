@@ -108,19 +108,13 @@ def export(model_path, output_dir, image_size, model_name="deep_retrieval", run_
     return info
 
 
-def _default_image_size(model_path):
-    config = os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json")
-    if os.path.exists(config):
-        with open(config) as f:
-            return int(json.load(f).get("image_size", 800))
-    return 800
-
-
 def main(argv):
     del argv
     if not flags.FLAGS.model or not flags.FLAGS.output_dir:
         raise app.UsageError("--model and --output_dir are required")
-    size = flags.FLAGS.image_size or _default_image_size(flags.FLAGS.model)
+    from deep_retrieval.config import recorded_image_size
+
+    size = flags.FLAGS.image_size or recorded_image_size(flags.FLAGS.model, default=800)
     try:
         info = export(flags.FLAGS.model, flags.FLAGS.output_dir, size, flags.FLAGS.model_name,
                       flags.FLAGS.run_id, flags.FLAGS.overwrite)

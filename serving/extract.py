@@ -114,7 +114,8 @@ class Extractor:
         self.model_name, self.signature_name = model_name, signature_name
         self.timeout, self.retries = timeout, retries
 
-    def _predict(self, blobs):
+    def predict(self, blobs):
+        """Descriptors ``[n, D]`` of encoded images; retries on other replicas."""
         import grpc
         import numpy as np
         import tensorflow as tf
@@ -153,7 +154,7 @@ class Extractor:
         while stack:
             batch = stack.pop()
             try:
-                out = self._predict([d for _, d in batch])
+                out = self.predict([d for _, d in batch])
                 rows.extend((name, vec) for (name, _), vec in zip(batch, out))
             except grpc.RpcError as e:
                 if e.code().name in RETRYABLE:

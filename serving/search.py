@@ -63,7 +63,7 @@ def describe(data, server=None, model_name="deep_retrieval", saved_model=None):
 
     extractor = extract_lib.Extractor(extract_lib.Replicas([server], 64 << 20), model_name,
                                       "serving_default", 60, 3)
-    return np.asarray(extractor._predict([data]))[0]
+    return np.asarray(extractor.predict([data]))[0]
 
 
 def draw(query_path, box, results, images_root, out_path, thumb=200):

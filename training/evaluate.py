@@ -35,16 +35,6 @@ def define_flags():
     flags.DEFINE_boolean("progress", True, "Show progress bars.")
 
 
-def default_image_size(model_path):
-    """The image size recorded next to a model, else 1024."""
-    for path in (os.path.join(model_path, "assets.extra", "model_info.json"),
-                 os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json")):
-        if os.path.isfile(path):
-            with open(path) as f:
-                return int(json.load(f)["image_size"])
-    return 1024
-
-
 def descriptor_fn(model_path):
     """A callable float32 ``[N, H, W, 3]`` -> descriptors for either model kind."""
     import keras
@@ -73,7 +63,9 @@ def run(data_root, dataset, model_path, image_size=None, qe=0, qe_alpha=3.0, dba
     from deep_retrieval.data import groundtruth
 
     data = groundtruth.load_dataset(data_root, dataset)
-    size = image_size or default_image_size(model_path)
+    from deep_retrieval.config import recorded_image_size
+
+    size = image_size or recorded_image_size(model_path)
     fn = descriptor_fn(model_path)
     db, _ = extraction.extract(fn, data.images, size, progress=progress, desc=f"{dataset} database")
     boxes = [[float("nan")] * 4 if b is None else list(b) for b in data.query_boxes]

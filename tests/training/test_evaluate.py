@@ -3,6 +3,7 @@ import pytest
 import tensorflow as tf
 
 from deep_retrieval import evaluation
+from deep_retrieval.config import recorded_image_size
 from deep_retrieval.config import SyntheticConfig
 from deep_retrieval.data import groundtruth, pipeline, synthetic
 from training import evaluate
@@ -39,7 +40,7 @@ def test_saved_model_and_qe_dba(exported):
     root = synthetic.ensure_dataset(SMALL, progress=False)
     keras_res = evaluate.run(root, "synthetic", exported["keras"], image_size=96, progress=False)
     saved_res = evaluate.run(root, "synthetic", exported["version"], progress=False)
-    assert evaluate.default_image_size(exported["version"]) == 96
+    assert recorded_image_size(exported["version"]) == 96
     # uint8 rounding of the resized pixels is the only difference.
     assert saved_res["medium"]["map"] == pytest.approx(keras_res["medium"]["map"], abs=5.0)
     expanded = evaluate.run(root, "synthetic", exported["keras"], image_size=96, qe=1, dba=2, progress=False)
