@@ -72,12 +72,17 @@ def extract(fn, paths, longest, boxes=None, batch_size=16, progress=True, desc="
     return out, failed
 
 
-def evaluate_model(fn, dataset, longest, progress=True):
-    """Extracts a `RetrievalDataset` and scores it; returns `evaluation.evaluate`'s dict."""
-    from deep_retrieval import evaluation
+def evaluate_model(fn, dataset, longest, progress=True, qe=0, qe_alpha=3.0, dba=0):
+    """Extracts a `RetrievalDataset` (queries cropped to their boxes), ranks
+    it, optionally with DBA and αQE, and returns `evaluation.evaluate`'s dict."""
+    from deep_retrieval import evaluation, search
 
     db, _ = extract(fn, dataset.images, longest, progress=progress, desc=f"{dataset.name} database")
     boxes = [[float("nan")] * 4 if b is None else list(b) for b in dataset.query_boxes]
     q, _ = extract(fn, dataset.queries, longest, boxes, progress=progress, desc=f"{dataset.name} queries")
+    if dba:
+        db = search.database_augmentation(db, dba)
+    if qe:
+        q = search.alpha_query_expansion(q, db, qe, qe_alpha)
     ranks = evaluation.rank_by_similarity(q, db)
     return evaluation.evaluate(ranks, dataset.gnd)

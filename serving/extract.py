@@ -25,7 +25,6 @@ import itertools
 import os
 import random
 import sys
-import threading
 import time
 
 from absl import app, flags
@@ -266,7 +265,6 @@ def extract(items, output, extractor, batch_size=16, max_request_bytes=16 << 20,
     store = PartStore(output)
     done = store.done()
     todo = [(n, p) for n, p in items if n not in done]
-    lock = threading.Lock()
     with tqdm(total=len(items), initial=len(items) - len(todo), unit="img", desc="extract",
               disable=not progress) as bar, \
             concurrent.futures.ThreadPoolExecutor(in_flight) as pool:
@@ -275,11 +273,10 @@ def extract(items, output, extractor, batch_size=16, max_request_bytes=16 << 20,
             futures = [pool.submit(extractor.run, b) for b in _batches(chunk, batch_size, max_request_bytes)]
             rows, errors = [], []
             for future in concurrent.futures.as_completed(futures):
-                r, e = future.result()
-                with lock:
-                    rows.extend(r)
-                    errors.extend(e)
-                    bar.update(len(r) + len(e))
+                r, e = future.result()  # collected in this thread only
+                rows.extend(r)
+                errors.extend(e)
+                bar.update(len(r) + len(e))
             store.commit(rows, errors)
     return store.finish(names)
 

@@ -57,25 +57,13 @@ def descriptor_fn(model_path):
 
 def run(data_root, dataset, model_path, image_size=None, qe=0, qe_alpha=3.0, dba=0, progress=True):
     """Extracts, ranks and scores; returns `evaluation.evaluate`'s dict (percent)."""
-    import numpy as np
-
-    from deep_retrieval import evaluation, extraction, search
+    from deep_retrieval import extraction
+    from deep_retrieval.config import recorded_image_size
     from deep_retrieval.data import groundtruth
 
     data = groundtruth.load_dataset(data_root, dataset)
-    from deep_retrieval.config import recorded_image_size
-
     size = image_size or recorded_image_size(model_path)
-    fn = descriptor_fn(model_path)
-    db, _ = extraction.extract(fn, data.images, size, progress=progress, desc=f"{dataset} database")
-    boxes = [[float("nan")] * 4 if b is None else list(b) for b in data.query_boxes]
-    q, _ = extraction.extract(fn, data.queries, size, boxes, progress=progress, desc=f"{dataset} queries")
-    if dba:
-        db = search.database_augmentation(db, dba)
-    if qe:
-        q = search.alpha_query_expansion(q, db, qe, qe_alpha)
-    ranks = evaluation.rank_by_similarity(np.asarray(q), np.asarray(db))
-    return evaluation.evaluate(ranks, data.gnd)
+    return extraction.evaluate_model(descriptor_fn(model_path), data, size, progress, qe, qe_alpha, dba)
 
 
 def main(argv):
