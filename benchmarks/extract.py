@@ -10,6 +10,8 @@ same image size, and the ratio of images/s is printed.
 
 Works on the TensorFlow and JAX backends (KERAS_BACKEND); on JAX, --dtype
 bfloat16 runs the backbone under mixed precision, --batch > 1 times batches.
+``--regions rpn`` times the model with the region proposal network (its
+proposals, NMS and box pooling are then part of the head).
 """
 
 import argparse
@@ -137,6 +139,8 @@ def main():
     parser.add_argument("--device", default="", help="--device for the reference (cuda on a GPU)")
     parser.add_argument("--json", default="", help="write all figures here")
     parser.add_argument("--skip_multi", action="store_true")
+    parser.add_argument("--regions", choices=["grid", "rpn"], default="grid")
+    parser.add_argument("--proposals", type=int, default=256, help="RPN proposals (--regions rpn)")
     args = parser.parse_args()
 
     global IMAGE_SHAPE
@@ -144,9 +148,11 @@ def main():
     if args.dtype == "bfloat16":
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     model = build_descriptor_model(
-        DescriptorConfig(backbone=args.backbone, weights=None, levels=3, include_global=True)
+        DescriptorConfig(backbone=args.backbone, weights=None, levels=3, include_global=True,
+                         regions=args.regions, proposals=args.proposals)
     )
     info = {"backend": keras.backend.backend(), "backbone": args.backbone, "dtype": args.dtype,
+            "regions": args.regions, "proposals": args.proposals if args.regions == "rpn" else None,
             "batch": args.batch, "image": [args.height, args.width], "cpu_count": os.cpu_count()}
     print(json.dumps(info), flush=True)
     results = {"info": info, "single_scale": time_model(model, SINGLE, args.images, args.warmup, args.batch)}

@@ -6,6 +6,7 @@ import os
 from typing import Optional, Tuple
 
 from deep_retrieval.layers.multi_resolution import PAPER_SCALES
+from deep_retrieval.rpn import DEFAULT_ANCHOR_RATIOS, DEFAULT_ANCHOR_SCALES
 
 
 @dataclasses.dataclass
@@ -23,6 +24,16 @@ class DescriptorConfig:
             the input size; the default is DIR's 550/800/1050 for 800 px.
         whitening_dim: output size of the PCA-whitening layer; ``None`` means
             no whitening layer.
+        regions: regions R-MAC pools: ``"grid"`` (the rigid multi-scale grid)
+            or ``"rpn"`` (the proposals of a region proposal network).
+        proposals: regions proposed per image by the RPN.
+        pre_nms_proposals: best-scored RPN boxes entering non-maximum
+            suppression.
+        nms_threshold: IoU above which NMS drops the lower-scored proposal.
+        anchor_scales: RPN anchor sides as a share of the feature map's short
+            side.
+        anchor_ratios: RPN anchor aspect ratios (width / height).
+        rpn_channels: width of the RPN's 3x3 convolution.
     """
 
     backbone: str = "resnet101"
@@ -31,9 +42,27 @@ class DescriptorConfig:
     include_global: bool = False
     scales: Tuple[float, ...] = PAPER_SCALES
     whitening_dim: Optional[int] = None
+    regions: str = "grid"
+    proposals: int = 256
+    pre_nms_proposals: int = 1000
+    nms_threshold: float = 0.7
+    anchor_scales: Tuple[float, ...] = DEFAULT_ANCHOR_SCALES
+    anchor_ratios: Tuple[float, ...] = DEFAULT_ANCHOR_RATIOS
+    rpn_channels: int = 256
 
     def __post_init__(self):
         self.scales = tuple(float(s) for s in self.scales)
+        self.anchor_scales = tuple(float(s) for s in self.anchor_scales)
+        self.anchor_ratios = tuple(float(r) for r in self.anchor_ratios)
+        if self.regions not in ("grid", "rpn"):
+            raise ValueError(f"`regions` must be 'grid' or 'rpn', got {self.regions!r}.")
+        if not 1 <= self.proposals <= self.pre_nms_proposals:
+            raise ValueError(
+                f"Need 1 <= proposals <= pre_nms_proposals, got {self.proposals} "
+                f"and {self.pre_nms_proposals}."
+            )
+        if not self.anchor_scales or min(self.anchor_scales + self.anchor_ratios) <= 0:
+            raise ValueError("`anchor_scales` and `anchor_ratios` must be positive numbers.")
         if self.levels < 1:
             raise ValueError(f"`levels` must be >= 1, got {self.levels}.")
         if not self.scales or min(self.scales) <= 0:
@@ -105,6 +134,19 @@ class TrainConfig:
         strategy: ``"default"``, ``"mirrored"`` or ``"multi_worker"``
             (``TF_CONFIG``).
         resume: continue from the latest checkpoint in ``output_dir``.
+        rpn_checkpoint: with ``--regions rpn``, RPN weights to use instead of
+            training them (``rpn.weights.npz`` of an earlier run, or its
+            ``model.keras``); empty trains the RPN first (stage 1).
+        rpn_steps: stage-1 steps (RPN on the manifest's boxes, backbone
+            frozen).
+        rpn_batch_size: images per stage-1 step.
+        rpn_learning_rate: stage-1 Adam learning rate.
+        rpn_anchors_per_image: anchors sampled per image for the RPN loss
+            (at most half positive).
+        rpn_refresh_steps: RPN steps on the current backbone at every mining
+            round of stage 2 and at its end; 0 keeps the RPN frozen after
+            stage 1, as in the paper (right for a pretrained backbone, whose
+            features move little).
     """
 
     descriptor: DescriptorConfig = dataclasses.field(default_factory=DescriptorConfig)
@@ -133,6 +175,60 @@ class TrainConfig:
     seed: int = 0
     strategy: str = "default"
     resume: bool = False
+    rpn_checkpoint: str = ""
+    rpn_steps: int = 2000
+    rpn_batch_size: int = 8
+    rpn_learning_rate: float = 1e-3
+    rpn_anchors_per_image: int = 256
+    rpn_refresh_steps: int = 0
+
+
+@dataclasses.dataclass
+class CleanConfig:
+    """Automatic cleaning of a landmark collection (``python -m training.clean``).
+
+    Attributes:
+        max_side: images are downscaled to this longest side (pixels) before
+            SIFT.
+        max_features: SIFT keypoints kept per image (the strongest).
+        contrast_threshold: SIFT's contrast threshold (lower finds more
+            keypoints in flat, low-contrast images).
+        ratio: Lowe's ratio-test threshold for a match.
+        transform: geometric model verified by RANSAC: ``"affine"`` or
+            ``"homography"``.
+        ransac_threshold: RANSAC reprojection error in pixels of the
+            downscaled images.
+        min_inliers: inliers for a pair to count as verified.
+        min_component_size: 0 keeps the largest verified group of each label;
+            N > 0 keeps every group of at least N images.
+        max_pairs: pairs matched exhaustively per label; above it each image
+            is matched only with its ``neighbors`` most similar images.
+        neighbors: candidate partners per image when ``max_pairs`` is
+            exceeded.
+        workers: parallel processes (labels run in parallel); 0 = one per CPU.
+    """
+
+    max_side: int = 512
+    max_features: int = 2000
+    contrast_threshold: float = 0.01
+    ratio: float = 0.85
+    transform: str = "affine"
+    ransac_threshold: float = 10.0
+    min_inliers: int = 15
+    min_component_size: int = 0
+    max_pairs: int = 2000
+    neighbors: int = 20
+    workers: int = 0
+
+    def __post_init__(self):
+        if self.transform not in ("affine", "homography"):
+            raise ValueError(f"`transform` must be 'affine' or 'homography', got {self.transform!r}.")
+        if not 0 < self.ratio <= 1:
+            raise ValueError(f"`ratio` must be in (0, 1], got {self.ratio}.")
+        if self.min_inliers < 3:
+            raise ValueError(f"`min_inliers` must be at least 3, got {self.min_inliers}.")
+        if self.max_side < 16:
+            raise ValueError(f"`max_side` must be at least 16 pixels, got {self.max_side}.")
 
 
 def _demo():
@@ -140,10 +236,14 @@ def _demo():
     # negative of each triplet is drawn among the 30 nearest other labels
     # rather than the very hardest few: with the hardest negatives the
     # randomly initialised network collapses (every descriptor alike, the
-    # loss stuck at the margin).
+    # loss stuck at the margin). With --regions rpn the demo pools 64
+    # proposals out of 300 NMS candidates (256 of 1000 by default): NMS and
+    # pooling run at every training step, and 256 regions on 10x8-cell maps
+    # quadruple the step time on a CPU.
     return TrainConfig(
         descriptor=DescriptorConfig(
-            backbone="tiny", weights=None, levels=3, whitening_dim=128
+            backbone="tiny", weights=None, levels=3, whitening_dim=128,
+            proposals=64, pre_nms_proposals=300,
         ),
         output_dir="runs/demo",
         image_size=160,
@@ -158,6 +258,10 @@ def _demo():
         whitening_images=200,
         eval_every=0,
         checkpoint_every=100,
+        rpn_steps=300,
+        # Trained from scratch, the backbone's features drift far from what
+        # stage 1 saw: the RPN follows them at every mining round.
+        rpn_refresh_steps=50,
     )
 
 

@@ -138,3 +138,29 @@ def format_table(results):
     for name, r in results.items():
         lines.append(f"{name:8} " + " ".join(f"{r[c]:7.2f}" for c in cols))
     return "\n".join(lines)
+
+
+def box_recall(candidates, targets, iou_threshold=0.5):
+    """Share of target boxes matched by at least one candidate box.
+
+    Args:
+        candidates: one ``[k, 4]`` array of ``(x0, y0, x1, y1)`` per image.
+        targets: ``[n_images, 4]`` one target box per image (same units).
+        iou_threshold: a candidate matches with IoU >= this.
+
+    Returns:
+        The recall in ``[0, 1]`` (NaN without targets).
+    """
+    hits = []
+    for boxes, target in zip(candidates, np.asarray(targets, np.float64)):
+        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+        iw = np.clip(np.minimum(boxes[:, 2], target[2]) - np.maximum(boxes[:, 0], target[0]), 0, None)
+        ih = np.clip(np.minimum(boxes[:, 3], target[3]) - np.maximum(boxes[:, 1], target[1]), 0, None)
+        inter = iw * ih
+        union = (
+            (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+            + (target[2] - target[0]) * (target[3] - target[1])
+            - inter
+        )
+        hits.append(bool(len(boxes)) and bool((inter / np.maximum(union, 1e-12) >= iou_threshold).any()))
+    return float(np.mean(hits)) if hits else float("nan")

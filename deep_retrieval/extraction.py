@@ -2,6 +2,7 @@
 
 import numpy as np
 import tensorflow as tf
+from PIL import Image
 from tqdm import tqdm
 
 from deep_retrieval.data import pipeline
@@ -62,7 +63,7 @@ def extract(fn, paths, longest, boxes=None, batch_size=16, progress=True, desc="
             flush()
     failed = np.nonzero(~done)[0]
     if strict and len(failed):
-        listed = ", ".join(str(paths[i]) for i in failed[:5])
+        listed = "; ".join(f"{paths[i]}: {pipeline.diagnose(paths[i])}" for i in failed[:5])
         raise ValueError(
             f"{len(failed)} image(s) could not be read or decoded: {listed}"
             + (" ..." if len(failed) > 5 else "")
@@ -86,3 +87,54 @@ def evaluate_model(fn, dataset, longest, progress=True, qe=0, qe_alpha=3.0, dba=
         q = search.alpha_query_expansion(q, db, qe, qe_alpha)
     ranks = evaluation.rank_by_similarity(q, db)
     return evaluation.evaluate(ranks, dataset.gnd)
+
+
+def proposal_recall(model, paths, boxes, longest, tops=(16, 64, 256), iou_threshold=0.5,
+                    progress=True):
+    """Recall of landmark boxes by the regions a descriptor model pools.
+
+    Each image is resized to ``longest``; its regions (`DescriptorModel.
+    pooled_regions`: the feature-cell blocks actually max-pooled) are mapped
+    back to the image's pixels and matched against its box.
+
+    Args:
+        model: a `DescriptorModel` (``regions="rpn"`` or ``"grid"``).
+        paths: image files.
+        boxes: ``[n, 4]`` one landmark box per image, original pixels.
+        longest: resize so the longest side is this.
+        tops: recall of the best ``k`` regions for each ``k`` (the RPN's
+            proposals are ordered by objectness).
+        iou_threshold: a region matches with IoU >= this.
+
+    Returns:
+        ``{"rpn@k" or "grid@k": recall}``, plus ``"grid_regions"`` (the grid's
+        region count) and ``"images"``; recall in [0, 1].
+    """
+    from deep_retrieval import evaluation, regions as regions_lib
+
+    boxes = np.asarray(boxes, np.float64)
+    kind = model.config.regions
+    found = {k: [] for k in tops}
+    grid, targets, grid_count = [], [], 0
+    for index, image in tqdm(pipeline.image_dataset(paths, longest), total=len(paths),
+                             desc="proposal recall", unit="img", disable=not progress):
+        index = int(index)
+        image = image.numpy()[None]
+        pooled = model.pooled_regions(image)[0]
+        with Image.open(paths[index]) as im:
+            width, height = im.size
+        to_original = np.array([width / image.shape[2], height / image.shape[1]] * 2)
+        for k in tops:
+            found[k].append(pooled[:k] * to_original)
+        fmap_h, fmap_w = model.backbone(model.preprocess(image)).shape[1:3]
+        cells = regions_lib.rmac_regions(fmap_h, fmap_w, model.config.levels, model.config.include_global)
+        cells = np.concatenate([cells[:, :2], cells[:, :2] + cells[:, 2:]], axis=1)
+        scale = np.array([image.shape[2] / fmap_w, image.shape[1] / fmap_h] * 2)
+        grid.append(cells * scale * to_original)
+        grid_count = max(grid_count, len(cells))
+        targets.append(boxes[index])
+    result = {f"{kind}@{k}": evaluation.box_recall(found[k], targets, iou_threshold) for k in tops}
+    result["grid@all"] = evaluation.box_recall(grid, targets, iou_threshold)
+    result["grid_regions"] = grid_count
+    result["images"] = len(targets)
+    return result

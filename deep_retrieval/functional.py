@@ -111,17 +111,26 @@ def _dynamic_grid_max_pool(features, height, width, levels, include_global):
     return ops.concatenate(pooled, axis=1), ops.concatenate(valid, axis=0)
 
 
+def _region_mask(valid):
+    """A ``[R]`` (shared) or ``[N, R]`` (per image) mask as ``[., R, 1]``."""
+    return valid[None, :, None] if len(valid.shape) == 1 else valid[:, :, None]
+
+
 def mask_invalid_regions(regions, valid):
-    """Replace invalid regions by ones (a harmless placeholder: finite, non-zero)."""
+    """Replace invalid regions by ones (a harmless placeholder: finite, non-zero).
+
+    ``valid`` is None (all valid), ``[R]`` or ``[N, R]``.
+    """
     if valid is None:
         return regions
-    return ops.where(valid[None, :, None], regions, ops.ones_like(regions))
+    return ops.where(_region_mask(valid), regions, ops.ones_like(regions))
 
 
 def sum_regions(regions, valid=None):
-    """Sum of ``[N, R, C]`` over the region axis, counting only valid regions."""
+    """Sum of ``[N, R, C]`` over the region axis, counting only valid regions
+    (``valid``: None, ``[R]`` or ``[N, R]``)."""
     if valid is not None:
-        regions = regions * ops.cast(valid, regions.dtype)[None, :, None]
+        regions = regions * ops.cast(_region_mask(valid), regions.dtype)
     return ops.sum(regions, axis=1)
 
 

@@ -2,7 +2,7 @@
 
     images [N, H, W, 3] (RGB, 0..255)
       -> backbone preprocessing
-      -> for each scale: resize -> backbone -> R-MAC head (regions, L2,
+      -> for each scale: resize -> backbone -> R-MAC head (grid or RPN regions, L2,
          PCA-whitening, L2, sum, L2)
       -> sum over scales -> L2
 """
@@ -10,9 +10,12 @@
 import dataclasses
 
 import keras
+import numpy as np
 
 from deep_retrieval import backbones
 from deep_retrieval import functional
+from deep_retrieval import regions
+from deep_retrieval import rpn
 from deep_retrieval.config import DescriptorConfig
 from deep_retrieval.layers import RMAC, ImagePreprocessing, MultiResolution
 
@@ -24,8 +27,9 @@ class DescriptorModel(keras.Model):
     """Multi-resolution R-MAC descriptor model (see the module docstring).
 
     Args:
-        backbone, weights, levels, include_global, scales, whitening_dim: the
-            fields of `DescriptorConfig`.
+        backbone, weights, levels, include_global, scales, whitening_dim,
+        regions, proposals, pre_nms_proposals, nms_threshold, anchor_scales,
+        anchor_ratios, rpn_channels: the fields of `DescriptorConfig`.
 
     Call arguments:
         images: float32 ``[N, H, W, 3]`` RGB pixels in ``[0, 255]``, any
@@ -47,6 +51,13 @@ class DescriptorModel(keras.Model):
         include_global=False,
         scales=DescriptorConfig.scales,
         whitening_dim=None,
+        regions="grid",
+        proposals=DescriptorConfig.proposals,
+        pre_nms_proposals=DescriptorConfig.pre_nms_proposals,
+        nms_threshold=DescriptorConfig.nms_threshold,
+        anchor_scales=DescriptorConfig.anchor_scales,
+        anchor_ratios=DescriptorConfig.anchor_ratios,
+        rpn_channels=DescriptorConfig.rpn_channels,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -57,13 +68,33 @@ class DescriptorModel(keras.Model):
             include_global=include_global,
             scales=scales,
             whitening_dim=whitening_dim,
+            regions=regions,
+            proposals=proposals,
+            pre_nms_proposals=pre_nms_proposals,
+            nms_threshold=nms_threshold,
+            anchor_scales=anchor_scales,
+            anchor_ratios=anchor_ratios,
+            rpn_channels=rpn_channels,
         )
+        c = self.config
         self.backbone, self.spec = backbones.build_backbone(backbone, weights)
         self.preprocess = ImagePreprocessing(self.spec.preprocessing, name="preprocessing")
+        rpn = None
+        if c.regions == "rpn":
+            rpn = dict(
+                num_proposals=c.proposals,
+                pre_nms_proposals=c.pre_nms_proposals,
+                nms_threshold=c.nms_threshold,
+                anchor_scales=c.anchor_scales,
+                anchor_ratios=c.anchor_ratios,
+                channels=c.rpn_channels,
+            )
         self.head = RMAC(
             levels=levels,
             include_global=include_global,
             whitening=whitening_dim,
+            regions=c.regions,
+            rpn=rpn,
             name="rmac",
         )
         self.network = keras.Sequential(
@@ -123,12 +154,42 @@ class DescriptorModel(keras.Model):
         self._check_input(images)
         return self.network(self.preprocess(images), training=training)
 
+    def pooled_regions(self, images):
+        """The regions R-MAC pools at the input's own scale, in input pixels.
+
+        Each region is the block of feature cells it covers, mapped back to
+        pixels by the ratio of image size to feature-map size. Eager only.
+
+        Returns:
+            A list with one float ``[R, 4]`` numpy array ``(x0, y0, x1, y1)``
+            per image: the grid's regions, or the RPN's valid proposals by
+            decreasing objectness (the global region first when included).
+        """
+        self._check_input(images)
+        fmap = self.backbone(self.preprocess(images))
+        _, height, width, _ = fmap.shape
+        scale = np.array([images.shape[2] / width, images.shape[1] / height] * 2)
+        if self.head.rpn is None:
+            grid = regions.rmac_regions(height, width, self.config.levels, self.config.include_global)
+            cells = np.concatenate([grid[:, :2], grid[:, :2] + grid[:, 2:]], axis=1)
+            return [cells * scale for _ in range(images.shape[0])]
+        boxes, _, valid = self.head.rpn(fmap)
+        cells = np.stack([np.asarray(c) for c in rpn.cell_ranges(boxes, height, width)], axis=-1)
+        out = []
+        for c, v in zip(cells, np.asarray(valid)):
+            c = c[v]
+            if self.config.include_global:
+                c = np.concatenate([[[0, 0, width, height]], c])
+            out.append(c * scale)
+        return out
+
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.descriptor_size)
 
     def get_config(self):
         config = dataclasses.asdict(self.config)
-        config["scales"] = list(config["scales"])
+        for key in ("scales", "anchor_scales", "anchor_ratios"):
+            config[key] = list(config[key])
         config.update(name=self.name, trainable=self.trainable)
         return config
 

@@ -199,8 +199,17 @@ class Index:
         return scores, [[self.ids[i] if i >= 0 else None for i in row] for row in idx]
 
     def save(self, path):
-        """Writes ``path/`` atomically: descriptors.npy, ids.json, meta.json."""
-        tmp = path.rstrip("/") + ".tmp"
+        """Writes ``path/`` atomically: descriptors.npy, ids.json, meta.json.
+
+        The new folder is written beside the old one and swapped in by two
+        renames (``path -> path.old``, ``path.tmp -> path``); a crash between
+        them leaves ``path.old``, which `load` reads and the next save puts
+        back first, so the previous index is never lost.
+        """
+        path = path.rstrip("/")
+        tmp, old = path + ".tmp", path + ".old"
+        if not os.path.exists(path) and os.path.exists(old):
+            os.replace(old, path)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         if self.kind == "ivfpq":
@@ -215,7 +224,6 @@ class Index:
                 "nlist": self.nlist, "m": self.m, "nprobe": self.nprobe, **self.metadata}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        old = path.rstrip("/") + ".old"
         shutil.rmtree(old, ignore_errors=True)
         if os.path.exists(path):
             os.replace(path, old)
@@ -224,7 +232,14 @@ class Index:
 
     @classmethod
     def load(cls, path, expected_dim=None):
-        """Reads an index folder; checks its format version and descriptor size."""
+        """Reads an index folder; checks its format version and descriptor size.
+
+        If ``path`` is missing but ``path.old`` exists (a save killed between
+        its two renames), the previous index in ``path.old`` is read.
+        """
+        path = path.rstrip("/")
+        if not os.path.exists(path) and os.path.exists(path + ".old"):
+            path = path + ".old"
         try:
             with open(os.path.join(path, "meta.json")) as f:
                 meta = json.load(f)

@@ -6,6 +6,14 @@ the current model every ``mine_every`` steps. Before ranking training the
 PCA-whitening layer is fitted to region descriptors of training images. The
 backbone's batch-norm statistics stay frozen, as in the reference code.
 
+With ``regions="rpn"`` training has two stages, as in DIR (IJCV 2017):
+stage 1 trains the region proposal network on the manifest's landmark boxes
+with the backbone frozen (`train_rpn`); stage 2 is the ranking training with
+the RPN frozen. With ``rpn_refresh_steps`` the RPN is re-fitted to the
+current backbone (still frozen) at every mining round and at the end: for a
+backbone trained from scratch, whose features move far from those stage 1
+saw.
+
 TensorFlow only (tf.data, tf.distribute, tf.train.Checkpoint).
 """
 
@@ -20,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from deep_retrieval import evaluation, extraction, functional, losses, mining, whitening
+from deep_retrieval import evaluation, extraction, functional, losses, mining, rpn, whitening
 from deep_retrieval.data import groundtruth, manifest as manifest_lib, pipeline, synthetic
 from deep_retrieval.model import build_descriptor_model
 
@@ -110,6 +118,9 @@ class Trainer:
                         # From scratch they keep learning, from the statistics
                         # of the global batch so that replicas stay equal.
                         layer.synchronized = True
+            if self.model.head.rpn is not None:
+                # Stage 2 leaves the RPN as stage 1 trained it.
+                self.model.head.rpn.trainable = False
             self.optimizer = self._optimizer()
             self.optimizer.build(self.model.trainable_variables)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
@@ -163,7 +174,113 @@ class Trainer:
         per_replica = self.strategy.run(step_fn, args=(query, positive, negative))
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
+    def _distributed_rpn_step(self, images, boxes, seed):
+        c = self.config
+        layer = self.model.head.rpn
+        variables = layer.weights
+        replicas = self.strategy.num_replicas_in_sync
+
+        def step_fn(images, boxes, seed):
+            features = self.model.backbone(self.model.preprocess(images), training=False)
+            features = tf.stop_gradient(features)
+            height, width = features.shape[1], features.shape[2]
+            gt = boxes * tf.constant([width, height, width, height], tf.float32)
+            with tf.GradientTape() as tape:
+                logits, deltas, anchors = layer.raw_outputs(features)
+                keys = tf.random.stateless_uniform(tf.shape(logits), seed)
+                labels, targets = rpn.assign_targets(
+                    anchors, gt, tf.ones(tf.shape(gt)[:1], tf.bool), keys,
+                    anchors_per_image=c.rpn_anchors_per_image,
+                )
+                total, objectness, box = rpn.rpn_loss(logits, deltas, labels, targets)
+                loss = total / replicas
+            grads = tape.gradient(loss, variables)
+            self.rpn_optimizer.apply_gradients(zip(grads, variables))
+            positives = tf.reduce_sum(tf.cast(labels == 1, tf.float32))
+            return tf.stack([total, objectness, box, positives]) / replicas
+
+        per_replica = self.strategy.run(step_fn, args=(images, boxes, seed))
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
     # ------------------------------------------------------------ components
+
+    def train_rpn(self):
+        """Stage 1: the RPN learns the manifest's boxes, backbone frozen.
+
+        Writes ``rpn.weights.npz`` to the output folder. With
+        ``rpn_checkpoint`` set, loads those weights instead of training.
+        """
+        c = self.config
+        layer = self.model.head.rpn
+        if c.rpn_checkpoint:
+            load_rpn_weights(layer, c.rpn_checkpoint)
+            self._log(f"RPN weights loaded from {c.rpn_checkpoint}")
+            return
+        self.rpn_steps(c.rpn_steps, "stage 1: RPN")
+        if self.chief:
+            path = os.path.join(c.output_dir, "rpn.weights.npz")
+            save_rpn_weights(layer, path)
+            self._log(f"stage 1 done: RPN weights saved to {path}")
+
+    def _rpn_input(self):
+        """The boxed images (iterator), the RPN optimizer and step, made once."""
+        if getattr(self, "_rpn_iterator", None) is not None:
+            return
+        c = self.config
+        frame = self.data.manifest.frame
+        has_box = self.data.manifest.has_boxes
+        if not has_box.any():
+            raise ValueError(
+                "--regions rpn needs landmark boxes to train the RPN, and the manifest has "
+                "no valid x0,y0,x1,y1 box (see python -m training.clean); or pass "
+                "--rpn_checkpoint (with --rpn_refresh_steps 0)."
+            )
+        if has_box.sum() < c.rpn_batch_size:
+            raise ValueError(
+                f"only {int(has_box.sum())} images have a box, fewer than --rpn_batch_size "
+                f"{c.rpn_batch_size}."
+            )
+        boxed = frame[has_box]
+        size = boxed[["width", "height", "width", "height"]].to_numpy(np.float64)
+        boxes = boxed[list(manifest_lib.BOX_COLUMNS)].to_numpy(np.float64) / size
+        self._log(
+            f"RPN training on the boxes of {len(boxed)} images "
+            f"({len(frame) - len(boxed)} images without a box do not take part)"
+        )
+        paths = boxed["path"].tolist()
+
+        def dataset_fn(context):
+            shard = None
+            if context.num_input_pipelines > 1:
+                shard = (context.num_input_pipelines, context.input_pipeline_id)
+            return pipeline.box_dataset(
+                paths, boxes, c.image_size,
+                context.get_per_replica_batch_size(c.rpn_batch_size), c.seed, shard=shard,
+            )
+
+        with self.strategy.scope():
+            self.rpn_optimizer = keras.optimizers.Adam(c.rpn_learning_rate)
+            self.rpn_optimizer.build(self.model.head.rpn.weights)
+        self._rpn_iterator = iter(self.strategy.distribute_datasets_from_function(dataset_fn))
+        self._rpn_step = tf.function(self._distributed_rpn_step)
+        self._rpn_count = 0
+
+    def rpn_steps(self, count, desc):
+        """``count`` RPN training steps on the current (frozen) backbone."""
+        self._rpn_input()
+        c = self.config
+        bar = tqdm(total=count, desc=desc, unit="step", disable=not (self.progress and self.chief))
+        for _ in range(count):
+            seed = tf.constant([c.seed, self._rpn_count], tf.int64)
+            total, objectness, box, positives = self._rpn_step(*next(self._rpn_iterator), seed).numpy()
+            with self.writer.as_default():
+                tf.summary.scalar("rpn/loss", total, step=self._rpn_count)
+                tf.summary.scalar("rpn/objectness", objectness, step=self._rpn_count)
+                tf.summary.scalar("rpn/box", box, step=self._rpn_count)
+            self._rpn_count += 1
+            bar.set_postfix(loss=f"{total:.4f}", positives=f"{positives:.0f}")
+            bar.update()
+        bar.close()
 
     def init_whitening(self):
         """Fits the PCA-whitening layer to region descriptors of training images."""
@@ -173,15 +290,17 @@ class Trainer:
         rng = np.random.default_rng([self.config.seed, 11])
         count = min(self.config.whitening_images, len(self.paths))
         chosen = rng.choice(len(self.paths), count, replace=False)
+        pool = extraction.compiled_fn(
+            lambda x: self.model.head.pool_regions(self.model.backbone(self.model.preprocess(x)))
+        )
         regions = []
         desc = "whitening: region descriptors"
         with tqdm(total=count, desc=desc, unit="img", disable=not (self.progress and self.chief)) as bar:
             for _, image in pipeline.image_dataset([self.paths[i] for i in chosen], self.config.image_size):
-                fmap = self.model.backbone(self.model.preprocess(image[None]))
-                pooled, _ = functional.grid_max_pool(
-                    fmap, self.model.config.levels, self.model.config.include_global
-                )
-                regions.append(np.asarray(functional.l2_normalize(pooled))[0])
+                pooled, valid = pool(image[None])
+                pooled = np.asarray(functional.l2_normalize(pooled))[0]
+                valid = np.asarray(valid)
+                regions.append(pooled[valid[0] if valid.ndim == 2 else valid])
                 bar.update()
         regions = np.concatenate(regions)
         whitening.init_whitening(pca, regions, self.config.whitening_power)
@@ -277,12 +396,16 @@ class Trainer:
         """Trains; returns the path of model.keras (None on non-chief workers)."""
         c = self.config
         self._log(f"training data: {self.data.manifest.summary()}")
-        for problem in self.data.manifest.problems[:20]:
-            self._log(f"  skipped {problem}")
-        if len(self.data.manifest.problems) > 20:
-            self._log(f"  ... and {len(self.data.manifest.problems) - 20} more")
+        for kind, problems in (("skipped", self.data.manifest.problems),
+                               ("kept", self.data.manifest.box_problems)):
+            for problem in problems[:20]:
+                self._log(f"  {kind} {problem}")
+            if len(problems) > 20:
+                self._log(f"  ... and {len(problems) - 20} more")
         resumed = self.restore_or_start()
         if not resumed:
+            if self.model.head.rpn is not None:
+                self.train_rpn()
             self.init_whitening()
             self.evaluate(0)
             self.manager.save(checkpoint_number=0)
@@ -292,6 +415,8 @@ class Trainer:
         iterator = None
         while step < c.steps:
             if iterator is None or step % c.mine_every == 0:
+                if step and self.model.head.rpn is not None and c.rpn_refresh_steps:
+                    self.rpn_steps(c.rpn_refresh_steps, f"RPN refresh at step {step}")
                 # A resumed run re-mines with the restored weights.
                 round_index = step // c.mine_every
                 triplets = self.mine(round_index)
@@ -310,6 +435,38 @@ class Trainer:
             if c.eval_every and step % c.eval_every == 0 and step != c.steps:
                 self.evaluate(step)
         bar.close()
+        if self.model.head.rpn is not None and c.rpn_refresh_steps:
+            self.rpn_steps(c.rpn_refresh_steps, "RPN refresh (final)")
         self.evaluate(step)
         self.writer.flush()
         return self.save_model()
+
+
+def save_rpn_weights(layer, path):
+    """Writes an RPN layer's weights to ``path`` (``.npz``) atomically."""
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez(tmp, **{v.path.split("/rpn/", 1)[-1]: np.asarray(v) for v in layer.weights})
+    os.replace(tmp, path)
+
+
+def load_rpn_weights(layer, path):
+    """Loads RPN weights from ``rpn.weights.npz`` or from a ``.keras`` model
+    trained with ``regions="rpn"``; shapes must match."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--rpn_checkpoint {path}: no such file.")
+    if path.endswith(".keras"):
+        source = keras.models.load_model(path).head.rpn
+        if source is None:
+            raise ValueError(f"--rpn_checkpoint {path}: that model has no RPN (regions='grid').")
+        values = {v.path.split("/rpn/", 1)[-1]: np.asarray(v) for v in source.weights}
+    else:
+        with np.load(path) as data:
+            values = dict(data)
+    for v in layer.weights:
+        name = v.path.split("/rpn/", 1)[-1]
+        if name not in values or values[name].shape != tuple(v.shape):
+            raise ValueError(
+                f"--rpn_checkpoint {path}: no weight {name!r} of shape {tuple(v.shape)} "
+                "(an RPN of another backbone or anchor set?)."
+            )
+        v.assign(values[name])

@@ -15,6 +15,8 @@ unchanged.
   exponential backoff.
 * A batch the server rejects is split to isolate the bad images; each goes to
   ``OUTPUT.errors.csv`` with its reason and the rest are extracted.
+* File names that are not valid UTF-8 are written with ``\\xNN`` escapes for
+  their undecodable bytes.
 * Results are committed in chunks under ``OUTPUT.parts/``; killed and rerun
   with the same arguments, the run resumes, with no image lost or repeated.
   The final Parquet file is written atomically, then the parts are removed.
@@ -56,6 +58,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 RETRYABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "INTERNAL", "UNKNOWN")
 
 
+def printable_name(name):
+    """A file name as valid UTF-8 text: bytes that are not UTF-8 (kept by
+    Python as surrogate escapes) are written as ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def list_images(source, data_dir=None):
     """``[(name, path)]``: a folder walked recursively (sorted), or a CSV."""
     import pandas as pd
@@ -67,7 +75,7 @@ def list_images(source, data_dir=None):
             for name in sorted(files):
                 if name.lower().endswith(IMAGE_EXTENSIONS):
                     path = os.path.join(root, name)
-                    out.append((os.path.relpath(path, source), path))
+                    out.append((printable_name(os.path.relpath(path, source)), path))
         return out
     if not os.path.isfile(source):
         raise ValueError(f"{source}: no such folder or CSV file")

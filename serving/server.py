@@ -28,18 +28,21 @@ import grpc
 from absl import app, flags
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
+from deep_retrieval.data import pipeline
+
 FLAGS = flags.FLAGS
 
 
-def define_flags():
+def define_flags(flag_values=flags.FLAGS):
     """Defines the command-line flags (only when run as a program)."""
-    flags.DEFINE_integer("port", 8500, "gRPC port.")
-    flags.DEFINE_string("host", "127.0.0.1", "Address to bind; 0.0.0.0 exposes the server on every interface.")
-    flags.DEFINE_string("model_name", "deep_retrieval", "Name clients use in ModelSpec.name.")
-    flags.DEFINE_string("model_base_path", None, "Folder holding numeric version subfolders (SavedModels).")
-    flags.DEFINE_integer("file_system_poll_wait_seconds", 1, "Seconds between checks for a new version (0: never).")
-    flags.DEFINE_integer("grpc_max_threads", 8, "Requests served concurrently.")
-    flags.DEFINE_integer("max_message_bytes", 256 << 20, "Largest request or response message accepted.")
+    fv = {"flag_values": flag_values}
+    flags.DEFINE_integer("port", 8500, "gRPC port.", **fv)
+    flags.DEFINE_string("host", "127.0.0.1", "Address to bind; 0.0.0.0 exposes the server on every interface.", **fv)
+    flags.DEFINE_string("model_name", "deep_retrieval", "Name clients use in ModelSpec.name.", **fv)
+    flags.DEFINE_string("model_base_path", None, "Folder holding numeric version subfolders (SavedModels).", **fv)
+    flags.DEFINE_integer("file_system_poll_wait_seconds", 1, "Seconds between checks for a new version (0: never).", **fv)
+    flags.DEFINE_integer("grpc_max_threads", 8, "Requests served concurrently.", **fv)
+    flags.DEFINE_integer("max_message_bytes", 256 << 20, "Largest request or response message accepted.", **fv)
 
 
 log = logging.getLogger("serving.server")
@@ -193,7 +196,7 @@ def _explain(args, specs, error):
             continue
         for position, data in enumerate(args[key].reshape(-1)):
             try:
-                tf.io.decode_image(data, channels=3, expand_animations=False)
+                pipeline.decode(data)  # refuses decompression bombs before decoding
             except tf.errors.InvalidArgumentError as e:
                 return f"{key}[{position}]: cannot decode image: {_clean(e.message)}"
     return _clean(error.message)

@@ -47,12 +47,29 @@ def l2n(x, axis=-1, eps=1e-6):
     return x / (np.linalg.norm(x, axis=axis, keepdims=True) + eps)
 
 
-def rmac(features, levels=3, include_global=False, mean=None, projection=None):
-    """R-MAC of one [H, W, C] map, float64: L2(sum L2(P(L2(max) - m)))."""
+def box_cells(boxes, height, width):
+    """(x, y, w, h) cell windows covered by (x0, y0, x1, y1) boxes in cells:
+    every cell overlapping the box's interior, at least one, inside the map."""
+    out = []
+    for x0, y0, x1, y1 in boxes:
+        c0 = min(max(int(math.floor(x0)), 0), width - 1)
+        r0 = min(max(int(math.floor(y0)), 0), height - 1)
+        c1 = min(max(int(math.ceil(x1)), c0 + 1), width)
+        r1 = min(max(int(math.ceil(y1)), r0 + 1), height)
+        out.append((c0, r0, c1 - c0, r1 - r0))
+    return out
+
+
+def rmac(features, levels=3, include_global=False, mean=None, projection=None, regions=None):
+    """R-MAC of one [H, W, C] map, float64: L2(sum L2(P(L2(max) - m))).
+
+    ``regions`` ((x, y, w, h) windows) replaces the grid when given."""
     features = np.asarray(features, np.float64)
     height, width, _ = features.shape
+    if regions is None:
+        regions = grid_regions(height, width, levels, include_global)
     total = 0
-    for x, y, w, h in grid_regions(height, width, levels, include_global):
+    for x, y, w, h in regions:
         v = l2n(features[y : y + h, x : x + w].max(axis=(0, 1)))
         if projection is not None:
             v = l2n((v - mean) @ projection)

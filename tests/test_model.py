@@ -104,8 +104,9 @@ print(json.dumps(out))
 """
 
 
-def test_jax_backend_gives_the_same_descriptors(tmp_path):
-    model = _tiny(whitening_dim=32, include_global=True)
+@pytest.mark.parametrize("regions", ["grid", "rpn"])
+def test_jax_backend_gives_the_same_descriptors(tmp_path, regions):
+    model = _tiny(whitening_dim=32, include_global=True, regions=regions, proposals=64)
     model.head.pca.set_pca(
         np.random.RandomState(3).randn(128) * 0.01,
         np.random.RandomState(4).randn(128, 32),
@@ -124,3 +125,22 @@ def test_jax_backend_gives_the_same_descriptors(tmp_path):
     for name, x in inputs.items():
         diff = np.abs(np.asarray(jax_out[name]) - np.asarray(model(x))).max()
         assert diff <= 1e-4, (name, diff)
+
+
+def test_rpn_model_round_trips_and_serves_all_sizes(tmp_path):
+    model = _tiny(whitening_dim=16, regions="rpn", proposals=32, pre_nms_proposals=100,
+                  scales=(0.75, 1.0))
+    images = _images()
+    before = np.asarray(model(images))
+    np.testing.assert_allclose(np.linalg.norm(before, axis=1), 1, atol=1e-5)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(np.asarray(loaded(images)), before, atol=1e-6)
+    assert loaded.config.regions == "rpn" and loaded.config.proposals == 32
+    assert loaded.head.rpn is not None
+    fn = tf.function(loaded, input_signature=[tf.TensorSpec([None, None, None, 3])])
+    for h, w in [(70, 90), (48, 120)]:
+        x = _images(h=h, w=w)
+        np.testing.assert_allclose(fn(x).numpy(), np.asarray(model(x)), atol=1e-5)
+    assert fn.experimental_get_tracing_count() == 1

@@ -114,3 +114,86 @@ def test_two_workers_end_with_the_same_weights(tmp_path):
     assert os.path.exists(tmp_path / "w0" / "model.keras")
     assert not os.path.exists(tmp_path / "w1" / "model.keras")
     assert "done 0 3" in outputs[0] and "done 1 3" in outputs[1]
+
+
+def _rpn_config(output_dir, **overrides):
+    cfg = small_config(output_dir, **overrides)
+    cfg.descriptor = DescriptorConfig(backbone="tiny", weights=None, whitening_dim=16, scales=(1.0,),
+                                      regions="rpn", proposals=16, pre_nms_proposals=64)
+    return cfg
+
+
+def test_two_stage_rpn_training_and_rpn_checkpoint(tmp_path):
+    trainer = Trainer(_rpn_config(tmp_path / "run", rpn_steps=30, rpn_batch_size=4,
+                                  rpn_learning_rate=3e-3, rpn_refresh_steps=0), progress=False)
+    rpn_layer = trainer.model.head.rpn
+    assert not any(v is w for v in rpn_layer.weights for w in trainer.model.trainable_variables)
+    # The stage-1 loss on a fixed batch falls.
+    from deep_retrieval import rpn
+    frame = trainer.data.manifest.frame
+    import tensorflow as tf
+    from deep_retrieval.data import pipeline
+    boxes = frame[["x0", "y0", "x1", "y1"]].to_numpy() / frame[["width", "height", "width", "height"]].to_numpy()
+    images, norm_boxes = next(iter(pipeline.box_dataset(frame["path"].tolist(), boxes, 64, 8, seed=0)))
+
+    def loss():
+        fmap = trainer.model.backbone(trainer.model.preprocess(images))
+        h, w = fmap.shape[1:3]
+        logits, deltas, anchors = rpn_layer.raw_outputs(fmap)
+        labels, targets = rpn.assign_targets(
+            anchors, norm_boxes * np.array([w, h, w, h], "float32"), tf.ones([8], tf.bool),
+            tf.random.stateless_uniform(logits.shape, [0, 0]))
+        return float(rpn.rpn_loss(logits, deltas, labels, targets)[0])
+
+    before = [np.array(v) for v in rpn_layer.weights]
+    loss_before = loss()
+    trainer.run()
+    assert loss() < 0.8 * loss_before
+    stage1 = [np.array(v) for v in rpn_layer.weights]
+    assert any(not np.array_equal(a, b) for a, b in zip(before, stage1))
+    saved = np.load(tmp_path / "run" / "rpn.weights.npz")
+    assert sorted(saved.files) == sorted(v.path.split("/rpn/")[1] for v in rpn_layer.weights)
+
+    # Stage 2 left the RPN as stage 1 trained it: the final model holds the saved weights.
+    import keras
+    final = keras.models.load_model(tmp_path / "run" / "model.keras").head.rpn
+    for v in final.weights:
+        np.testing.assert_array_equal(np.array(v), saved[v.path.split("/rpn/")[1]])
+
+    # --rpn_checkpoint skips stage 1 and loads those weights (.npz or .keras).
+    for source in ("rpn.weights.npz", "model.keras"):
+        other = Trainer(_rpn_config(tmp_path / f"from_{source}", rpn_checkpoint=str(tmp_path / "run" / source)),
+                        progress=False)
+        other.train_rpn()
+        for a, b in zip(other.model.head.rpn.weights, rpn_layer.weights):
+            np.testing.assert_array_equal(np.array(a), np.array(b))
+        assert not os.path.exists(tmp_path / f"from_{source}" / "rpn.weights.npz")
+
+
+def test_rpn_refresh_follows_the_backbone(tmp_path):
+    trainer = Trainer(_rpn_config(tmp_path / "run", rpn_steps=5, rpn_batch_size=4, steps=2, mine_every=1,
+                                  rpn_refresh_steps=2), progress=False)
+    trainer.run()
+    # Stage 1, a refresh before the mining round at step 1, a final refresh.
+    assert trainer._rpn_count == 5 + 2 + 2
+    saved = np.load(tmp_path / "run" / "rpn.weights.npz")  # as stage 1 left it
+    moved = [not np.array_equal(np.array(v), saved[v.path.split("/rpn/")[1]])
+             for v in trainer.model.head.rpn.weights]
+    assert any(moved)
+
+
+def test_rpn_training_needs_boxes(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    from PIL import Image
+    rows = []
+    for i in range(4):
+        Image.fromarray(np.full((40, 50, 3), 60 * i, np.uint8)).save(data / f"{i}.jpg")
+        rows.append(f"{i}.jpg,{i // 2}")
+    (data / "m.csv").write_text("image,label\n" + "\n".join(rows) + "\n")
+    trainer = Trainer(_rpn_config(tmp_path / "run", manifest=str(data / "m.csv")), progress=False)
+    with pytest.raises(ValueError, match="needs landmark boxes"):
+        trainer.train_rpn()
+    with pytest.raises(ValueError, match="no such file"):
+        Trainer(_rpn_config(tmp_path / "run2", manifest=str(data / "m.csv"),
+                            rpn_checkpoint=str(tmp_path / "nope.npz")), progress=False).train_rpn()

@@ -122,3 +122,22 @@ def config_from_flags(values=None):
                 sub_updates[name] = _parse(_kind(tp), value, prefix + name)
         setattr(cfg, attr, dataclasses.replace(sub, **sub_updates))
     return cfg
+
+
+def define_dataclass_flags(cls, flag_values=flags.FLAGS):
+    """One flag per field of a flat dataclass, defaulting to the field's
+    default; the help text is the field's documentation."""
+    docs = _field_docs(cls)
+    defaults = cls()
+    for name, tp in _fields(cls):
+        kind, default = _kind(tp), getattr(defaults, name)
+        help_text = docs.get(name, name)
+        definer = {"bool": flags.DEFINE_boolean, "int": flags.DEFINE_integer,
+                   "float": flags.DEFINE_float, "str": flags.DEFINE_string}[kind]
+        definer(name, default, help_text, flag_values=flag_values)
+
+
+def dataclass_from_flags(cls, values=None):
+    """An instance of ``cls`` from the flags `define_dataclass_flags` made."""
+    values = values or flags.FLAGS
+    return cls(**{name: getattr(values, name) for name, _ in _fields(cls)})

@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from deep_retrieval.data import MAX_PIXELS
+
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 
 
@@ -28,25 +30,49 @@ class Problem:
 @dataclasses.dataclass
 class Manifest:
     """The valid rows (``frame``: columns image, path, label, x0..y1, width,
-    height) and the problems found."""
+    height), the rows dropped (``problems``) and the rows kept without their
+    invalid box (``box_problems``)."""
 
     frame: pd.DataFrame
     problems: list
+    box_problems: list = dataclasses.field(default_factory=list)
 
     @property
     def has_boxes(self):
         return self.frame[list(BOX_COLUMNS)].notna().all(axis=1).to_numpy()
 
     def summary(self):
-        return f"{len(self.frame)} images kept, {len(self.problems)} rows skipped"
+        text = (
+            f"{len(self.frame)} images kept ({int(self.has_boxes.sum())} with a box), "
+            f"{len(self.problems)} rows skipped"
+        )
+        if self.box_problems:
+            text += f", {len(self.box_problems)} invalid boxes ignored"
+        return text
+
+
+DECODABLE_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
+"""What ``tf.io.decode_image`` (training and serving) decodes."""
 
 
 def _image_size(path):
-    """(width, height) of a readable image, or raises with a reason."""
+    """(width, height) of an image training can decode, or raises with a reason.
+
+    The whole file is decoded (at reduced JPEG scale, for speed), so a
+    truncated file is caught here rather than in the middle of training; a
+    header over the pixel limit is refused before decoding.
+    """
     with Image.open(path) as im:
-        im.verify()
-    with Image.open(path) as im:
-        return im.size
+        if im.format not in DECODABLE_FORMATS:
+            raise ValueError(f"format {im.format} is not one of {', '.join(DECODABLE_FORMATS)}")
+        width, height = im.size
+        if width * height > MAX_PIXELS:
+            raise ValueError(
+                f"{width}x{height} pixels is over the {MAX_PIXELS:,}-pixel limit (decompression bomb?)"
+            )
+        im.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+        im.load()
+    return width, height
 
 
 def read_manifest(csv_path, data_dir, allow_outside=False, check_images=True):
@@ -60,9 +86,10 @@ def read_manifest(csv_path, data_dir, allow_outside=False, check_images=True):
 
     Returns:
         A `Manifest`. Rows are dropped for: a missing image column value, a
-        path escaping ``data_dir``, a missing or unreadable file, a partial or
-        invalid box (non-numeric, empty, or outside the image), and finally a
-        label left with a single image.
+        path escaping ``data_dir``, a missing or unreadable file, and finally
+        a label left with a single image. A partial or invalid box
+        (non-numeric, empty, or outside the image) is dropped from its row,
+        which is kept without a box and reported in ``box_problems``.
     """
     try:
         df = pd.read_csv(csv_path)
@@ -77,7 +104,7 @@ def read_manifest(csv_path, data_dir, allow_outside=False, check_images=True):
         if col not in df.columns:
             df[col] = np.nan
     root = os.path.realpath(data_dir)
-    problems, keep = [], []
+    problems, box_problems, keep = [], [], []
     for i, row in enumerate(df.itertuples(index=False), start=1):
         image = row.image
         if not isinstance(image, str) or not image.strip():
@@ -102,8 +129,8 @@ def read_manifest(csv_path, data_dir, allow_outside=False, check_images=True):
         if any(present):
             reason = _box_problem(box, present, width, height)
             if reason:
-                problems.append(Problem(i, image, reason))
-                continue
+                box_problems.append(Problem(i, image, f"box ignored: {reason}"))
+                box = [np.nan] * 4
         keep.append((image, path, row.label, *box, width, height))
     frame = pd.DataFrame(keep, columns=["image", "path", "label", *BOX_COLUMNS, "width", "height"])
     counts = frame["label"].value_counts()
@@ -113,7 +140,7 @@ def read_manifest(csv_path, data_dir, allow_outside=False, check_images=True):
         problems.append(Problem(row, image, "its label has no other image (no positive pair)"))
     frame = frame.loc[~lonely].reset_index(drop=True)
     problems.sort(key=lambda p: p.row)
-    return Manifest(frame, problems)
+    return Manifest(frame, problems, box_problems)
 
 
 def _box_problem(box, present, width, height):

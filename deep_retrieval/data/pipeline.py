@@ -1,16 +1,96 @@
 """tf.data pipelines: decoding, resizing, triplet batches (TensorFlow only)."""
 
+import os
+
 import tensorflow as tf
 
+from deep_retrieval.data import MAX_PIXELS
 
-def decode(data):
+
+def _uint(data, offset, size, big_endian):
+    raw = tf.io.decode_raw(tf.strings.substr(data, offset, size), tf.uint8, fixed_length=size)
+    raw = tf.cast(raw, tf.int64)
+    order = range(size) if big_endian else range(size - 1, -1, -1)
+    value = tf.constant(0, tf.int64)
+    for i in order:
+        value = value * 256 + raw[i]
+    return value
+
+
+def header_pixels(data):
+    """Width x height declared by a PNG, JPEG, GIF or BMP header, read
+    without decoding; 0 for other or too-short data (left to the decoder)."""
+    data = tf.convert_to_tensor(data, tf.string)
+    length = tf.strings.length(data)
+    magic = tf.strings.substr(data, 0, 4)
+
+    def png():
+        return _uint(data, 16, 4, True) * _uint(data, 20, 4, True)
+
+    def jpeg():
+        shape = tf.cast(tf.io.extract_jpeg_shape(data), tf.int64)
+        return shape[0] * shape[1]
+
+    def gif():
+        return _uint(data, 6, 2, False) * _uint(data, 8, 2, False)
+
+    def bmp():
+        height = _uint(data, 22, 4, False)
+        height = tf.where(height >= 2**31, 2**32 - height, height)  # top-down BMPs
+        return _uint(data, 18, 4, False) * height
+
+    zero = lambda: tf.constant(0, tf.int64)  # noqa: E731
+    return tf.case(
+        [
+            (tf.logical_and(tf.equal(magic, b"\x89PNG"), length >= 24), png),
+            (tf.logical_and(tf.strings.substr(data, 0, 2) == b"\xff\xd8", length >= 4), jpeg),
+            (tf.logical_and(tf.equal(tf.strings.substr(data, 0, 3), b"GIF"), length >= 10), gif),
+            (tf.logical_and(tf.equal(tf.strings.substr(data, 0, 2), b"BM"), length >= 26), bmp),
+        ],
+        default=zero,
+        exclusive=False,
+    )
+
+
+def decode(data, max_pixels=MAX_PIXELS):
     """Encoded JPEG/PNG/GIF/BMP bytes -> float32 RGB ``[H, W, 3]`` in [0, 255].
 
-    Grayscale is expanded to RGB, alpha dropped, the first GIF frame used;
-    EXIF orientation is not applied (the same in training and serving).
+    Grayscale and palette images are expanded to RGB, alpha dropped, 16-bit
+    PNG reduced to 8 bits, CMYK JPEG converted, the first GIF frame used;
+    EXIF orientation is not applied (the same in training and serving). An
+    image whose header declares more than ``max_pixels`` pixels is refused
+    before decoding (InvalidArgumentError).
     """
-    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    pixels = header_pixels(data)
+    check = tf.debugging.assert_less_equal(
+        pixels, tf.constant(max_pixels, tf.int64),
+        message=f"image refused: its header declares more than {max_pixels} pixels (decompression bomb?)",
+    )
+    with tf.control_dependencies([check]):
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
     return tf.cast(image, tf.float32)
+
+
+def path_tensor(paths):
+    """File paths as a string tensor of their file-system bytes (so names
+    that are not valid UTF-8 work too)."""
+    return tf.constant([os.fsencode(p) for p in paths], tf.string)
+
+
+def diagnose(path):
+    """Why ``path`` cannot be used: the read or decode error as one line
+    (None when it decodes). Used to report failed items with a reason."""
+    try:
+        data = tf.io.read_file(os.fsencode(path))
+    except (tf.errors.OpError, OSError) as e:
+        return f"cannot read the file ({type(e).__name__}: {e.message if hasattr(e, 'message') else e})"
+    try:
+        decode(data)
+    except tf.errors.OpError as e:
+        lines = [line.strip() for line in str(e.message).splitlines() if line.strip()]
+        useful = [line for line in lines if "image refused" in line] or lines
+        return useful[0].split("}}")[-1].strip()[:300] or type(e).__name__
+    return None
 
 
 def resize_longest(image, longest):
@@ -44,7 +124,7 @@ def image_dataset(paths, longest, boxes=None):
     if boxes is None:
         boxes = [[float("nan")] * 4] * n
     ds = tf.data.Dataset.from_tensor_slices(
-        (tf.range(n, dtype=tf.int64), tf.constant(list(paths), tf.string), tf.constant(boxes, tf.float32))
+        (tf.range(n, dtype=tf.int64), path_tensor(paths), tf.constant(boxes, tf.float32))
     )
 
     def load(index, path, box):
@@ -96,7 +176,7 @@ def triplet_dataset(
             pass).
     """
     size = training_size(longest)
-    paths = tf.constant(list(paths), tf.string)
+    paths = path_tensor(paths)
     ds = tf.data.Dataset.from_tensor_slices(tf.constant(triplets, tf.int64))
     if shard is not None:
         ds = ds.shard(*shard)
@@ -117,4 +197,42 @@ def triplet_dataset(
         return tuple(images)
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # read_manifest decodes every image up front; should one still fail
+    # (changed on disk since), its triplet is skipped rather than the run lost.
+    ds = ds.ignore_errors()
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def box_dataset(paths, boxes, longest, batch_size, seed, shard=None):
+    """Endless batches of ``(images [B, h, w, 3], boxes [B, 4])`` for RPN training.
+
+    Each image is resized to the fixed training size (`training_size`) and
+    flipped left-right at random; its box ``(x0, y0, x1, y1)``, given as a
+    share of the image's width and height, follows the flip.
+
+    Args:
+        paths: image paths.
+        boxes: ``[n, 4]`` boxes relative to the image size (0..1).
+        longest: longest side of the training size.
+        batch_size: images per batch (per input pipeline).
+        seed: int; order and flips are deterministic given it.
+        shard: optional ``(num_shards, index)`` for multi-worker input.
+    """
+    size = training_size(longest)
+    ds = tf.data.Dataset.from_tensor_slices(
+        (path_tensor(paths), tf.constant(boxes, tf.float32))
+    )
+    if shard is not None:
+        ds = ds.shard(*shard)
+    ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True).repeat().enumerate()
+
+    def load(i, item):
+        path, box = item
+        image = tf.image.resize(decode(tf.io.read_file(path)), size, antialias=True)
+        flip = tf.random.stateless_uniform([], tf.stack([tf.constant(seed, tf.int64), i])) < 0.5
+        image = tf.cond(flip, lambda: image[:, ::-1], lambda: image)
+        box = tf.cond(flip, lambda: tf.stack([1 - box[2], box[1], 1 - box[0], box[3]]), lambda: box)
+        return tf.ensure_shape(image, size + (3,)), box
+
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.ignore_errors().batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

@@ -14,6 +14,8 @@ Layout written under the cache directory::
     train_noise.csv                 image,kind,true_label (the injected noise)
     synthetic/jpg/*.jpg             held-out queries and database
     synthetic/gnd_synthetic.pkl     Revisited Oxford ground truth
+    synthetic/boxes.csv             image,x0,y0,x1,y1: the landmark box of every
+                                    held-out image showing one (proposal recall)
     COMPLETE                        written last; its presence marks a full dataset
 """
 
@@ -31,7 +33,7 @@ from tqdm import tqdm
 
 from deep_retrieval.config import SyntheticConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DATASET_NAME = "synthetic"
 FACADE_SIZE = (256, 192)
 
@@ -250,7 +252,7 @@ def generate(config, out_dir, progress=True):
         os.path.join(out_dir, "train_noise.csv"), index=False
     )
 
-    imlist, qimlist, gnd = [], [], []
+    imlist, qimlist, gnd, test_boxes = [], [], [], []
     db_labels, db_visible = [], []
     for lm in range(config.test_landmarks):
         facade = make_facade(_landmark_seed(config, "test", lm))
@@ -260,11 +262,14 @@ def generate(config, out_dir, progress=True):
         _save_jpeg(img, os.path.join(test_dir, qname + ".jpg"), rng)
         qimlist.append(qname)
         gnd.append({"bbx": np.asarray(box, dtype=np.float64)})
+        test_boxes.append((qname,) + tuple(box))
         bar.update()
         for k in range(config.test_images_per_landmark):
             rng = np.random.default_rng([config.seed, 4, lm, k])
             name = f"t{lm:04d}_{k:02d}"
-            img, _, visible = photograph(facade, rng, size, rng.uniform(0, 1))
+            img, box, visible = photograph(facade, rng, size, rng.uniform(0, 1))
+            if box[2] > box[0] and box[3] > box[1]:
+                test_boxes.append((name,) + tuple(box))
             _save_jpeg(img, os.path.join(test_dir, name + ".jpg"), rng)
             imlist.append(name)
             db_labels.append(lm)
@@ -286,6 +291,9 @@ def generate(config, out_dir, progress=True):
         entry["easy"] = np.nonzero(same & (db_visible >= 0.9))[0]
         entry["hard"] = np.nonzero(same & (db_visible >= 0.4) & (db_visible < 0.9))[0]
         entry["junk"] = np.nonzero(same & (db_visible < 0.4))[0]
+    pd.DataFrame(test_boxes, columns=["image", "x0", "y0", "x1", "y1"]).to_csv(
+        os.path.join(out_dir, DATASET_NAME, "boxes.csv"), index=False
+    )
     with open(os.path.join(out_dir, DATASET_NAME, f"gnd_{DATASET_NAME}.pkl"), "wb") as f:
         pickle.dump({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}, f)
 

@@ -1,14 +1,17 @@
 """Keras 3 layers of the DIR descriptor (all `keras.ops`, every backend)."""
 
+from deep_retrieval.layers.box_max_pooling import BoxMaxPooling
 from deep_retrieval.layers.image_preprocessing import ImagePreprocessing
 from deep_retrieval.layers.l2_normalization import L2Normalization
 from deep_retrieval.layers.multi_resolution import PAPER_SCALES, MultiResolution
 from deep_retrieval.layers.pca_whitening import PCAWhitening
 from deep_retrieval.layers.region_max_pooling import RegionMaxPooling
+from deep_retrieval.layers.region_proposal_network import RegionProposalNetwork
 from deep_retrieval.layers.region_sum import RegionSum
 from deep_retrieval.layers.rmac import RMAC
 
 __all__ = [
+    "BoxMaxPooling",
     "ImagePreprocessing",
     "L2Normalization",
     "MultiResolution",
@@ -16,5 +19,6 @@ __all__ = [
     "PCAWhitening",
     "RMAC",
     "RegionMaxPooling",
+    "RegionProposalNetwork",
     "RegionSum",
 ]

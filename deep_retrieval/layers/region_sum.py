@@ -9,7 +9,8 @@ class RegionSum(keras.layers.Layer):
 
     Call arguments:
         inputs: ``[N, R, C]`` region descriptors.
-        valid: optional boolean ``[R]`` mask (see `RegionMaxPooling`).
+        valid: optional boolean mask, ``[R]`` (see `RegionMaxPooling`) or
+            ``[N, R]`` (per image, see `RegionProposalNetwork`).
 
     Example:
     >>> RegionSum()(np.ones((2, 5, 3)))  # all 5.0

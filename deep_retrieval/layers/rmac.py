@@ -1,9 +1,13 @@
 import keras
 
+from keras import ops
+
 from deep_retrieval import functional
+from deep_retrieval.layers.box_max_pooling import BoxMaxPooling
 from deep_retrieval.layers.l2_normalization import L2Normalization
 from deep_retrieval.layers.pca_whitening import PCAWhitening
 from deep_retrieval.layers.region_max_pooling import RegionMaxPooling
+from deep_retrieval.layers.region_proposal_network import RegionProposalNetwork
 from deep_retrieval.layers.region_sum import RegionSum
 
 
@@ -12,14 +16,18 @@ class RMAC(keras.layers.Layer):
     """The R-MAC head of Deep Image Retrieval.
 
     ``L2(sum over regions of L2(whiten(L2(max over region))))``: exact region
-    max-pooling on the R-MAC grid, per-region L2, PCA-whitening as a shifted
+    max-pooling on the R-MAC grid (or on the proposals of a region proposal
+    network, ``regions="rpn"``), per-region L2, PCA-whitening as a shifted
     fully-connected layer followed by L2 (skipped when ``whitening`` is None),
     sum over regions, and a final L2. Computes in float32 whatever the global
     dtype policy, so it is safe under mixed precision.
 
     Args:
-        levels: grid scales ``L``.
+        levels: grid scales ``L`` (``regions="grid"``).
         include_global: also pool the whole map as a region.
+        regions: ``"grid"`` (the rigid R-MAC grid) or ``"rpn"`` (proposals of
+            a `RegionProposalNetwork`, which this layer then holds as ``rpn``).
+        rpn: keyword arguments of the `RegionProposalNetwork` (``regions="rpn"``).
         whitening: output size of the PCA-whitening layer, or None for none.
         epsilon: added to every norm.
 
@@ -38,17 +46,35 @@ class RMAC(keras.layers.Layer):
     """
 
     def __init__(
-        self, levels=3, include_global=False, whitening=None, epsilon=1e-6, **kwargs
+        self,
+        levels=3,
+        include_global=False,
+        whitening=None,
+        epsilon=1e-6,
+        regions="grid",
+        rpn=None,
+        **kwargs,
     ):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
+        if regions not in ("grid", "rpn"):
+            raise ValueError(f"`regions` must be 'grid' or 'rpn', got {regions!r}.")
         self.levels = levels
         self.include_global = include_global
+        self.regions = regions
+        self.rpn_config = dict(rpn or {})
         self.whitening = None if whitening is None else int(whitening)
         self.epsilon = epsilon
-        self.pooling = RegionMaxPooling(
-            levels, include_global, dtype=self.dtype_policy, name="region_max_pooling"
-        )
+        self.rpn = None
+        if regions == "rpn":
+            self.rpn = RegionProposalNetwork(
+                **self.rpn_config, dtype=self.dtype_policy, name="rpn"
+            )
+            self.pooling = BoxMaxPooling(dtype=self.dtype_policy, name="box_max_pooling")
+        else:
+            self.pooling = RegionMaxPooling(
+                levels, include_global, dtype=self.dtype_policy, name="region_max_pooling"
+            )
         self.normalize = L2Normalization(
             epsilon=epsilon, dtype=self.dtype_policy, name="l2_normalization"
         )
@@ -60,11 +86,26 @@ class RMAC(keras.layers.Layer):
         self.region_sum = RegionSum(dtype=self.dtype_policy, name="region_sum")
 
     def build(self, input_shape):
+        if self.rpn is not None:
+            self.rpn.build(input_shape)
         if self.pca is not None:
             self.pca.build((None, input_shape[-1]))
 
+    def pool_regions(self, inputs):
+        """``(pooled [N, R, C], valid)``: the region maxima before any
+        normalisation, and a ``[R]`` or ``[N, R]`` mask of the real regions
+        (what PCA-whitening is fitted on)."""
+        if self.rpn is None:
+            return self.pooling(inputs)
+        boxes, _, valid = self.rpn(inputs)
+        pooled = self.pooling(inputs, boxes)
+        if self.include_global:
+            pooled = ops.concatenate([ops.max(inputs, axis=(1, 2))[:, None, :], pooled], axis=1)
+            valid = ops.concatenate([ops.ones_like(valid[:, :1]), valid], axis=1)
+        return pooled, valid
+
     def call(self, inputs):
-        pooled, valid = self.pooling(inputs)
+        pooled, valid = self.pool_regions(inputs)
         x = self.normalize(functional.mask_invalid_regions(pooled, valid))
         if self.pca is not None:
             x = self.normalize(self.pca(x))
@@ -81,6 +122,8 @@ class RMAC(keras.layers.Layer):
                 "include_global": self.include_global,
                 "whitening": self.whitening,
                 "epsilon": self.epsilon,
+                "regions": self.regions,
+                "rpn": self.rpn_config or None,
             }
         )
         return config

@@ -32,19 +32,22 @@ def test_validation_reports_every_bad_row(tmp_path):
     csv = tmp_path / "m.csv"
     pd.DataFrame(rows, columns=["image", "label", "x0", "y0", "x1", "y1"]).to_csv(csv, index=False)
     m = manifest.read_manifest(str(csv), str(data))
-    assert m.frame["image"].tolist() == ["a1.jpg", "a2.jpg", "b1.jpg", "b2.jpg"]
+    assert m.frame["image"].tolist() == ["a1.jpg", "a2.jpg", "b1.jpg", "b2.jpg", "d1.jpg", "d2.jpg", "b2.jpg"]
     reasons = {p.row: p.reason for p in m.problems}
-    assert "outside the 40x30 image" in reasons[4]
     assert reasons[5] == "file not found"
     assert reasons[6].startswith("unreadable image")
     assert "no other image" in reasons[7]
     assert "escapes the data directory" in reasons[8]
-    assert "partial box" in reasons[9]
-    assert "empty box" in reasons[10]
-    assert sorted(reasons) == [4, 5, 6, 7, 8, 9, 10]
-    assert str(m.problems[0]).startswith("row 4 (b2.jpg):")
-    assert m.summary() == "4 images kept, 7 rows skipped"
-    assert m.has_boxes.tolist() == [True, False, True, False]
+    assert sorted(reasons) == [5, 6, 7, 8]
+    assert str(m.problems[0]).startswith("row 5 (missing.jpg):")
+    # Bad boxes are dropped, their images kept without a box.
+    box_reasons = {p.row: p.reason for p in m.box_problems}
+    assert sorted(box_reasons) == [4, 9, 10]
+    assert "box ignored" in box_reasons[4] and "outside the 40x30 image" in box_reasons[4]
+    assert "partial box" in box_reasons[9]
+    assert "empty box" in box_reasons[10]
+    assert m.summary() == "7 images kept (2 with a box), 4 rows skipped, 3 invalid boxes ignored"
+    assert m.has_boxes.tolist() == [True, False, True, False, False, False, False]
     allowed = manifest.read_manifest(str(csv), str(data), allow_outside=True)
     assert 8 not in {p.row for p in allowed.problems}
 

@@ -77,3 +77,23 @@ def test_refuses_to_overwrite_and_bad_model(exported, tmp_path):
     bad.write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="cannot load the model"):
         export_saved_model.export(str(bad), str(tmp_path / "out" / "1"), 96)
+
+
+def test_rpn_model_exports_and_loads_like_tf_serving(tmp_path):
+    from deep_retrieval.model import DescriptorConfig, build_descriptor_model
+
+    model = build_descriptor_model(DescriptorConfig(
+        backbone="tiny", weights=None, whitening_dim=16, scales=(1.0,), regions="rpn",
+        proposals=24, pre_nms_proposals=100))
+    model.save(tmp_path / "rpn.keras")
+    export_saved_model.export(str(tmp_path / "rpn.keras"), str(tmp_path / "m" / "1"), image_size=80)
+    with open(tmp_path / "m" / "1" / "assets.extra" / "model_info.json") as f:
+        assert json.load(f)["regions"] == "rpn"
+    blobs = [encoded(70, 110, 6), encoded(120, 50, 7, "PNG")]
+    want = reference_descriptors(model, blobs, 80)
+    with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as sess:
+        meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], str(tmp_path / "m" / "1"))
+        sig = meta.signature_def["serving_default"]
+        out = sess.run(sig.outputs["descriptors"].name, {sig.inputs["images"].name: np.array(blobs, dtype=object)})
+    assert out.shape == (2, 16)
+    assert np.abs(out - want).max() <= 1e-5

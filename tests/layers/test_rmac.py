@@ -49,3 +49,22 @@ def test_computes_in_float32_under_mixed_precision():
         assert keras.backend.standardize_dtype(out.dtype) == "float32"
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_rpn_regions_match_numpy_over_the_proposals(tmp_path):
+    rng = np.random.RandomState(5)
+    x = rng.rand(2, 9, 12, 16).astype("float32")
+    head = RMAC(include_global=True, whitening=8, regions="rpn",
+                rpn={"num_proposals": 12, "pre_nms_proposals": 50, "channels": 8})
+    head.build((None, None, None, 16))
+    mean, proj = rng.randn(16).astype("float32") * 0.1, rng.randn(16, 8).astype("float32")
+    head.pca.set_pca(mean, proj)
+    boxes, _, valid = (np.asarray(t) for t in head.rpn(x))
+    want = []
+    for f, b, v in zip(x, boxes, valid):
+        windows = [(0, 0, 12, 9)] + reference.box_cells(b[v], 9, 12)
+        want.append(reference.rmac(f, mean=mean, projection=proj, regions=windows))
+    np.testing.assert_allclose(np.asarray(head(x)), np.stack(want), atol=1e-5)
+    model = keras_utils.wrap(head, (None, None, 16))
+    loaded = keras_utils.keras_round_trip(model, x, tmp_path)
+    assert loaded.layers[-1].rpn.num_proposals == 12
