@@ -110,7 +110,7 @@ def proposal_recall(model, paths, boxes, longest, tops=(16, 64, 256), iou_thresh
         ``{"rpn@k" or "grid@k": recall}``, plus ``"grid_regions"`` (the grid's
         region count) and ``"images"``; recall in [0, 1].
     """
-    from deep_retrieval import evaluation, regions as regions_lib
+    from deep_retrieval import evaluation, regions as regions_lib, rpn
 
     boxes = np.asarray(boxes, np.float64)
     kind = model.config.regions
@@ -129,8 +129,7 @@ def proposal_recall(model, paths, boxes, longest, tops=(16, 64, 256), iou_thresh
         fmap_h, fmap_w = model.backbone(model.preprocess(image)).shape[1:3]
         cells = regions_lib.rmac_regions(fmap_h, fmap_w, model.config.levels, model.config.include_global)
         cells = np.concatenate([cells[:, :2], cells[:, :2] + cells[:, 2:]], axis=1)
-        scale = np.array([image.shape[2] / fmap_w, image.shape[1] / fmap_h] * 2)
-        grid.append(cells * scale * to_original)
+        grid.append(rpn.cells_to_pixels(cells, (fmap_h, fmap_w), image.shape[1:3]) * to_original)
         grid_count = max(grid_count, len(cells))
         targets.append(boxes[index])
     result = {f"{kind}@{k}": evaluation.box_recall(found[k], targets, iou_threshold) for k in tops}

@@ -168,11 +168,11 @@ class DescriptorModel(keras.Model):
         self._check_input(images)
         fmap = self.backbone(self.preprocess(images))
         _, height, width, _ = fmap.shape
-        scale = np.array([images.shape[2] / width, images.shape[1] / height] * 2)
+        image_size = images.shape[1:3]
         if self.head.rpn is None:
             grid = regions.rmac_regions(height, width, self.config.levels, self.config.include_global)
             cells = np.concatenate([grid[:, :2], grid[:, :2] + grid[:, 2:]], axis=1)
-            return [cells * scale for _ in range(images.shape[0])]
+            return [rpn.cells_to_pixels(cells, (height, width), image_size)] * images.shape[0]
         boxes, _, valid = self.head.rpn(fmap)
         cells = np.stack([np.asarray(c) for c in rpn.cell_ranges(boxes, height, width)], axis=-1)
         out = []
@@ -180,7 +180,7 @@ class DescriptorModel(keras.Model):
             c = c[v]
             if self.config.include_global:
                 c = np.concatenate([[[0, 0, width, height]], c])
-            out.append(c * scale)
+            out.append(rpn.cells_to_pixels(c, (height, width), image_size))
         return out
 
     def compute_output_shape(self, input_shape):

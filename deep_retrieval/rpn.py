@@ -118,11 +118,6 @@ def cells_to_pixels(boxes, map_size, image_size):
     return np.asarray(boxes, dtype="float64") * np.array([sx, sy, sx, sy])
 
 
-def pixels_to_cells(boxes, image_size, map_size):
-    """Numpy: the inverse of `cells_to_pixels`."""
-    return cells_to_pixels(boxes, image_size, map_size)
-
-
 def cell_ranges(boxes, height, width):
     """Integer cell ranges ``[x0, x1) x [y0, y1)`` covered by boxes.
 

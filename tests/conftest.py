@@ -33,3 +33,15 @@ def exported(tmp_path_factory):
     base = root / "models" / "deep_retrieval"
     export_saved_model.export(path, str(base / "1"), image_size=96)
     return {"keras": path, "base": str(base), "version": str(base / "1"), "image_size": 96, "model": model}
+
+
+@pytest.fixture(scope="module")
+def address(exported):
+    """``host:port`` of an embedded server (in this process) serving ``exported``."""
+    from serving import server as server_lib
+
+    manager = server_lib.ModelManager("deep_retrieval", exported["base"], poll_seconds=0)
+    server, port = server_lib.build_server(manager, 0)
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(0)

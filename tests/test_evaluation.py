@@ -99,3 +99,14 @@ def test_rank_by_similarity_and_evaluate_percent():
 def test_bad_ranks_shape():
     with pytest.raises(ValueError, match="n_queries=2"):
         evaluation.compute_map(np.zeros((3, 1), int), [{"ok": [0]}, {"ok": [1]}])
+
+
+def test_box_recall_hand_worked():
+    target = [0, 0, 10, 10]
+    candidates = [
+        np.array([[0, 0, 10, 5], [20, 20, 30, 30]]),  # IoU 0.5: a match at 0.5
+        np.array([[0, 0, 10, 4.9]]),                   # IoU 0.49: none
+        np.zeros((0, 4)),                              # no candidate at all
+    ]
+    assert evaluation.box_recall(candidates, [target] * 3, 0.5) == pytest.approx(1 / 3)
+    assert evaluation.box_recall(candidates[:2], [target] * 2, 0.4) == 1.0

@@ -52,3 +52,20 @@ def test_boxes_crop_before_resize(tmp_path):
     out, _ = extraction.extract(lambda x: tf.cast(tf.shape(x)[1:3][None], tf.float32), paths, 30,
                                 boxes=[[0, 0, 20, 40]], progress=False)
     assert out[0].tolist() == [30.0, 15.0]  # a 20x40 crop, longest side 30
+
+
+def test_proposal_recall_of_the_grid_hand_worked(tmp_path):
+    from deep_retrieval.model import DescriptorConfig, build_descriptor_model
+    from tests import reference
+
+    model = build_descriptor_model(DescriptorConfig(backbone="tiny", weights=None, scales=(1.0,)))
+    path = tmp_path / "a.png"
+    path.write_bytes(encoded(96, 128, 1, "PNG"))  # a 6x8 map at stride 16, no resize at 128
+    x, y, w, h = reference.grid_regions(6, 8, 3)[-1]  # the last level-3 window
+    exact = [16 * x, 16 * y, 16 * (x + w), 16 * (y + h)]
+    tiny = [0, 0, 4, 4]
+    result = extraction.proposal_recall(model, [str(path)] * 2, [exact, tiny], 128, tops=(1, 64),
+                                        iou_threshold=0.99, progress=False)
+    assert result["grid@all"] == 0.5 and result["grid@64"] == 0.5  # the exact window, not the tiny box
+    assert result["grid@1"] == 0.0  # the first region is a level-1 window
+    assert result["grid_regions"] == len(reference.grid_regions(6, 8, 3)) and result["images"] == 2

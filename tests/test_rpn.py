@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from deep_retrieval import functional, regions, rpn
+from tests import reference
 
 
 def np_iou(a, b):
@@ -137,14 +138,8 @@ def test_propose_pads_when_few_anchors():
 
 def np_box_max_pool(fmap, boxes):
     h, w, _ = fmap.shape
-    out = []
-    for x0, y0, x1, y1 in boxes:
-        c0 = min(max(int(np.floor(x0)), 0), w - 1)
-        r0 = min(max(int(np.floor(y0)), 0), h - 1)
-        c1 = min(max(int(np.ceil(x1)), c0 + 1), w)
-        r1 = min(max(int(np.ceil(y1)), r0 + 1), h)
-        out.append(fmap[r0:r1, c0:c1].max(axis=(0, 1)))
-    return np.stack(out)
+    return np.stack([fmap[y:y + hh, x:x + ww].max(axis=(0, 1))
+                     for x, y, ww, hh in reference.box_cells(boxes, h, w)])
 
 
 def test_box_pooling_of_grid_boxes_equals_grid_pooling():

@@ -36,6 +36,7 @@ def define_flags():
     flags.DEFINE_boolean("allow_outside_data_dir", False, "Accept image paths outside --data_dir.")
     flags.DEFINE_boolean("progress", True, "Show a progress bar.")
     config_flags.define_dataclass_flags(CleanConfig)
+    flags.adopt_module_key_flags(config_flags)
 
 
 def write_csv(frame, path):
@@ -67,8 +68,6 @@ def main(argv):
 
 def run(manifest_path, data_dir, output, config, allow_outside=False, progress=True):
     """Cleans ``manifest_path`` into ``output``; returns a printable summary."""
-    import pandas as pd
-
     from deep_retrieval import cleaning
     from deep_retrieval.data import manifest as manifest_lib
 
@@ -82,32 +81,9 @@ def run(manifest_path, data_dir, output, config, allow_outside=False, progress=T
     journal = cleaning.journal_path(output, config, manifest_path)
     results = cleaning.clean_manifest(groups, config, journal, progress)
 
-    decisions = []
-    for problem in manifest.problems:
-        decisions.append(dict(image=problem.image, label=None, kept=False, reason=problem.reason,
-                              inliers=0, component=0))
-    by_row = {}
-    for label_results in results.values():
-        for r in label_results:
-            by_row[r["key"]] = r
-    for i, row in enumerate(frame.itertuples(index=False)):
-        r = by_row[i]
-        box = r["box"] or [float("nan")] * 4
-        decisions.append(dict(image=row.image, label=row.label, kept=r["kept"], reason=r["reason"],
-                              inliers=r["inliers"], component=r["component"],
-                              x0=box[0], y0=box[1], x1=box[2], y1=box[3]))
-    decisions = pd.DataFrame(decisions, columns=["image", "label", "kept", "reason", "inliers",
-                                                 "component", "x0", "y0", "x1", "y1"])
+    decisions = cleaning.decisions_frame(manifest, results)
     kept = decisions[decisions["kept"]]
-    counts = kept["label"].value_counts()
-    lonely = kept["label"].map(counts) < 2
-    decisions.loc[kept.index[lonely], "kept"] = False
-    decisions.loc[kept.index[lonely], "reason"] = "the only verified image of its label"
-    kept = decisions[decisions["kept"]]
-
-    known = decisions[decisions["label"].notna()]
-    report = known.groupby("label").agg(images_in=("image", "size"), kept=("kept", "sum")).reset_index()
-    report["dropped"] = report["images_in"] - report["kept"]
+    report = cleaning.report_frame(decisions)
     write_csv(kept[["image", "label", "x0", "y0", "x1", "y1"]], output)
     write_csv(decisions, f"{output}.decisions.csv")
     write_csv(report, f"{output}.report.csv")

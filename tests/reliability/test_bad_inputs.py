@@ -17,7 +17,6 @@ import tensorflow as tf
 from deep_retrieval import extraction
 from deep_retrieval.data import manifest, pipeline
 from serving import extract as extract_lib
-from serving import server as server_lib
 from tests.reliability.corpus import make_corpus
 
 
@@ -80,15 +79,6 @@ def test_evaluation_loader_names_each_bad_file(corpus):
     text = str(error.value)
     assert f"{len(bad)} image(s) could not be read or decoded" in text
     assert "decompression bomb" in text and "bomb.png" in text
-
-
-@pytest.fixture(scope="module")
-def address(exported):
-    manager = server_lib.ModelManager("deep_retrieval", exported["base"], poll_seconds=0)
-    server, port = server_lib.build_server(manager, 0)
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop(0)
 
 
 def _extractor(address):

@@ -10,11 +10,9 @@ import time
 
 import numpy as np
 import pandas as pd
-import pytest
 import tensorflow as tf
 
 from deep_retrieval import search
-from serving import server as server_lib
 from tests.helpers_images import encoded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -80,15 +78,6 @@ def test_kill_during_training_then_resume(tmp_path):
     assert f"ckpt-{latest} at step {latest}" in second.stdout + second.stderr
     assert max(_checkpoint_steps(ckpt)) == latest + 2
     assert os.path.exists(os.path.join(out, "model.keras"))
-
-
-@pytest.fixture(scope="module")
-def address(exported):
-    manager = server_lib.ModelManager("deep_retrieval", exported["base"], poll_seconds=0)
-    server, port = server_lib.build_server(manager, 0)
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop(0)
 
 
 def _photos(folder, count):

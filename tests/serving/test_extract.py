@@ -5,17 +5,7 @@ import pandas as pd
 import pytest
 
 from serving import extract as extract_lib
-from serving import server as server_lib
 from tests.helpers_images import encoded, reference_descriptors
-
-
-@pytest.fixture(scope="module")
-def address(exported):
-    manager = server_lib.ModelManager("deep_retrieval", exported["base"], poll_seconds=0)
-    server, port = server_lib.build_server(manager, 0)
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop(0)
 
 
 @pytest.fixture
