@@ -158,3 +158,18 @@ def test_score_hand_worked():
     result = cleaning.score(decisions, noise={"c", "b"}, truth={"a": (0, 0, 10, 20)})
     assert result["precision"] == 0.5 and result["recall"] == 0.5
     assert result["box_iou_median"] == pytest.approx(0.5) and result["boxes_scored"] == 1
+
+
+def test_candidate_pairs_are_bounded_by_global_similarity():
+    rng = np.random.RandomState(0)
+    centres = np.abs(rng.randn(2, 128)).astype(np.float32)
+
+    def feat(c):
+        d = np.abs(centres[c] + 0.05 * rng.randn(30, 128)).astype(np.float32)
+        return cleaning.Features(np.zeros((30, 2), np.float32), d, (10, 10))
+
+    features = [feat(i % 2) for i in range(8)]  # even: cluster 0, odd: cluster 1
+    assert len(cleaning.candidate_pairs(features, max_pairs=28, neighbors=2)) == 28  # all pairs
+    pairs = cleaning.candidate_pairs(features, max_pairs=10, neighbors=2)
+    assert all(a % 2 == b % 2 for a, b in pairs)  # only within a cluster
+    assert len(pairs) <= 8 * 2 and {i for p in pairs for i in p} == set(range(8))
