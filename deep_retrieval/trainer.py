@@ -215,6 +215,8 @@ class Trainer:
         if c.rpn_checkpoint:
             load_rpn_weights(layer, c.rpn_checkpoint)
             self._log(f"RPN weights loaded from {c.rpn_checkpoint}")
+            if c.rpn_refresh_steps:
+                self._rpn_input()  # refreshes need boxes: fail now, not mid-training
             return
         self.rpn_steps(c.rpn_steps, "stage 1: RPN")
         if self.chief:

@@ -194,6 +194,18 @@ def test_rpn_training_needs_boxes(tmp_path):
     trainer = Trainer(_rpn_config(tmp_path / "run", manifest=str(data / "m.csv")), progress=False)
     with pytest.raises(ValueError, match="needs landmark boxes"):
         trainer.train_rpn()
+    # Given RPN weights, refreshing them still needs boxes: refused before training.
+    from deep_retrieval.trainer import save_rpn_weights
+    save_rpn_weights(trainer.model.head.rpn, str(tmp_path / "rpn.npz"))
+    for refresh, fails in ((5, True), (0, False)):
+        other = Trainer(_rpn_config(tmp_path / f"r{refresh}", manifest=str(data / "m.csv"),
+                                    rpn_checkpoint=str(tmp_path / "rpn.npz"), rpn_refresh_steps=refresh),
+                        progress=False)
+        if fails:
+            with pytest.raises(ValueError, match="rpn_refresh_steps 0"):
+                other.train_rpn()
+        else:
+            other.train_rpn()
     with pytest.raises(ValueError, match="no such file"):
         Trainer(_rpn_config(tmp_path / "run2", manifest=str(data / "m.csv"),
                             rpn_checkpoint=str(tmp_path / "nope.npz")), progress=False).train_rpn()
