@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from deep_retrieval.data import MAX_PIXELS
+from deep_retrieval.data import check_pixels
 
 @dataclasses.dataclass
 class Features:
@@ -71,11 +71,7 @@ def load_gray(path, max_side):
     try:
         with Image.open(path) as im:
             original = im.size
-            if original[0] * original[1] > MAX_PIXELS:
-                raise ValueError(
-                    f"image of {original[0]}x{original[1]} pixels is over the "
-                    f"{MAX_PIXELS:,}-pixel limit (decompression bomb?)"
-                )
+            check_pixels(*original)
             im.draft("L", (max_side, max_side))  # fast JPEG downscale on decode
             if im.mode.startswith("I;16") or im.mode == "I":
                 # 16-bit: keep the top 8 bits (convert("L") would clip).

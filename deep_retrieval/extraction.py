@@ -110,7 +110,7 @@ def proposal_recall(model, paths, boxes, longest, tops=(16, 64, 256), iou_thresh
         ``{"rpn@k" or "grid@k": recall}``, plus ``"grid_regions"`` (the grid's
         region count) and ``"images"``; recall in [0, 1].
     """
-    from deep_retrieval import evaluation, regions as regions_lib, rpn
+    from deep_retrieval import evaluation
 
     boxes = np.asarray(boxes, np.float64)
     kind = model.config.regions
@@ -120,17 +120,16 @@ def proposal_recall(model, paths, boxes, longest, tops=(16, 64, 256), iou_thresh
                              desc="proposal recall", unit="img", disable=not progress):
         index = int(index)
         image = image.numpy()[None]
-        pooled = model.pooled_regions(image)[0]
+        fmap = model.backbone(model.preprocess(image))  # once, for both region sets
+        pooled = model.regions_of_map(fmap, image.shape[1:3])[0]
+        rigid = model.regions_of_map(fmap, image.shape[1:3], grid=True)[0]
         with Image.open(paths[index]) as im:
             width, height = im.size
         to_original = np.array([width / image.shape[2], height / image.shape[1]] * 2)
         for k in tops:
             found[k].append(pooled[:k] * to_original)
-        fmap_h, fmap_w = model.backbone(model.preprocess(image)).shape[1:3]
-        cells = regions_lib.rmac_regions(fmap_h, fmap_w, model.config.levels, model.config.include_global)
-        cells = np.concatenate([cells[:, :2], cells[:, :2] + cells[:, 2:]], axis=1)
-        grid.append(rpn.cells_to_pixels(cells, (fmap_h, fmap_w), image.shape[1:3]) * to_original)
-        grid_count = max(grid_count, len(cells))
+        grid.append(rigid * to_original)
+        grid_count = max(grid_count, len(rigid))
         targets.append(boxes[index])
     result = {f"{kind}@{k}": evaluation.box_recall(found[k], targets, iou_threshold) for k in tops}
     result["grid@all"] = evaluation.box_recall(grid, targets, iou_threshold)

@@ -157,22 +157,32 @@ class DescriptorModel(keras.Model):
     def pooled_regions(self, images):
         """The regions R-MAC pools at the input's own scale, in input pixels.
 
-        Each region is the block of feature cells it covers, mapped back to
-        pixels by the ratio of image size to feature-map size. Eager only.
+        Eager only. Returns `regions_of_map` of the images' feature maps.
+        """
+        self._check_input(images)
+        return self.regions_of_map(self.backbone(self.preprocess(images)), images.shape[1:3])
+
+    def regions_of_map(self, fmap, image_size, grid=False):
+        """The regions pooled on backbone feature maps, in image pixels.
+
+        Each region is the block of feature cells it covers, mapped to pixels
+        by the ratio of image size to feature-map size.
+
+        Args:
+            fmap: ``[N, H, W, C]`` backbone output.
+            image_size: ``(height, width)`` of the images it came from.
+            grid: the rigid grid's regions even when ``regions="rpn"``.
 
         Returns:
             A list with one float ``[R, 4]`` numpy array ``(x0, y0, x1, y1)``
             per image: the grid's regions, or the RPN's valid proposals by
             decreasing objectness (the global region first when included).
         """
-        self._check_input(images)
-        fmap = self.backbone(self.preprocess(images))
         _, height, width, _ = fmap.shape
-        image_size = images.shape[1:3]
-        if self.head.rpn is None:
-            grid = regions.rmac_regions(height, width, self.config.levels, self.config.include_global)
-            cells = np.concatenate([grid[:, :2], grid[:, :2] + grid[:, 2:]], axis=1)
-            return [rpn.cells_to_pixels(cells, (height, width), image_size)] * images.shape[0]
+        if self.head.rpn is None or grid:
+            cells = regions.rmac_regions(height, width, self.config.levels, self.config.include_global)
+            cells = np.concatenate([cells[:, :2], cells[:, :2] + cells[:, 2:]], axis=1)
+            return [rpn.cells_to_pixels(cells, (height, width), image_size)] * fmap.shape[0]
         boxes, _, valid = self.head.rpn(fmap)
         cells = np.stack([np.asarray(c) for c in rpn.cell_ranges(boxes, height, width)], axis=-1)
         out = []

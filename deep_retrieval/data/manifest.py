@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from deep_retrieval.data import MAX_PIXELS
+from deep_retrieval.data import check_pixels
 
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 
@@ -66,10 +66,7 @@ def _image_size(path):
         if im.format not in DECODABLE_FORMATS:
             raise ValueError(f"format {im.format} is not one of {', '.join(DECODABLE_FORMATS)}")
         width, height = im.size
-        if width * height > MAX_PIXELS:
-            raise ValueError(
-                f"{width}x{height} pixels is over the {MAX_PIXELS:,}-pixel limit (decompression bomb?)"
-            )
+        check_pixels(width, height)
         im.draft("RGB", (max(1, width // 8), max(1, height // 8)))
         im.load()
     return width, height
