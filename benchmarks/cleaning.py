@@ -44,7 +44,11 @@ def main():
     from deep_retrieval.data import synthetic
     from training import clean
 
+    # The procedural facades (60 landmarks, 6 images each), where the
+    # README's cleaning figures were measured.
     root = synthetic.ensure_dataset(SyntheticConfig(
+        source="facades", train_landmarks=60, images_per_landmark=6, test_landmarks=20,
+        test_images_per_landmark=6, distractors=80,
         label_noise=args.label_noise, junk_noise=args.junk_noise, seed=args.seed))
     frame = pd.read_csv(os.path.join(root, "train.csv"))
     noise = {"train/" + n for n in pd.read_csv(os.path.join(root, "train_noise.csv"))["image"]}

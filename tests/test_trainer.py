@@ -15,13 +15,13 @@ from deep_retrieval.trainer import Trainer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SMALL_DATA = SyntheticConfig(
-    train_landmarks=4, images_per_landmark=3, test_landmarks=2,
+    source="facades", train_landmarks=4, images_per_landmark=3, test_landmarks=2,
     test_images_per_landmark=3, distractors=2, image_width=96, image_height=72, seed=3,
 )
 
 
 def small_config(output_dir, **overrides):
-    cfg = config_lib.PRESETS["demo"]()
+    cfg = config_lib.PRESETS["tiny"]()
     settings = dict(image_size=64, batch_size=2, steps=2, mine_every=2, checkpoint_every=2,
                     whitening_images=6)
     cfg = dataclasses.replace(cfg, output_dir=str(output_dir), **{**settings, **overrides})
@@ -209,3 +209,40 @@ def test_rpn_training_needs_boxes(tmp_path):
     with pytest.raises(ValueError, match="no such file"):
         Trainer(_rpn_config(tmp_path / "run2", manifest=str(data / "m.csv"),
                             rpn_checkpoint=str(tmp_path / "nope.npz")), progress=False).train_rpn()
+
+
+def test_initial_model_is_the_step_zero_model(tmp_path):
+    import keras
+
+    from deep_retrieval import extraction
+    from deep_retrieval.data import groundtruth, synthetic
+
+    trainer = Trainer(small_config(tmp_path / "run"), progress=False)
+    trainer.run()
+    run = tmp_path / "run"
+    first = json.loads(open(run / "metrics.jsonl").readline())
+    assert first["step"] == 0
+    initial = keras.models.load_model(run / "initial.keras")
+    data = groundtruth.load_dataset(synthetic.ensure_dataset(SMALL_DATA, progress=False), "synthetic")
+    results = extraction.evaluate_model(extraction.compiled(initial), data, 64, progress=False)
+    assert abs(results["medium"]["map"] - first["medium_map"]) < 1e-3
+    # Training moved the weights: the final model is another one.
+    final = keras.models.load_model(run / "model.keras")
+    assert any(not np.array_equal(a, b) for a, b in zip(initial.get_weights(), final.get_weights()))
+
+
+def test_train_from_freezes_the_layers_before(tmp_path):
+    cfg = small_config(tmp_path / "run", train_from="conv3_1")
+    trainer = Trainer(cfg, progress=False)
+    names = [layer.name for layer in trainer.model.backbone.layers]
+    cut = names.index("conv3_1")
+    before = [np.array(w) for layer in trainer.model.backbone.layers[:cut] for w in layer.weights]
+    trainable = {id(v) for v in trainer.model.trainable_variables}
+    assert not any(id(w) in trainable for layer in trainer.model.backbone.layers[:cut] for w in layer.weights)
+    assert all(id(w) in trainable for w in trainer.model.backbone.get_layer("conv3_1").trainable_weights)
+    trainer.run()
+    after = [np.array(w) for layer in trainer.model.backbone.layers[:cut] for w in layer.weights]
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="no layer of the tiny backbone"):
+        Trainer(small_config(tmp_path / "other", train_from="blocks_9"), progress=False)

@@ -2,6 +2,13 @@ r"""Runs a retrieval benchmark end to end and prints mAP and mP@1/5/10.
 
     python -m training.evaluate --data_root data --dataset roxford5k \
         --model runs/demo/model.keras [--qe 1 --dba 20] [--output_json results.json]
+    python -m training.evaluate --backbone efficientnet_lite0 --weights imagenet
+
+Without ``--data_root``/``--dataset`` it scores the built-in real-photo
+held-out split (the one ``python -m training.train`` evaluates on). Without
+``--model``, ``--backbone`` (and ``--weights``) build the off-the-shelf model:
+that backbone and plain R-MAC (multi-resolution, no whitening, no training),
+so a trained model can be compared with its starting point.
 
 ``--data_root/--dataset`` is a folder in the Revisited Oxford layout
 (``NAME/jpg/``, ``NAME/gnd_NAME.pkl``); Revisited ground truth gives the
@@ -26,8 +33,12 @@ def define_flags():
     flags.DEFINE_string("data_root", None, "Folder holding the dataset folder.")
     flags.DEFINE_string("dataset", None, "Dataset name (roxford5k, rparis6k, synthetic, ...).")
     flags.DEFINE_string("model", None, "A .keras descriptor model or a SavedModel folder.")
+    flags.DEFINE_string("backbone", None, "Without --model: evaluate this backbone with plain R-MAC, "
+                        "untrained (efficientnet_lite0, resnet101, resnet50, vgg16, tiny).")
+    flags.DEFINE_string("weights", "imagenet", "With --backbone: 'imagenet', a weights file, or 'none'.")
     flags.DEFINE_integer("image_size", None, "Longest image side (default: the export's model_info.json, "
-                         "the training run's config.json, else 1024).")
+                         "the training run's config.json, else 1024; with --backbone, the demo "
+                         "preset's).")
     flags.DEFINE_integer("qe", 0, "αQE: expand each query with its top-k results (0: off).")
     flags.DEFINE_float("qe_alpha", 3.0, "αQE exponent.")
     flags.DEFINE_integer("dba", 0, "Database-side augmentation with the top-k neighbours (0: off).")
@@ -55,26 +66,63 @@ def descriptor_fn(model_path):
     return extraction.compiled(model)
 
 
-def run(data_root, dataset, model_path, image_size=None, qe=0, qe_alpha=3.0, dba=0, progress=True):
-    """Extracts, ranks and scores; returns `evaluation.evaluate`'s dict (percent)."""
+def off_the_shelf(backbone, weights="imagenet"):
+    """The untrained model: ``backbone`` and plain multi-resolution R-MAC."""
+    from deep_retrieval import extraction
+    from deep_retrieval.model import DescriptorConfig, build_descriptor_model
+
+    config = DescriptorConfig(backbone=backbone, weights=weights, whitening_dim=None)
+    return extraction.compiled(build_descriptor_model(config))
+
+
+def run(data_root, dataset, model_path, image_size=None, qe=0, qe_alpha=3.0, dba=0, progress=True,
+        backbone=None, weights="imagenet"):
+    """Extracts, ranks and scores; returns `evaluation.evaluate`'s dict (percent).
+
+    ``model_path`` None with ``backbone`` set scores `off_the_shelf` instead.
+    """
     from deep_retrieval import extraction
     from deep_retrieval.config import recorded_image_size
     from deep_retrieval.data import groundtruth
 
     data = groundtruth.load_dataset(data_root, dataset)
-    size = image_size or recorded_image_size(model_path)
-    return extraction.evaluate_model(descriptor_fn(model_path), data, size, progress, qe, qe_alpha, dba)
+    if model_path:
+        size = image_size or recorded_image_size(model_path)
+        describe = descriptor_fn(model_path)
+    else:
+        size = image_size or _demo_image_size()
+        describe = off_the_shelf(backbone, weights)
+    return extraction.evaluate_model(describe, data, size, progress, qe, qe_alpha, dba)
+
+
+def _demo_image_size():
+    from deep_retrieval.config import PRESETS
+
+    return PRESETS["demo"]().image_size
 
 
 def main(argv):
-    del argv
-    for name in ("data_root", "dataset", "model"):
-        if not getattr(FLAGS, name):
-            raise app.UsageError(f"--{name} is required")
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if bool(FLAGS.model) == bool(FLAGS.backbone):
+        raise app.UsageError("give either --model or --backbone (the off-the-shelf model)")
+    if bool(FLAGS.data_root) != bool(FLAGS.dataset):
+        raise app.UsageError("--data_root and --dataset go together (neither: the built-in split)")
+    data_root, dataset = FLAGS.data_root, FLAGS.dataset
+    weights = None if FLAGS.weights.lower() in ("", "none") else FLAGS.weights
     try:
-        results = run(FLAGS.data_root, FLAGS.dataset, FLAGS.model, FLAGS.image_size, FLAGS.qe,
-                      FLAGS.qe_alpha, FLAGS.dba, FLAGS.progress)
-    except ValueError as e:
+        if not data_root:
+            from deep_retrieval.config import SyntheticConfig
+            from deep_retrieval.data import synthetic
+
+            data_root = synthetic.ensure_dataset(SyntheticConfig(), progress=FLAGS.progress)
+            dataset = synthetic.DATASET_NAME
+            print(f"dataset: the built-in held-out split, {os.path.join(data_root, dataset)}")
+        if FLAGS.backbone and not FLAGS.image_size:
+            print(f"image size: {_demo_image_size()} px (the demo preset's; set --image_size)")
+        results = run(data_root, dataset, FLAGS.model, FLAGS.image_size, FLAGS.qe,
+                      FLAGS.qe_alpha, FLAGS.dba, FLAGS.progress, FLAGS.backbone, weights)
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     from deep_retrieval import evaluation

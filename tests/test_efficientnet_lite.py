@@ -1,0 +1,79 @@
+"""EfficientNet-Lite0 against the PyTorch reference implementation of the same
+weights (``efficientnet-lite-pytorch``), on real photographs."""
+
+import numpy as np
+import pytest
+
+from deep_retrieval import backbones, efficientnet_lite
+from deep_retrieval.data import photos
+from deep_retrieval.model import DescriptorConfig, build_descriptor_model
+from tests import reference
+
+torch = pytest.importorskip("torch")
+lite_pytorch = pytest.importorskip("efficientnet_lite_pytorch")
+
+
+def _real_photos(count=3):
+    """Real photographs cropped to sides that are multiples of 32 (where TF
+    "SAME" padding and the reference's padding, fixed for 224 px, agree)."""
+    try:
+        found = photos.instance_photos()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    out = []
+    for photo in found[::max(1, len(found) // count)][:count]:
+        img = photo.image()
+        img.thumbnail((352, 352))
+        w, h = img.size
+        out.append(np.asarray(img.crop((0, 0, w - w % 32, h - h % 32)), np.float32))
+    return out
+
+
+@pytest.fixture(scope="module")
+def torch_model():
+    net = lite_pytorch.EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=efficientnet_lite.imagenet_checkpoint_path()
+    )
+    return net.eval()
+
+
+def _torch_features(net, image):
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    x = ((image / 255.0 - mean) / std).astype(np.float32).transpose(2, 0, 1)[None]
+    with torch.no_grad():
+        return net.extract_features(torch.from_numpy(x)).numpy()[0].transpose(1, 2, 0)
+
+
+def _cosine(a, b):
+    a, b = np.ravel(a), np.ravel(b)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_descriptors_match_pytorch_on_real_photos(torch_model):
+    model = build_descriptor_model(
+        DescriptorConfig(backbone="efficientnet_lite0", weights="imagenet", scales=(1.0,))
+    )
+    for image in _real_photos():
+        want_map = _torch_features(torch_model, image)
+        got_map = np.asarray(model.backbone(model.preprocess(image[None])))[0]
+        assert got_map.shape == want_map.shape and want_map.shape[-1] == 1280
+        assert _cosine(got_map, want_map) >= 0.9999
+        want = reference.rmac(want_map, levels=3)
+        got = np.asarray(model(image[None]))[0]
+        assert _cosine(got, want) >= 0.9999
+
+
+def test_architecture_and_converted_weights():
+    model, spec = backbones.build_backbone("efficientnet_lite0", weights="imagenet")
+    assert spec.stride == 32 and spec.channels == 1280 and spec.preprocessing == "torch"
+    state = efficientnet_lite.checkpoints.load(efficientnet_lite.imagenet_checkpoint_path())
+    used = efficientnet_lite.load_torch_state(efficientnet_lite.build(), state)
+    # Every tensor of the trunk is used; only the classifier and BN counters are not.
+    unused = {k for k in state if k not in used}
+    assert all(k.startswith("_fc.") or k.endswith("num_batches_tracked") for k in unused)
+    assert len([k for k in state if k.endswith("_depthwise_conv.weight")]) == 16
+    # The cached conversion is what a second build loads.
+    np.testing.assert_array_equal(
+        model.get_layer("blocks_15_project_conv").kernel,
+        np.transpose(state["_blocks.15._project_conv.weight"], (2, 3, 1, 0)),
+    )
