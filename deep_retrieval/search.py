@@ -75,12 +75,14 @@ def alpha_query_expansion(queries, database, k, alpha=3.0, chunk=65536):
 
 
 def database_augmentation(database, k, chunk=65536):
-    """DBA with rank weights ``(k - r) / k`` (``r = 0`` is the vector itself)."""
+    """DBA as DIR released it: each vector becomes itself (weight 1) plus its
+    top-``k`` neighbours with weights ``k/k, (k-1)/k, ..., 1/k``, then L2
+    (so that inner products stay cosines)."""
     database = _normalize(database)
     if k <= 0:
         return database
     _, idx = topk(database, database, k + 1, chunk)
-    weights = (k - np.arange(idx.shape[1], dtype=np.float32)) / k
+    weights = np.concatenate([[1.0], (k - np.arange(idx.shape[1] - 1)) / k]).astype(np.float32)
     # The first hit is the vector itself unless a duplicate ties with it.
     return _normalize(np.einsum("r,nrd->nd", weights, database[idx]))
 

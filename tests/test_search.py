@@ -34,11 +34,13 @@ def test_alpha_query_expansion_hand_worked():
 def test_database_augmentation_hand_worked():
     db = np.array([[1, 0], [0.6, 0.8], [0, 1]], np.float32)
     out = search.database_augmentation(db, k=1)
-    # k=1: x itself with weight 1, nearest neighbour with weight 0.
-    np.testing.assert_allclose(out, db, atol=1e-6)
+    # k=1: x itself (weight 1) and its nearest neighbour (weight 1/1).
+    # db0's nearest is db1 (0.6); db2's is db1 (0.8); db1's is db2 (0.8 beats 0.6).
+    np.testing.assert_allclose(out[0], np.array([1.6, 0.8]) / np.hypot(1.6, 0.8), rtol=1e-5)
+    np.testing.assert_allclose(out[2], np.array([0.6, 1.8]) / np.hypot(0.6, 1.8), rtol=1e-5)
     out = search.database_augmentation(db, k=2)
-    # db0's neighbours by rank: db0, db1 (0.6), db2 (0): weights 1, 1/2, 0.
-    want0 = np.array([1 + 0.3, 0.4]) / np.hypot(1.3, 0.4)
+    # db0: itself 1, db1 with 2/2, db2 with 1/2: (1 + 0.6 + 0, 0 + 0.8 + 0.5).
+    want0 = np.array([1.6, 1.3]) / np.hypot(1.6, 1.3)
     np.testing.assert_allclose(out[0], want0, rtol=1e-5)
 
 
