@@ -351,10 +351,16 @@ def _paper():
 PRESETS = {"demo": _demo, "paper": _paper, "tiny": _tiny}
 
 
-def recorded_image_size(model_path, default=1024):
-    """The image size recorded with a model: an export's
-    ``assets.extra/model_info.json``, or the ``config.json`` a training run
-    writes beside its ``model.keras``; ``default`` when neither exists."""
+def recorded_image_size(model_path, image_size=None):
+    """``image_size`` when given, else the size recorded with the model: an
+    export's ``assets.extra/model_info.json``, or the ``config.json`` a
+    training run writes beside its ``model.keras``.
+
+    Raises ValueError when neither exists: a wrong size silently changes
+    every descriptor, so no size is guessed.
+    """
+    if image_size:
+        return int(image_size)
     for path in (
         os.path.join(model_path, "assets.extra", "model_info.json"),
         os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json"),
@@ -362,4 +368,7 @@ def recorded_image_size(model_path, default=1024):
         if os.path.isfile(path):
             with open(path) as f:
                 return int(json.load(f)["image_size"])
-    return default
+    raise ValueError(
+        f"{model_path}: no image size is recorded with this model (no model_info.json in an "
+        "export, no config.json beside a model.keras); pass --image_size"
+    )

@@ -25,8 +25,8 @@ def define_flags():
     """Defines the command-line flags (only when run as a program)."""
     flags.DEFINE_string("model", None, "Trained descriptor model (.keras file).")
     flags.DEFINE_string("output_dir", None, "Versioned export folder, e.g. models/deep_retrieval/1.")
-    flags.DEFINE_integer("image_size", None, "Longest image side in pixels (default: from the training "
-                         "run's metrics next to the model, else 800).")
+    flags.DEFINE_integer("image_size", None, "Longest image side in pixels (default: the training run's "
+                         "config.json next to the model; required without it).")
     flags.DEFINE_string("model_name", "deep_retrieval", "Model name used in the warm-up requests.")
     flags.DEFINE_string("run_id", None, "Training run id recorded in model_info.json (default: a hash "
                         "of the .keras file).")
@@ -115,8 +115,8 @@ def main(argv):
         raise app.UsageError("--model and --output_dir are required")
     from deep_retrieval.config import recorded_image_size
 
-    size = flags.FLAGS.image_size or recorded_image_size(flags.FLAGS.model, default=800)
     try:
+        size = recorded_image_size(flags.FLAGS.model, flags.FLAGS.image_size)
         info = export(flags.FLAGS.model, flags.FLAGS.output_dir, size, flags.FLAGS.model_name,
                       flags.FLAGS.run_id, flags.FLAGS.overwrite)
     except ValueError as e:

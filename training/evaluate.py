@@ -36,9 +36,9 @@ def define_flags():
     flags.DEFINE_string("backbone", None, "Without --model: evaluate this backbone with plain R-MAC, "
                         "untrained (efficientnet_lite0, resnet101, resnet50, vgg16, tiny).")
     flags.DEFINE_string("weights", "imagenet", "With --backbone: 'imagenet', a weights file, or 'none'.")
-    flags.DEFINE_integer("image_size", None, "Longest image side (default: the export's model_info.json, "
-                         "the training run's config.json, else 1024; with --backbone, the demo "
-                         "preset's).")
+    flags.DEFINE_integer("image_size", None, "Longest image side (default: the export's model_info.json "
+                         "or the training run's config.json, required without either; with "
+                         "--backbone, the demo preset's).")
     flags.DEFINE_integer("qe", 0, "αQE: expand each query with its top-k results (0: off).")
     flags.DEFINE_float("qe_alpha", 3.0, "αQE exponent.")
     flags.DEFINE_integer("dba", 0, "Database-side augmentation with the top-k neighbours (0: off).")
@@ -87,8 +87,8 @@ def run(data_root, dataset, model_path, image_size=None, qe=0, qe_alpha=3.0, dba
 
     data = groundtruth.load_dataset(data_root, dataset)
     if model_path:
-        size = image_size or recorded_image_size(model_path)
         describe = descriptor_fn(model_path)
+        size = recorded_image_size(model_path, image_size)
     else:
         size = image_size or _demo_image_size()
         describe = off_the_shelf(backbone, weights)

@@ -113,10 +113,10 @@ def main(argv):
         if not os.path.isfile(FLAGS.model):
             raise ValueError(f"{FLAGS.model}: no such model file")
         model = keras.models.load_model(FLAGS.model)
+        size = recorded_image_size(FLAGS.model, FLAGS.image_size)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    size = FLAGS.image_size or recorded_image_size(FLAGS.model)
     chosen = 0
     if FLAGS.image:
         names = [os.path.basename(p) for p in paths]

@@ -78,3 +78,15 @@ def test_command_needs_one_model_source():
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode != 0
         assert "--model" in result.stderr or "--data_root" in result.stderr
+
+
+def test_no_recorded_image_size_is_an_error_not_a_guess(tmp_path, exported):
+    import shutil
+
+    lone = tmp_path / "lone.keras"
+    shutil.copy(exported["keras"], lone)  # no config.json beside it
+    with pytest.raises(ValueError, match="pass --image_size"):
+        recorded_image_size(str(lone))
+    assert recorded_image_size(str(lone), 123) == 123
+    (tmp_path / "config.json").write_text('{"image_size": 77}')
+    assert recorded_image_size(str(lone)) == 77
