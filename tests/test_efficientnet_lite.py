@@ -7,7 +7,7 @@ import pytest
 from deep_retrieval import backbones, efficientnet_lite
 from deep_retrieval.data import photos
 from deep_retrieval.model import DescriptorConfig, build_descriptor_model
-from tests import reference
+from tests import keras_utils, reference
 
 torch = pytest.importorskip("torch")
 lite_pytorch = pytest.importorskip("efficientnet_lite_pytorch")
@@ -80,29 +80,9 @@ def test_architecture_and_converted_weights():
 
 
 def test_jax_backend_gives_the_same_descriptors(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from tests.test_model import _JAX_SCRIPT
-
     model = build_descriptor_model(
         DescriptorConfig(backbone="efficientnet_lite0", weights="imagenet", whitening_dim=None)
     )
     images = _real_photos(2)
     inputs = {"a": images[0][None, :160, :224], "b": np.stack([images[1][:128, :96]] * 2)}
-    for name, x in inputs.items():
-        np.save(tmp_path / f"{name}.npy", x)
-    model.save(tmp_path / "m.keras")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run(
-        [sys.executable, "-c", _JAX_SCRIPT, str(tmp_path / "m.keras"), str(tmp_path) + "/"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    jax_out = json.loads(result.stdout.strip().splitlines()[-1])
-    for name, x in inputs.items():
-        diff = np.abs(np.asarray(jax_out[name]) - np.asarray(model(x))).max()
-        assert diff <= 1e-4, (name, diff)
+    keras_utils.assert_same_on_jax(model, inputs, tmp_path)

@@ -1,17 +1,10 @@
-import json
-import os
-import subprocess
-import sys
-
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from deep_retrieval.model import DescriptorConfig, build_descriptor_model
-from tests import reference
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import keras_utils, reference
 
 
 def _tiny(**kwargs):
@@ -90,20 +83,6 @@ def test_min_image_size_accounts_for_smallest_scale():
         model(np.zeros((1, 30, 40, 3), "float32"))
 
 
-_JAX_SCRIPT = """
-import json, sys
-import numpy as np
-import keras
-import deep_retrieval.model  # registers the classes
-assert keras.backend.backend() == "jax", keras.backend.backend()
-model = keras.models.load_model(sys.argv[1])
-out = {}
-for name in ("a", "b"):
-    out[name] = np.asarray(model(np.load(sys.argv[2] + name + ".npy"))).tolist()
-print(json.dumps(out))
-"""
-
-
 @pytest.mark.parametrize("regions", ["grid", "rpn"])
 def test_jax_backend_gives_the_same_descriptors(tmp_path, regions):
     # One scale for the RPN: eager JAX compiles its NMS loop at every call.
@@ -114,19 +93,7 @@ def test_jax_backend_gives_the_same_descriptors(tmp_path, regions):
         np.random.RandomState(4).randn(128, 32),
     )
     inputs = {"a": _images(h=70, w=90), "b": _images(n=3, h=100, w=64, seed=5)}
-    for name, x in inputs.items():
-        np.save(tmp_path / f"{name}.npy", x)
-    model.save(tmp_path / "m.keras")
-    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run(
-        [sys.executable, "-c", _JAX_SCRIPT, str(tmp_path / "m.keras"), str(tmp_path) + "/"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    jax_out = json.loads(result.stdout.strip().splitlines()[-1])
-    for name, x in inputs.items():
-        diff = np.abs(np.asarray(jax_out[name]) - np.asarray(model(x))).max()
-        assert diff <= 1e-4, (name, diff)
+    keras_utils.assert_same_on_jax(model, inputs, tmp_path)
 
 
 def test_rpn_model_round_trips_and_serves_all_sizes(tmp_path):
