@@ -342,6 +342,7 @@ class _Facades:
     def __init__(self, config):
         self.config = config
         self.sources = []
+        self.problems = []
         self.counts = {"train": config.train_landmarks, "test": config.test_landmarks}
 
     def landmark(self, split, index):
@@ -453,7 +454,7 @@ def generate(config, out_dir, progress=True):
     """Writes the dataset for ``config`` into ``out_dir`` (see module docs)."""
     size = (config.image_width, config.image_height)
     source = _Facades(config) if config.source == "facades" else _Photos(config)
-    for path, reason in getattr(source, "problems", [])[:20]:
+    for path, reason in source.problems[:20]:
         tqdm.write(f"  skipped {path}: {reason}")
     n_train, n_test = source.counts["train"], source.counts["test"]
     train_dir = os.path.join(out_dir, "train")
