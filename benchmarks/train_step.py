@@ -1,12 +1,19 @@
-"""Training-step speed: triplets per second of the ranking training step.
+"""Training-step speed, and peak memory per micro-batch size.
 
 Times the compiled step (three streams, triplet loss, gradients, optimizer
-update) on random images of the preset's training size, so data loading is
-not included. Defaults: the tiny and demo presets (the demo's frozen
-layers included), then ResNet-101 at 800 px (random weights, batch 1; slow
-on a CPU).
+update: `trainer.ranking_gradients`, the trainer's own) on random images of
+the preset's training size, so data loading is not included. Defaults: the
+tiny and demo presets (the demo's frozen layers included), then ResNet-101
+at 800 px (random weights, batch 1; slow on a CPU).
+
+``--memory`` instead runs one batch of ``--memory_batch`` ResNet-101
+triplets at ``--memory_size`` px with ``--accumulate_steps`` 1, 2, 4, ...
+(each in its own process) and prints each one's peak resident memory: what
+one micro-batch costs, so the paper preset's 64 triplets can be split to fit
+an accelerator.
 
     python benchmarks/train_step.py [--steps 5] [--skip_resnet]
+    python benchmarks/train_step.py --memory [--memory_batch 4 --memory_size 800]
 """
 
 import argparse
@@ -21,13 +28,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from deep_retrieval import config as config_lib, losses  # noqa: E402
+from deep_retrieval import config as config_lib  # noqa: E402
 from deep_retrieval.data import pipeline  # noqa: E402
 from deep_retrieval.model import build_descriptor_model  # noqa: E402
-from deep_retrieval.trainer import freeze_backbone_before  # noqa: E402
+from deep_retrieval.trainer import freeze_backbone_before, ranking_gradients  # noqa: E402
 
 
-def time_step(descriptor, image_size, batch, steps, warmup, train_from=""):
+def time_step(descriptor, image_size, batch, steps, warmup, train_from="", micro_batches=1):
     model = build_descriptor_model(descriptor)
     if train_from:
         freeze_backbone_before(model.backbone, train_from)
@@ -36,11 +43,9 @@ def time_step(descriptor, image_size, batch, steps, warmup, train_from=""):
 
     @tf.function
     def step(q, p, n):
-        with tf.GradientTape() as tape:
-            d = model.single_scale(tf.concat([q, p, n], 0), training=True)
-            loss = losses.triplet_ranking_loss(*tf.split(d, 3))
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        variables = model.trainable_variables
+        loss, grads = ranking_gradients(model, variables, q, p, n, 0.1, batch, micro_batches)
+        optimizer.apply_gradients(zip(grads, variables))
         return loss
 
     images = [tf.random.uniform((batch, height, width, 3), 0, 255) for _ in range(3)]
@@ -55,13 +60,47 @@ def time_step(descriptor, image_size, batch, steps, warmup, train_from=""):
     return batch / median, median
 
 
+def peak_memory(batch, size, micro_batches):
+    """Peak RSS (MB) of a process running two ResNet-101 steps."""
+    import resource
+
+    paper = config_lib.PRESETS["paper"]()
+    descriptor = dataclasses.replace(paper.descriptor, weights=None)
+    time_step(descriptor, size, batch, 1, 1, micro_batches=micro_batches)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_table(args):
+    import subprocess
+
+    micro = 1
+    while micro <= args.memory_batch:
+        result = subprocess.run(
+            [sys.executable, __file__, "--_child", str(micro), "--memory_batch", str(args.memory_batch),
+             "--memory_size", str(args.memory_size)], capture_output=True, text=True)
+        line = result.stdout.strip().splitlines()[-1] if result.returncode == 0 else f"failed: {result.stderr[-300:]}"
+        print(f"resnet101 at {args.memory_size} px, {args.memory_batch} triplets in {micro} micro-batch(es) "
+              f"of {args.memory_batch // micro}: peak RSS {line}", flush=True)
+        micro *= 2
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--skip_resnet", action="store_true")
     parser.add_argument("--resnet_batch", type=int, default=1)
+    parser.add_argument("--memory", action="store_true", help="Peak memory per micro-batch size instead.")
+    parser.add_argument("--memory_batch", type=int, default=4)
+    parser.add_argument("--memory_size", type=int, default=800)
+    parser.add_argument("--_child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args._child:
+        print(f"{peak_memory(args.memory_batch, args.memory_size, args._child):.0f} MB")
+        return
+    if args.memory:
+        memory_table(args)
+        return
     for name in ("tiny", "demo"):
         preset = config_lib.PRESETS[name]()
         rate, sec = time_step(preset.descriptor, preset.image_size, preset.batch_size, args.steps,

@@ -138,8 +138,19 @@ class TrainConfig:
         image_size: longest image side in pixels (training crops and test).
         margin: triplet ranking margin ``m``.
         optimizer: ``"adam"`` or ``"sgd"`` (with momentum).
-        learning_rate, momentum, weight_decay: optimizer settings.
+        learning_rate, momentum: optimizer settings.
+        weight_decay: strength ``lambda`` of the weight decay (0: none).
+        weight_decay_mode: ``"l2"`` adds ``lambda * w`` to every gradient
+            before the optimizer, i.e. ``lambda / 2 ||w||^2`` in the loss, as
+            Caffe's ``weight_decay`` (DIR's) does: with SGD momentum ``mu``
+            its steady-state pull is ``lr * lambda / (1 - mu)``, 10x Keras's
+            decoupled form at ``mu = 0.9``. ``"decoupled"`` is Keras's
+            ``weight_decay`` (``w -= lr * lambda * w`` after the update,
+            outside the momentum; AdamW for Adam).
         batch_size: triplets per step (global, over all replicas).
+        accumulate_steps: split each step's batch into this many
+            micro-batches, run one after the other, their gradients summed
+            into one update (same result, lower peak memory).
         steps: optimizer steps.
         mine_every: steps between hard-negative mining rounds.
         pool_size: training images embedded per mining round (0 = all).
@@ -186,7 +197,9 @@ class TrainConfig:
     learning_rate: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 5e-5
+    weight_decay_mode: str = "l2"
     batch_size: int = 64
+    accumulate_steps: int = 1
     steps: int = 8000
     mine_every: int = 16
     pool_size: int = 20000
@@ -205,6 +218,13 @@ class TrainConfig:
     rpn_learning_rate: float = 1e-3
     rpn_anchors_per_image: int = 256
     rpn_refresh_steps: int = 0
+
+    def __post_init__(self):
+        if self.weight_decay_mode not in ("l2", "decoupled"):
+            raise ValueError(f"`weight_decay_mode` must be 'l2' or 'decoupled', got {self.weight_decay_mode!r}.")
+        if self.accumulate_steps < 1 or self.batch_size % self.accumulate_steps:
+            raise ValueError(f"`accumulate_steps` ({self.accumulate_steps}) must be at least 1 and divide "
+                             f"`batch_size` ({self.batch_size}).")
 
 
 @dataclasses.dataclass
@@ -329,7 +349,11 @@ def _paper():
     # DIR (ECCV 2016, IJCV 2017) as released: ResNet-101 from ImageNet,
     # S = 800 px, an R-MAC grid of L = 2 levels (the released model's),
     # margin 0.1, multi-resolution test, whitening kept at 2048 D. The
-    # optimisation values are those reported as far as we know them.
+    # optimisation values are those reported as far as we know them; the
+    # weight decay is Caffe's (L2 in the gradient, amplified by momentum).
+    # For 64 triplets of three 800-px images on one 16-80 GB GPU, pass
+    # --accumulate_steps so that one micro-batch fits
+    # (benchmarks/train_step.py prints the peak memory per micro-batch).
     return TrainConfig(
         descriptor=DescriptorConfig(
             backbone="resnet101", weights="imagenet", levels=2, whitening_dim=2048
@@ -340,6 +364,7 @@ def _paper():
         learning_rate=1e-3,
         momentum=0.9,
         weight_decay=5e-5,
+        weight_decay_mode="l2",
         batch_size=64,
         steps=8000,
         mine_every=16,

@@ -96,23 +96,36 @@ def oxford_protocol(gnd):
 
 
 def holidays_protocol(gnd, query_indices):
-    """INRIA Holidays: positives ``ok``; the query's own database entry is junk.
+    """INRIA Holidays: positives ``ok``; the query's own database entry is
+    removed from its ranking (Jégou et al.'s ``holidays_map.py`` skips the
+    query image), as junk.
 
     Args:
-        gnd: per query, a dict with ``ok``.
+        gnd: per query, a dict with ``ok`` (and optionally ``junk``).
         query_indices: database index of each query image (Holidays queries
             are database images).
     """
-    return [{"ok": _ints(g["ok"]), "junk": _ints([qi])} for g, qi in zip(gnd, query_indices)]
+    return [
+        {"ok": np.setdiff1d(_ints(g["ok"]), [qi]), "junk": np.union1d(_ints(g.get("junk")), [qi])}
+        for g, qi in zip(gnd, query_indices)
+    ]
 
 
-def protocols_for(gnd):
-    """The protocols a ground truth supports, by its keys."""
+def protocols_for(gnd, query_indices=None):
+    """The protocols a ground truth supports, by its keys.
+
+    ``query_indices`` (database index of each query, None for queries
+    outside the database) marks Holidays-style benchmarks, whose queries are
+    database images: with every query in the database and ``ok``-only
+    ground truth, the ``holidays`` protocol applies.
+    """
     keys = set(gnd[0]) if gnd else set()
     if {"easy", "hard"} <= keys:
         return revisited_protocols(gnd)
     if "good" in keys:
         return {"oxford": oxford_protocol(gnd)}
+    if query_indices is not None and len(query_indices) and all(i is not None for i in query_indices):
+        return {"holidays": holidays_protocol(gnd, query_indices)}
     return {"all": [{"ok": _ints(g["ok"]), "junk": _ints(g.get("junk"))} for g in gnd]}
 
 
@@ -122,10 +135,26 @@ def rank_by_similarity(query_descriptors, db_descriptors):
     return np.argsort(-scores, axis=0, kind="stable")
 
 
-def evaluate(ranks, gnd, kappas=KAPPAS):
-    """Per protocol: ``{"map": .., "mp@1": .., ...}`` in percent."""
+def rerank_ranks(query_descriptors, db_descriptors, **kwargs):
+    """`rank_by_similarity` with each query's top results re-ordered by
+    `search.superglobal_rerank` (``kwargs``: its m, k, beta); the rest keep
+    their initial order."""
+    from deep_retrieval import search
+
+    ranks = rank_by_similarity(query_descriptors, db_descriptors)
+    _, top = search.superglobal_rerank(query_descriptors, db_descriptors, **kwargs)
+    out = np.empty_like(ranks)
+    for j in range(ranks.shape[1]):
+        rest = ranks[~np.isin(ranks[:, j], top[j]), j]
+        out[:, j] = np.concatenate([top[j], rest])
+    return out
+
+
+def evaluate(ranks, gnd, kappas=KAPPAS, query_indices=None):
+    """Per protocol: ``{"map": .., "mp@1": .., ...}`` in percent
+    (``query_indices``: see `protocols_for`)."""
     out = {}
-    for name, g in protocols_for(gnd).items():
+    for name, g in protocols_for(gnd, query_indices).items():
         m, _, mpr, _ = compute_map(ranks, g, kappas)
         out[name] = {"map": 100 * m, **{f"mp@{k}": 100 * p for k, p in zip(kappas, mpr)}}
     return out

@@ -14,21 +14,34 @@ def compiled_fn(fn):
 
 
 def compiled(model):
-    """A compiled inference call of a Keras model, one graph for all sizes."""
-    return compiled_fn(lambda x: model(x, training=False))
+    """A compiled inference call of a descriptor model on per-scale views
+    (see `extract`), one graph for all sizes."""
+    return compiled_fn(lambda views: model(list(views), training=False))
 
 
-def extract(fn, paths, longest, boxes=None, batch_size=16, progress=True, desc="extract", strict=True):
+def compiled_single_scale(model):
+    """`compiled` for the model's descriptor at scale 1 only (training's
+    mining)."""
+    return compiled_fn(lambda views: model.single_scale(views[0], training=False))
+
+
+def extract(fn, paths, longest, boxes=None, scales=(1.0,), batch_size=16, progress=True,
+            desc="extract", strict=True):
     """Descriptors of image files, in order.
 
-    Consecutive images of the same size are batched together.
+    Each image is decoded once and resized from the original to every scale
+    (`pipeline.scale_views`); consecutive images of the same size are batched
+    together.
 
     Args:
-        fn: a callable from ``[N, H, W, 3]`` float32 to ``[N, D]``
-            (see `compiled`).
+        fn: a callable from a list of float32 batches ``[N, H_s, W_s, 3]``,
+            one per scale, to ``[N, D]`` (see `compiled`).
         paths: image files.
-        longest: images are resized so their longest side is this.
-        boxes: optional ``[n, 4]`` crop boxes (NaN rows: no crop).
+        longest: at scale 1, the longest side of the full image.
+        boxes: optional ``[n, 4]`` crop boxes in original pixels (NaN rows:
+            no crop); a crop keeps its image's scale.
+        scales: relative scales (the model's ``config.scales`` for
+            `compiled`, ``(1.0,)`` for `compiled_single_scale`).
         batch_size: images per call at most.
         progress: show a progress bar.
         desc: the progress bar's label.
@@ -44,7 +57,7 @@ def extract(fn, paths, longest, boxes=None, batch_size=16, progress=True, desc="
 
     def flush():
         nonlocal out
-        d = np.asarray(fn(tf.stack(batch)))
+        d = np.asarray(fn([tf.stack(views) for views in zip(*batch)]))
         if out is None:
             out = np.zeros((n, d.shape[1]), dtype=np.float32)
         out[indices] = d
@@ -54,10 +67,11 @@ def extract(fn, paths, longest, boxes=None, batch_size=16, progress=True, desc="
         indices.clear()
 
     with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
-        for index, image in pipeline.image_dataset(paths, longest, boxes):
-            if batch and (image.shape != batch[0].shape or len(batch) == batch_size):
+        for index, views in pipeline.image_dataset(paths, longest, boxes, scales):
+            shapes = [v.shape for v in views]
+            if batch and (shapes != [v.shape for v in batch[0]] or len(batch) == batch_size):
                 flush()
-            batch.append(image)
+            batch.append(views)
             indices.append(int(index))
         if batch:
             flush()
@@ -73,20 +87,70 @@ def extract(fn, paths, longest, boxes=None, batch_size=16, progress=True, desc="
     return out, failed
 
 
-def evaluate_model(fn, dataset, longest, progress=True, qe=0, qe_alpha=3.0, dba=0):
-    """Extracts a `RetrievalDataset` (queries cropped to their boxes), ranks
-    it, optionally with DBA and αQE, and returns `evaluation.evaluate`'s dict."""
+def model_describer(model, longest, batch_size=16, progress=True):
+    """``describe(paths, boxes=None, desc=...) -> [n, D]`` for a Keras
+    descriptor model at its own scales (see `evaluate_model`)."""
+    fn = compiled(model)
+
+    def describe(paths, boxes=None, desc="extract"):
+        return extract(fn, paths, longest, boxes, model.config.scales, batch_size, progress, desc)[0]
+
+    return describe
+
+
+def saved_model_describer(path, batch_size=16, progress=True):
+    """``describe(paths, boxes=None, desc=...)`` through an exported
+    SavedModel's own serving signatures (``serving_default`` on the encoded
+    files, ``crops`` for boxed queries): what TF Serving would answer."""
+    module = tf.saved_model.load(path)
+    default, crops = module.signatures["serving_default"], module.signatures["crops"]
+
+    def describe(paths, boxes=None, desc="extract"):
+        out = []
+        with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
+            for start in range(0, len(paths), batch_size):
+                chunk = paths[start:start + batch_size]
+                blobs = []
+                for p in chunk:
+                    reason = pipeline.diagnose(p)
+                    if reason:
+                        raise ValueError(f"{p}: {reason}")
+                    with open(p, "rb") as f:
+                        blobs.append(f.read())
+                if boxes is None:
+                    d = default(images=tf.constant(blobs))
+                else:
+                    d = crops(images=tf.constant(blobs),
+                              boxes=tf.constant(boxes[start:start + batch_size], tf.float32))
+                out.append(d["descriptors"].numpy())
+                bar.update(len(chunk))
+        return np.concatenate(out)
+
+    return describe
+
+
+def evaluate_model(describe, dataset, qe=0, qe_alpha=3.0, dba=0, rerank=False):
+    """Describes a `RetrievalDataset` (queries cropped to their boxes), ranks
+    it, optionally with DBA, αQE and SuperGlobal re-ranking (in that order),
+    and returns `evaluation.evaluate`'s dict.
+
+    ``describe(paths, boxes=None, desc=...)`` gives descriptors of files
+    (`model_describer`, `saved_model_describer`). A query without a box is
+    described whole; with one, every query needs one.
+    """
     from deep_retrieval import evaluation, search
 
-    db, _ = extract(fn, dataset.images, longest, progress=progress, desc=f"{dataset.name} database")
-    boxes = [[float("nan")] * 4 if b is None else list(b) for b in dataset.query_boxes]
-    q, _ = extract(fn, dataset.queries, longest, boxes, progress=progress, desc=f"{dataset.name} queries")
+    db = describe(dataset.images, desc=f"{dataset.name} database")
+    boxes = None
+    if any(b is not None for b in dataset.query_boxes):
+        boxes = [[float("nan")] * 4 if b is None else list(b) for b in dataset.query_boxes]
+    q = describe(dataset.queries, boxes, desc=f"{dataset.name} queries")
     if dba:
         db = search.database_augmentation(db, dba)
     if qe:
         q = search.alpha_query_expansion(q, db, qe, qe_alpha)
-    ranks = evaluation.rank_by_similarity(q, db)
-    return evaluation.evaluate(ranks, dataset.gnd)
+    ranks = evaluation.rerank_ranks(q, db) if rerank else evaluation.rank_by_similarity(q, db)
+    return evaluation.evaluate(ranks, dataset.gnd, query_indices=dataset.query_indices)
 
 
 def proposal_recall(model, paths, boxes, longest, tops=(16, 64, 256), iou_threshold=0.5,
@@ -116,8 +180,8 @@ def proposal_recall(model, paths, boxes, longest, tops=(16, 64, 256), iou_thresh
     kind = model.config.regions
     found = {k: [] for k in tops}
     grid, targets, grid_count = [], [], 0
-    for index, image in tqdm(pipeline.image_dataset(paths, longest), total=len(paths),
-                             desc="proposal recall", unit="img", disable=not progress):
+    for index, (image,) in tqdm(pipeline.image_dataset(paths, longest), total=len(paths),
+                                desc="proposal recall", unit="img", disable=not progress):
         index = int(index)
         image = image.numpy()[None]
         fmap = model.backbone(model.preprocess(image))  # once, for both region sets

@@ -38,7 +38,7 @@ def hard_negatives(query_descriptors, query_labels, pool_descriptors, pool_label
     return out
 
 
-def sample_triplets(labels, negatives, rng, queries=None):
+def sample_triplets(labels, negatives, rng, queries=None, exclude=()):
     """Triplets ``(query, positive, negative)`` of pool indices.
 
     Args:
@@ -47,6 +47,8 @@ def sample_triplets(labels, negatives, rng, queries=None):
             already mapped to training indices).
         rng: numpy Generator.
         queries: training indices that were mined (default ``arange(n)``).
+        exclude: training indices never used as positives (images that
+            failed to decode).
 
     Returns:
         ``[m, 3]`` int array: for each query with a valid negative, a random
@@ -55,13 +57,14 @@ def sample_triplets(labels, negatives, rng, queries=None):
     """
     labels = np.asarray(labels)
     queries = np.arange(len(labels)) if queries is None else np.asarray(queries)
-    by_label = {}
+    by_label, exclude = {}, set(int(i) for i in exclude)
     for idx, lab in enumerate(labels):
-        by_label.setdefault(lab, []).append(idx)
+        if idx not in exclude:
+            by_label.setdefault(lab, []).append(idx)
     rows = []
     for qi, negs in zip(queries, negatives):
         negs = negs[negs >= 0]
-        positives = [j for j in by_label[labels[qi]] if j != qi]
+        positives = [j for j in by_label.get(labels[qi], []) if j != qi]
         if not len(negs) or not positives:
             continue
         rows.append((qi, rng.choice(positives), rng.choice(negs)))

@@ -34,7 +34,11 @@ class DescriptorModel(keras.Model):
     Call arguments:
         images: float32 ``[N, H, W, 3]`` RGB pixels in ``[0, 255]``, any
             ``H, W`` such that every scaled image covers at least one
-            feature cell.
+            feature cell; the model resizes them to each scale. Or a list
+            with one such batch per scale, each resized from the original
+            image (`deep_retrieval.data.pipeline.scale_views`), which is
+            what extraction, evaluation and the serving graph pass: DIR
+            resizes every scale from the original.
         training: passed to the backbone (batch-norm mode).
 
     Attributes:
@@ -119,7 +123,7 @@ class DescriptorModel(keras.Model):
     def build(self, input_shape):
         self.built = True
 
-    def _check_input(self, images):
+    def _check_input(self, images, smallest=None):
         shape = tuple(images.shape)
         dtype = keras.backend.standardize_dtype(images.dtype)
         if len(shape) != 4:
@@ -137,15 +141,25 @@ class DescriptorModel(keras.Model):
                 "images to float32 first (no rescaling: the model preprocesses)."
             )
         height, width = shape[1], shape[2]
-        smallest = self.min_image_size
-        if functional.is_static_size(height, width) and min(height, width) < smallest:
+        if functional.is_static_size(height, width) and min(height, width) < (smallest or self.min_image_size):
+            if smallest:
+                raise ValueError(
+                    f"Image of {height}x{width} pixels is too small: the {self.config.backbone} "
+                    f"backbone has a total stride of {self.spec.stride}; both sides must be at "
+                    f"least {smallest} pixels at every scale."
+                )
             raise ValueError(
                 f"Image of {height}x{width} pixels is too small: the {self.config.backbone} "
                 f"backbone has a total stride of {self.spec.stride}, so with scales "
-                f"{self.config.scales} both sides must be at least {smallest} pixels."
+                f"{self.config.scales} both sides must be at least {self.min_image_size} pixels."
             )
 
     def call(self, images, training=None):
+        if isinstance(images, (list, tuple)):
+            for view in images:
+                self._check_input(view, smallest=self.spec.stride)
+            views = [self.preprocess(view) for view in images]
+            return self.multi_resolution(views, training=training)
         self._check_input(images)
         return self.multi_resolution(self.preprocess(images), training=training)
 

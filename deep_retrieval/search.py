@@ -21,6 +21,9 @@ Query expansion and database-side augmentation follow the usual definitions:
 * DBA (Gordo et al., IJCV 2017): every database vector is replaced by
   ``L2(sum_{r=0..k} (k - r) / k * x_(r))`` over itself (``r = 0``) and its
   ``k`` nearest database neighbours, weights falling linearly with rank.
+
+`superglobal_rerank` re-ranks the top results with global descriptors only
+(SuperGlobal, Shao et al., ICCV 2023).
 """
 
 import json
@@ -85,6 +88,52 @@ def database_augmentation(database, k, chunk=65536):
     weights = np.concatenate([[1.0], (k - np.arange(idx.shape[1] - 1)) / k]).astype(np.float32)
     # The first hit is the vector itself unless a duplicate ties with it.
     return _normalize(np.einsum("r,nrd->nd", weights, database[idx]))
+
+
+RERANK_M, RERANK_K, RERANK_BETA = 400, 9, 0.15
+"""SuperGlobal's published defaults."""
+
+
+def superglobal_rerank(queries, database, m=RERANK_M, k=RERANK_K, beta=RERANK_BETA, chunk=65536):
+    """SuperGlobal re-ranking of each query's top-``m`` results.
+
+    As published (Shao et al., "Global Features are All You Need for Image
+    Retrieval and Reranking", ICCV 2023, and its code):
+
+    1. Top-M descriptor augmentation: within the query's top-``m``, each
+       result ``x_i`` becomes the weighted mean of its own top-``k + 1``
+       among those ``m`` (itself first, weight 1; the others weight ``beta``
+       times their similarity to ``x_i``), not re-normalised.
+    2. ``s1_i = q . x_i'``; the query becomes the element-wise max of the
+       ``k + 1`` refined results with the highest ``s1``, ``q'``.
+    3. The ``m`` results are re-ordered by ``(s1_i + q' . x_i') / 2``.
+
+    Args:
+        queries: ``[nq, d]``; database: ``[n, d]`` (both L2-normalised here).
+        m, k, beta: SuperGlobal's M, K, beta.
+
+    Returns:
+        ``(scores [nq, m'], indices [nq, m'])``, ``m' = min(m, n)``, by
+        decreasing re-ranked score (ties: initial order).
+    """
+    queries, database = _normalize(queries), _normalize(database)
+    _, idx = topk(queries, database, m, chunk)
+    width = min(k + 1, idx.shape[1])
+    out_scores, out_idx = [], []
+    for q, top in zip(queries, idx):
+        x = database[top]  # [m, d]
+        sims = x @ x.T
+        neighbours = np.argsort(-sims, axis=1, kind="stable")[:, :width]
+        weights = beta * np.take_along_axis(sims, neighbours, axis=1)
+        weights[:, 0] = 1.0
+        refined = np.einsum("ab,abd->ad", weights, x[neighbours]) / weights.sum(1, keepdims=True)
+        s1 = refined @ q
+        expanded = refined[np.argsort(-s1, kind="stable")[:width]].max(axis=0)
+        final = (s1 + refined @ expanded) / 2
+        order = np.argsort(-final, kind="stable")
+        out_scores.append(final[order])
+        out_idx.append(top[order])
+    return np.asarray(out_scores, np.float32), np.asarray(out_idx, np.int64)
 
 
 KINDS = ("exact", "flat", "ivfpq")
@@ -182,14 +231,22 @@ class Index:
             self._faiss.add(self.descriptors)
         return self._faiss
 
-    def search(self, queries, k=10, qe=0, alpha=3.0, chunk=65536):
-        """``(scores, ids)``: for each query, its top-``k`` (after αQE if ``qe``)."""
+    def search(self, queries, k=10, qe=0, alpha=3.0, rerank=False, chunk=65536):
+        """``(scores, ids)``: for each query, its top-``k`` (after αQE if
+        ``qe``; re-ranked with `superglobal_rerank` if ``rerank``, its
+        scores the re-ranked ones)."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if queries.shape[1] != self.dim:
             raise ValueError(f"query descriptors have size {queries.shape[1]}, the index holds {self.dim}")
+        if (qe or rerank) and self.kind == "ivfpq":
+            raise ValueError("αQE and re-ranking need the database vectors: use an exact or flat index")
+        if rerank:
+            if qe:
+                raise ValueError("choose αQE or SuperGlobal re-ranking (it refines the query itself)")
+            scores, idx = superglobal_rerank(queries, self.descriptors, max(RERANK_M, int(k)), chunk=chunk)
+            k = min(int(k), len(self))
+            return scores[:, :k], [[self.ids[i] for i in row[:k]] for row in idx]
         if qe:
-            if self.kind == "ivfpq":
-                raise ValueError("αQE needs the database vectors: use an exact or flat index")
             queries = alpha_query_expansion(queries, self.descriptors, qe, alpha, chunk)
         queries = _normalize(queries)
         k = min(int(k), len(self))

@@ -110,10 +110,15 @@ class Trainer:
         self.chief = _is_chief(self.strategy)
         self.num_workers, self.worker_index = _worker_info(self.strategy)
         keras.utils.set_random_seed(config.seed)
+        replicas = self.strategy.num_replicas_in_sync
+        if config.batch_size % (replicas * config.accumulate_steps):
+            raise ValueError(f"--batch_size {config.batch_size} must split into {replicas} replica(s) x "
+                             f"{config.accumulate_steps} micro-batch(es) (--accumulate_steps)")
         self.data = resolve_data(config, progress=progress and self.chief)
         frame = self.data.manifest.frame
         self.paths = frame["path"].tolist()
         self.labels = frame["label"].to_numpy()
+        self.unusable = set()  # indices that failed to decode in mining
         with self.strategy.scope():
             self.model = build_descriptor_model(config.descriptor)
             for layer in self.model.backbone.layers:
@@ -152,34 +157,33 @@ class Trainer:
             else tf.summary.create_noop_writer()
         )
         self._train_step = tf.function(self._distributed_step)
-        self._embed_single = extraction.compiled_fn(
-            lambda x: self.model.single_scale(x, training=False)
+        self._embed_single = extraction.compiled_single_scale(self.model)
+        self._describe = extraction.model_describer(
+            self.model, config.image_size, progress=self.progress
         )
-        self._embed = extraction.compiled(self.model)
 
     def _optimizer(self):
         c = self.config
+        decoupled = (c.weight_decay or None) if c.weight_decay_mode == "decoupled" else None
         if c.optimizer == "adam":
-            return keras.optimizers.Adam(c.learning_rate, weight_decay=c.weight_decay or None)
+            return keras.optimizers.Adam(c.learning_rate, weight_decay=decoupled)
         if c.optimizer == "sgd":
-            return keras.optimizers.SGD(
-                c.learning_rate, momentum=c.momentum, weight_decay=c.weight_decay or None
-            )
+            return keras.optimizers.SGD(c.learning_rate, momentum=c.momentum, weight_decay=decoupled)
         raise ValueError(f"Unknown optimizer {c.optimizer!r}; use adam or sgd.")
 
     # ----------------------------------------------------------------- steps
 
     def _distributed_step(self, query, positive, negative):
-        global_batch = self.config.batch_size
-        margin = self.config.margin
+        c = self.config
 
         def step_fn(q, p, n):
-            with tf.GradientTape() as tape:
-                d = self.model.single_scale(tf.concat([q, p, n], 0), training=True)
-                dq, dp, dn = tf.split(d, 3)
-                loss = losses.triplet_ranking_loss_sum(dq, dp, dn, margin) / global_batch
-            grads = tape.gradient(loss, self.model.trainable_variables)
-            self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+            variables = self.model.trainable_variables
+            loss, grads = ranking_gradients(
+                self.model, variables, q, p, n, c.margin, c.batch_size, c.accumulate_steps
+            )
+            if c.weight_decay and c.weight_decay_mode == "l2":
+                grads = [g + c.weight_decay * v for g, v in zip(grads, variables)]
+            self.optimizer.apply_gradients(zip(grads, variables))
             return loss
 
         per_replica = self.strategy.run(step_fn, args=(query, positive, negative))
@@ -309,7 +313,7 @@ class Trainer:
         regions = []
         desc = "whitening: region descriptors"
         with tqdm(total=count, desc=desc, unit="img", disable=not (self.progress and self.chief)) as bar:
-            for _, image in pipeline.image_dataset([self.paths[i] for i in chosen], self.config.image_size):
+            for _, (image,) in pipeline.image_dataset([self.paths[i] for i in chosen], self.config.image_size):
                 pooled, valid = pool(image[None])
                 pooled = np.asarray(functional.l2_normalize(pooled))[0]
                 valid = np.asarray(valid)
@@ -329,12 +333,23 @@ class Trainer:
             self._embed_single, [self.paths[i] for i in pool], c.image_size,
             progress=self.progress and self.chief, desc=f"mining round {round_index}", strict=False,
         )
+        if len(failed):
+            # Images that read at startup but no longer decode: reported and
+            # kept out of every later triplet, never dropped silently.
+            new = set(pool[failed].tolist()) - self.unusable
+            self.unusable |= new
+            names = ", ".join(os.path.basename(self.paths[i]) for i in sorted(new)[:5])
+            self._log(f"mining round {round_index}: {len(failed)} image(s) failed to decode and are left out "
+                      f"of training ({len(self.unusable)} in all so far){': ' + names if new else ''}"
+                      f"{' ...' if len(new) > 5 else ''}")
+        with self.writer.as_default():
+            tf.summary.scalar("data/unusable_images", len(self.unusable), step=round_index)
         keep = np.setdiff1d(np.arange(len(pool)), failed)
         pool, desc = pool[keep], desc[keep]
         labels = self.labels[pool]
         negatives = mining.hard_negatives(desc, labels, desc, labels, c.num_negatives)
         negatives = np.where(negatives >= 0, pool[np.maximum(negatives, 0)], -1)
-        return mining.sample_triplets(self.labels, negatives, rng, queries=pool)
+        return mining.sample_triplets(self.labels, negatives, rng, queries=pool, exclude=self.unusable)
 
     def triplet_iterator(self, triplets, round_index):
         """An endless iterator of distributed triplet batches for one round."""
@@ -357,9 +372,7 @@ class Trainer:
         if self.data.eval_dataset is None or not self.chief:
             return None
         start = time.time()
-        results = extraction.evaluate_model(
-            self._embed, self.data.eval_dataset, self.config.image_size, progress=self.progress
-        )
+        results = extraction.evaluate_model(self._describe, self.data.eval_dataset)
         record = {"step": int(step), "time": round(time.time() - start, 2)}
         for protocol, values in results.items():
             for key, value in values.items():
@@ -459,6 +472,51 @@ class Trainer:
 
 
 INITIAL_MODEL = "initial.keras"
+
+
+def ranking_gradients(model, variables, query, positive, negative, margin, global_batch, micro_batches=1):
+    """The triplet loss of a batch and its gradients, in micro-batches.
+
+    The batch is split into ``micro_batches`` equal parts run one after the
+    other (a `tf.while_loop`, so only one part's activations are alive at a
+    time); their loss sums and gradients add up to the whole batch's, since
+    the loss is a sum over triplets divided by ``global_batch`` (batch-norm
+    statistics, frozen for pretrained backbones, are the one exception).
+
+    Args:
+        model: a `DescriptorModel`; variables: what to differentiate.
+        query, positive, negative: ``[B, H, W, 3]`` images.
+        margin: the ranking margin.
+        global_batch: triplets per optimizer step over all replicas.
+        micro_batches: parts of ``B`` (must divide it).
+
+    Returns:
+        ``(loss, grads)``.
+    """
+
+    def part(q, p, n):
+        with tf.GradientTape() as tape:
+            d = model.single_scale(tf.concat([q, p, n], 0), training=True)
+            loss = losses.triplet_ranking_loss_sum(*tf.split(d, 3), margin) / global_batch
+        grads = tape.gradient(loss, variables)
+        return loss, [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)]
+
+    if micro_batches == 1:
+        return part(query, positive, negative)
+    size = tf.shape(query)[0] // micro_batches
+
+    def body(i, loss, grads):
+        window = slice(i * size, (i + 1) * size)
+        l, g = part(query[window], positive[window], negative[window])
+        return i + 1, loss + l, [a + b for a, b in zip(grads, g)]
+
+    _, loss, grads = tf.while_loop(
+        lambda i, *_: i < micro_batches,
+        body,
+        (tf.constant(0), tf.constant(0.0), [tf.zeros_like(v) for v in variables]),
+        parallel_iterations=1,
+    )
+    return loss, grads
 
 
 def freeze_backbone_before(backbone, name):

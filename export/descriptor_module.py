@@ -1,15 +1,22 @@
 """The serving module of the descriptor model (TF Model Garden style).
 
-Two signatures over one Keras descriptor model:
+Three signatures over one Keras descriptor model:
 
 * ``serving_default``: ``images`` DT_STRING ``[-1]`` of encoded JPEG, PNG, GIF
   or BMP bytes, one image per element, any size and aspect ->
   ``descriptors`` DT_FLOAT ``[-1, D]``. Each image is decoded to RGB (alpha
-  dropped, grayscale expanded, first GIF frame, EXIF orientation not applied),
-  resized so its longest side is ``image_size`` and described at every scale
-  of the model, inside the graph.
+  dropped, grayscale expanded, first GIF frame, EXIF orientation not applied)
+  and, for each scale ``s`` of the model, resized from the decoded image so
+  its longest side is ``s * image_size`` (DIR's multi-resolution), inside
+  the graph.
+* ``crops``: ``images`` as above and ``boxes`` DT_FLOAT ``[-1, 4]``
+  (``x0, y0, x1, y1`` in the image's pixels; a row with a NaN: no crop) ->
+  ``descriptors``. The crop keeps its image's scale: it is resized by the
+  factor that brings the *full* image to ``s * image_size``, as the
+  retrieval protocols treat query boxes.
 * ``pixels``: ``images`` DT_UINT8 ``[-1, -1, -1, 3]`` for callers that decode
-  themselves (one size per batch) -> ``descriptors``.
+  themselves (one size per batch, at the original resolution) ->
+  ``descriptors``.
 """
 
 import keras
@@ -31,39 +38,48 @@ class DescriptorModule:
         self.image_size = int(image_size)
         self.descriptor_size = int(model.descriptor_size)
 
-    def _build_inputs(self, encoded):
-        """One encoded image -> float32 ``[h, w, 3]`` at the serving size."""
-        return pipeline.resize_longest(pipeline.decode(encoded), self.image_size)
+    def _describe(self, image, box=None):
+        """One decoded image (and optional box) -> its ``[D]`` descriptor."""
+        views = pipeline.scale_views(image, self.image_size, self.model.config.scales, box)
+        return self.model([v[None] for v in views], training=False)[0]
 
-    def _describe(self, image):
-        return self.model(image[None], training=False)[0]
+    def _map(self, fn, elems):
+        return tf.map_fn(
+            fn, elems, fn_output_signature=tf.TensorSpec([self.descriptor_size], tf.float32)
+        )
 
     def serve(self, images):
         """Encoded images ``[N]`` -> ``{"descriptors": [N, D]}``."""
-        descriptors = tf.map_fn(
-            lambda data: self._describe(self._build_inputs(data)),
-            images,
-            fn_output_signature=tf.TensorSpec([self.descriptor_size], tf.float32),
-        )
-        return {"descriptors": descriptors}
+        return {"descriptors": self._map(lambda data: self._describe(pipeline.decode(data)), images)}
+
+    def serve_crops(self, images, boxes):
+        """Encoded images ``[N]``, boxes ``[N, 4]`` -> ``{"descriptors": [N, D]}``."""
+        return {"descriptors": self._map(
+            lambda item: self._describe(pipeline.decode(item[0]), item[1]), (images, boxes)
+        )}
 
     def serve_pixels(self, images):
         """uint8 pixels ``[N, H, W, 3]`` -> ``{"descriptors": [N, D]}``."""
         pixels = tf.cast(images, tf.float32)
-        shape = tf.cast(tf.shape(pixels)[1:3], tf.float32)
-        scale = self.image_size / tf.reduce_max(shape)
-        size = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), 1)
-        pixels = tf.image.resize(pixels, size, method="bilinear", antialias=True)
-        return {"descriptors": self.model(pixels, training=False)}
+        views = pipeline.scale_views(pixels, self.image_size, self.model.config.scales)
+        return {"descriptors": self.model(list(views), training=False)}
 
     def archive(self):
-        """A `keras.export.ExportArchive` with both signatures."""
+        """A `keras.export.ExportArchive` with the three signatures."""
         archive = keras.export.ExportArchive()
         archive.track(self.model)
         archive.add_endpoint(
             "serving_default",
             self.serve,
             input_signature=[tf.TensorSpec([None], tf.string, name="images")],
+        )
+        archive.add_endpoint(
+            "crops",
+            self.serve_crops,
+            input_signature=[
+                tf.TensorSpec([None], tf.string, name="images"),
+                tf.TensorSpec([None, 4], tf.float32, name="boxes"),
+            ],
         )
         archive.add_endpoint(
             "pixels",

@@ -3,7 +3,7 @@
     python -m export.export_saved_model --model runs/demo/model.keras \
         --output_dir models/deep_retrieval/1
 
-Writes the SavedModel (signatures ``serving_default`` and ``pixels``, see
+Writes the SavedModel (signatures ``serving_default``, ``crops`` and ``pixels``, see
 `export.descriptor_module`), ``assets.extra/tf_serving_warmup_requests`` (a
 few PredictionLog records TF Serving replays at load with
 ``--enable_model_warmup``) and ``assets.extra/model_info.json`` (descriptor

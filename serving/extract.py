@@ -121,8 +121,11 @@ class Extractor:
         self.model_name, self.signature_name = model_name, signature_name
         self.timeout, self.retries = timeout, retries
 
-    def predict(self, blobs):
-        """Descriptors ``[n, D]`` of encoded images; retries on other replicas."""
+    def predict(self, blobs, boxes=None):
+        """Descriptors ``[n, D]`` of encoded images; retries on other replicas.
+
+        ``boxes`` (``[n, 4]`` pixels) goes with a signature that takes them
+        (``crops``)."""
         import grpc
         import numpy as np
         import tensorflow as tf
@@ -132,6 +135,8 @@ class Extractor:
         request.model_spec.name = self.model_name
         request.model_spec.signature_name = self.signature_name
         request.inputs["images"].CopyFrom(tf.make_tensor_proto(blobs, dtype=tf.string, shape=[len(blobs)]))
+        if boxes is not None:
+            request.inputs["boxes"].CopyFrom(tf.make_tensor_proto(np.asarray(boxes, np.float32), shape=[len(blobs), 4]))
         delay = 0.2
         for attempt in range(self.retries):
             address, stub = self.replicas.pick(attempt)

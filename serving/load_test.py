@@ -12,7 +12,6 @@ memory sampled over the run. Loopback only: ``--server`` must be a local
 address unless ``--allow_remote``.
 """
 
-import os
 import sys
 import threading
 import time

@@ -1,12 +1,13 @@
 r"""Queries an index with one image and prints (and optionally draws) the results.
 
     python -m serving.search --index index/ --server localhost:8500 \
-        --query photo.jpg [--box 10,20,200,180] --top 10 [--qe 2] [--picture results.png]
+        --query photo.jpg [--box 10,20,200,180] --top 10 [--qe 2 | --rerank] [--picture results.png]
 
 The query descriptor comes from a TF Serving server (``--server``, the
 PredictionService protocol) or from an exported SavedModel run in process
-(``--saved_model``). The query is cropped to ``--box`` first, as the
-retrieval protocols do. ``--picture`` writes a grid PNG: the query with its
+(``--saved_model``). With ``--box`` the export's ``crops`` signature crops
+the query inside the graph, keeping the image's scale, as the retrieval
+protocols do. ``--picture`` writes a grid PNG: the query with its
 box, then the results captioned with rank and score (images are looked up
 under the index's ``images_root``, or ``--images_root``).
 """
@@ -30,40 +31,43 @@ def define_flags():
     flags.DEFINE_list("box", None, "Query box x0,y0,x1,y1 in pixels.")
     flags.DEFINE_integer("top", 10, "Results to show.")
     flags.DEFINE_integer("qe", 0, "αQE with the top-k results (exact and flat indexes).")
+    flags.DEFINE_boolean("rerank", False, "SuperGlobal re-ranking of the top 400 with global descriptors "
+                         "(exact and flat indexes; instead of --qe).")
     flags.DEFINE_string("picture", None, "Write a PNG of the query and its results here.")
     flags.DEFINE_string("images_root", None, "Where result images are (default: the index's images_root).")
 
 
-def query_bytes(path, box=None):
-    """The query file's bytes, cropped to ``box`` (re-encoded as PNG) if given."""
+def check_box(data, box):
+    """``box`` as four floats, refused unless inside the encoded image."""
     from PIL import Image
 
-    with open(path, "rb") as f:
-        data = f.read()
-    if not box:
-        return data
     with Image.open(io.BytesIO(data)) as im:
+        if len(box) != 4:
+            raise ValueError(f"--box needs x0,y0,x1,y1, got {','.join(box)}")
         x0, y0, x1, y1 = (float(v) for v in box)
         if not (0 <= x0 < x1 <= im.width and 0 <= y0 < y1 <= im.height):
-            raise ValueError(f"--box {box} is not inside the {im.width}x{im.height} query image")
-        buf = io.BytesIO()
-        im.convert("RGB").crop((int(x0), int(y0), int(round(x1)), int(round(y1)))).save(buf, "PNG")
-        return buf.getvalue()
+            raise ValueError(f"--box {','.join(box)} is not inside the {im.width}x{im.height} query image")
+    return [x0, y0, x1, y1]
 
 
-def describe(data, server=None, model_name="deep_retrieval", saved_model=None):
-    """The descriptor of encoded image bytes, through a server or a SavedModel."""
+def describe(data, box=None, server=None, model_name="deep_retrieval", saved_model=None):
+    """The descriptor of encoded image bytes (cropped to ``box`` by the
+    model's ``crops`` signature), through a server or a SavedModel."""
     import numpy as np
     import tensorflow as tf
 
+    signature = "crops" if box else "serving_default"
     if saved_model:
-        signature = tf.saved_model.load(saved_model).signatures["serving_default"]
-        return signature(images=tf.constant([data]))["descriptors"].numpy()[0]
+        fn = tf.saved_model.load(saved_model).signatures[signature]
+        inputs = {"images": tf.constant([data])}
+        if box:
+            inputs["boxes"] = tf.constant([box], tf.float32)
+        return fn(**inputs)["descriptors"].numpy()[0]
     from serving import extract as extract_lib
 
     extractor = extract_lib.Extractor(extract_lib.Replicas([server], 64 << 20), model_name,
-                                      "serving_default", 60, 3)
-    return np.asarray(extractor.predict([data]))[0]
+                                      signature, 60, 3)
+    return np.asarray(extractor.predict([data], [box] if box else None))[0]
 
 
 def draw(query_path, box, results, images_root, out_path, thumb=200):
@@ -103,11 +107,13 @@ def main(argv):
 
     try:
         index = search.Index.load(FLAGS.index)
-        data = query_bytes(FLAGS.query, FLAGS.box)
-        vector = describe(data, FLAGS.server, FLAGS.model_name, FLAGS.saved_model)
+        with open(FLAGS.query, "rb") as f:
+            data = f.read()
+        box = check_box(data, FLAGS.box) if FLAGS.box else None
+        vector = describe(data, box, FLAGS.server, FLAGS.model_name, FLAGS.saved_model)
         if len(vector) != index.dim:
             raise ValueError(f"the model gives {len(vector)}-D descriptors, the index holds {index.dim}-D")
-        scores, ids = index.search(vector[None], FLAGS.top, qe=FLAGS.qe)
+        scores, ids = index.search(vector[None], FLAGS.top, qe=FLAGS.qe, rerank=FLAGS.rerank)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

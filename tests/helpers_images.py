@@ -1,6 +1,7 @@
 """Encoded test images (made here, never committed)."""
 
 import io
+import math
 
 import numpy as np
 from PIL import Image
@@ -13,12 +14,28 @@ def encoded(height, width, seed=0, fmt="JPEG"):
     return buf.getvalue()
 
 
-def reference_descriptors(model, blobs, image_size):
-    """The Keras model on the same decoded, resized pixels as the export."""
-    from deep_retrieval.data import pipeline
+def reference_descriptors(model, blobs, image_size, boxes=None):
+    """The Keras model's multi-resolution descriptor, assembled by hand.
+
+    For each scale ``s`` the decoded image (cropped to its box, corners
+    rounded half up) is resized from the original by ``s * image_size /
+    max(H, W)`` of the *full* image; the single-scale descriptors are summed
+    and L2-normalised in numpy (DIR's multi-resolution).
+    """
+    import tensorflow as tf
 
     out = []
-    for data in blobs:
-        image = pipeline.resize_longest(pipeline.decode(data), image_size)
-        out.append(np.asarray(model(image[None]))[0])
-    return np.stack(out)
+    for i, data in enumerate(blobs):
+        image = tf.cast(tf.io.decode_image(data, channels=3, expand_animations=False), tf.float32)
+        full = max(image.shape[:2])
+        if boxes is not None and boxes[i] is not None and not np.isnan(boxes[i]).any():
+            x0, y0, x1, y1 = (int(math.floor(v + 0.5)) for v in boxes[i])
+            image = image[y0:y1, x0:x1]
+        total = 0.0
+        for s in model.config.scales:
+            factor = image_size * s / full
+            size = [max(1, int(math.floor(d * factor + 0.5))) for d in image.shape[:2]]
+            view = tf.image.resize(image, size, antialias=True)
+            total = total + np.asarray(model.single_scale(view[None]))[0].astype(np.float64)
+        out.append(total / np.linalg.norm(total))
+    return np.stack(out).astype(np.float32)

@@ -110,3 +110,19 @@ def test_box_recall_hand_worked():
     ]
     assert evaluation.box_recall(candidates, [target] * 3, 0.5) == pytest.approx(1 / 3)
     assert evaluation.box_recall(candidates[:2], [target] * 2, 0.4) == 1.0
+
+
+def test_rerank_ranks_keep_the_rest_in_initial_order():
+    from deep_retrieval import search
+
+    rng = np.random.default_rng(0)
+    db = rng.normal(size=(30, 6)).astype(np.float32)
+    db /= np.linalg.norm(db, axis=1, keepdims=True)
+    q = db[:3] + 0.1
+    ranks = evaluation.rerank_ranks(q, db, m=8, k=2)
+    initial = evaluation.rank_by_similarity(q, db)
+    _, top = search.superglobal_rerank(q, db, m=8, k=2)
+    for j in range(3):
+        assert ranks[:8, j].tolist() == top[j].tolist()
+        assert sorted(ranks[:8, j]) == sorted(initial[:8, j])  # the same 8, re-ordered
+        assert ranks[8:, j].tolist() == initial[8:, j].tolist()

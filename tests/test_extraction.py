@@ -16,24 +16,26 @@ def _files(tmp_path):
     return paths
 
 
-def _mean_color(x):
-    return tf.reduce_mean(x, axis=(1, 2))
+def _mean_color(views):
+    return tf.reduce_mean(views[0], axis=(1, 2))
 
 
 def test_batches_same_sizes_and_keeps_order(tmp_path):
     paths = _files(tmp_path)
     calls = []
 
-    def fn(x):
-        calls.append(tuple(x.shape))
-        return _mean_color(x)
+    def fn(views):
+        calls.append([tuple(v.shape) for v in views])
+        return _mean_color(views)
 
-    out, failed = extraction.extract(fn, paths, 30, batch_size=8, progress=False)
+    out, failed = extraction.extract(fn, paths, 30, scales=(1.0, 0.5), batch_size=8, progress=False)
     assert failed.size == 0
-    assert calls == [(2, 20, 30, 3), (1, 30, 20, 3), (1, 20, 30, 3)]
+    assert calls == [[(2, 20, 30, 3), (2, 10, 15, 3)], [(1, 30, 20, 3), (1, 15, 10, 3)],
+                     [(1, 20, 30, 3), (1, 10, 15, 3)]]
     for i, p in enumerate(paths):
-        image = pipeline.resize_longest(pipeline.decode(tf.io.read_file(p)), 30)
-        np.testing.assert_allclose(out[i], np.asarray(_mean_color(image[None]))[0], atol=1e-5)
+        image = tf.image.resize(pipeline.decode(tf.io.read_file(p)), calls[1 if i == 2 else 0][0][1:3],
+                                antialias=True)
+        np.testing.assert_allclose(out[i], np.asarray(tf.reduce_mean(image, axis=(0, 1))), atol=1e-4)
 
 
 def test_unreadable_images(tmp_path):
@@ -47,11 +49,11 @@ def test_unreadable_images(tmp_path):
     assert failed.tolist() == [1] and np.all(out[1] == 0) and np.all(out[0] != 0)
 
 
-def test_boxes_crop_before_resize(tmp_path):
-    paths = _files(tmp_path)[:1]
-    out, _ = extraction.extract(lambda x: tf.cast(tf.shape(x)[1:3][None], tf.float32), paths, 30,
+def test_boxes_crop_keeping_the_image_scale(tmp_path):
+    paths = _files(tmp_path)[:1]  # 60 x 40 (W x H)
+    out, _ = extraction.extract(lambda views: tf.cast(tf.shape(views[0])[1:3][None], tf.float32), paths, 30,
                                 boxes=[[0, 0, 20, 40]], progress=False)
-    assert out[0].tolist() == [30.0, 15.0]  # a 20x40 crop, longest side 30
+    assert out[0].tolist() == [20.0, 10.0]  # the 20x40 box at 30/60 of its size
 
 
 def test_proposal_recall_of_the_grid_hand_worked(tmp_path):

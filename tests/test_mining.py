@@ -24,3 +24,13 @@ def test_sample_triplets():
     for q, p, n in trips:
         assert labels[p] == labels[q] and p != q
         assert labels[n] != labels[q] and n in negatives[q]
+
+
+def test_excluded_images_are_never_positives():
+    labels = np.array([0, 0, 0, 1, 1])
+    negatives = np.array([[3], [4], [3]])
+    rows = mining.sample_triplets(labels, negatives, np.random.default_rng(0), queries=[0, 1, 2], exclude=[1])
+    assert len(rows) == 3 and 1 not in rows[:, 1]
+    assert rows[0, 1] == 2  # query 0's only usable positive
+    # Label 1 with one usable image left cannot give a positive.
+    assert len(mining.sample_triplets(labels, np.array([[0]]), np.random.default_rng(0), queries=[3], exclude=[4])) == 0

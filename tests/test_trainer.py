@@ -224,7 +224,7 @@ def test_initial_model_is_the_step_zero_model(tmp_path):
     assert first["step"] == 0
     initial = keras.models.load_model(run / "initial.keras")
     data = groundtruth.load_dataset(synthetic.ensure_dataset(SMALL_DATA, progress=False), "synthetic")
-    results = extraction.evaluate_model(extraction.compiled(initial), data, 64, progress=False)
+    results = extraction.evaluate_model(extraction.model_describer(initial, 64, progress=False), data)
     assert abs(results["medium"]["map"] - first["medium_map"]) < 1e-3
     # Training moved the weights: the final model is another one.
     final = keras.models.load_model(run / "model.keras")
@@ -246,3 +246,68 @@ def test_train_from_freezes_the_layers_before(tmp_path):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="no layer of the tiny backbone"):
         Trainer(small_config(tmp_path / "other", train_from="blocks_9"), progress=False)
+
+
+def test_images_failing_in_mining_are_reported_and_kept_out(tmp_path, capsys):
+    trainer = Trainer(small_config(tmp_path / "run"), progress=False)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 truncated")  # the file changed on disk after the manifest was read
+    trainer.paths[1] = str(broken)
+    triplets = trainer.mine(0)
+    assert trainer.unusable == {1}
+    assert "mining round 0: 1 image(s) failed to decode and are left out of training" in capsys.readouterr().out
+    assert len(triplets) and 1 not in triplets
+
+
+def _frozen_bn_config(tmp_path, **overrides):
+    """`small_config` with a backbone loaded from a weights file, so its
+    batch norm is frozen (as with pretrained weights)."""
+    from deep_retrieval import backbones
+
+    weights = tmp_path / "tiny.weights.h5"
+    if not weights.exists():
+        backbones.build_backbone("tiny")[0].save_weights(weights)
+    cfg = small_config(tmp_path / "run", optimizer="sgd", momentum=0.0, learning_rate=0.1, **overrides)
+    cfg.descriptor = dataclasses.replace(cfg.descriptor, weights=str(weights))
+    return cfg
+
+
+def _one_step(cfg, images):
+    import keras
+
+    trainer = Trainer(cfg, progress=False)
+    keras.utils.set_random_seed(0)
+    before = [np.array(v) for v in trainer.model.trainable_variables]
+    trainer._train_step(*images)
+    return before, [np.array(v) for v in trainer.model.trainable_variables]
+
+
+def _triplet_batch(batch):
+    import tensorflow as tf
+
+    rng = np.random.RandomState(1)
+    return [tf.constant(rng.uniform(0, 255, (batch, 48, 64, 3)).astype("float32")) for _ in range(3)]
+
+
+def test_accumulated_micro_batches_give_the_full_batch_update(tmp_path):
+    images = _triplet_batch(4)
+    w0, full = _one_step(_frozen_bn_config(tmp_path, batch_size=4, weight_decay=0.0), images)
+    w0b, micro = _one_step(_frozen_bn_config(tmp_path, batch_size=4, weight_decay=0.0, accumulate_steps=2), images)
+    for a, b in zip(w0, w0b):
+        np.testing.assert_array_equal(a, b)
+    moved = max(np.abs(a - b).max() for a, b in zip(full, w0))
+    assert moved > 1e-4  # the step did something
+    for a, b in zip(full, micro):
+        np.testing.assert_allclose(a, b, atol=1e-6 + 1e-4 * moved)
+    with pytest.raises(ValueError, match="must be at least 1 and divide"):
+        _frozen_bn_config(tmp_path, batch_size=4, accumulate_steps=3)
+
+
+def test_l2_weight_decay_is_caffe_style(tmp_path):
+    # SGD without momentum, lr 0.1: Caffe's decay adds lambda * w to the
+    # gradient, so the two runs differ by exactly -lr * lambda * w0.
+    images = _triplet_batch(2)
+    w0, plain = _one_step(_frozen_bn_config(tmp_path, batch_size=2, weight_decay=0.0), images)
+    _, decayed = _one_step(_frozen_bn_config(tmp_path, batch_size=2, weight_decay=0.01), images)
+    for w, a, b in zip(w0, plain, decayed):
+        np.testing.assert_allclose(b - a, -0.1 * 0.01 * w, atol=1e-6)

@@ -1,7 +1,7 @@
 r"""Runs a retrieval benchmark end to end and prints mAP and mP@1/5/10.
 
     python -m training.evaluate --data_root data --dataset roxford5k \
-        --model runs/demo/model.keras [--qe 1 --dba 20] [--output_json results.json]
+        --model runs/demo/model.keras [--qe 1 --dba 20 | --rerank] [--output_json results.json]
     python -m training.evaluate --backbone efficientnet_lite0 --weights imagenet
 
 Without ``--data_root``/``--dataset`` it scores the built-in real-photo
@@ -14,9 +14,10 @@ so a trained model can be compared with its starting point.
 (``NAME/jpg/``, ``NAME/gnd_NAME.pkl``); Revisited ground truth gives the
 Easy/Medium/Hard protocols, the original Oxford/Paris ground truth
 (good/ok/junk) the classic one, and Holidays-style ground truth (``ok`` only)
-a single protocol. Queries are cropped to their box. ``--model`` is a
-``.keras`` descriptor model or an exported SavedModel folder (its ``pixels``
-signature is used).
+a single protocol. Queries are cropped to their box, keeping the image's
+scale. ``--model`` is a ``.keras`` descriptor model or an exported SavedModel
+folder (its ``serving_default`` and ``crops`` signatures are used on the
+encoded files, as TF Serving would run them).
 """
 
 import json
@@ -42,41 +43,42 @@ def define_flags():
     flags.DEFINE_integer("qe", 0, "αQE: expand each query with its top-k results (0: off).")
     flags.DEFINE_float("qe_alpha", 3.0, "αQE exponent.")
     flags.DEFINE_integer("dba", 0, "Database-side augmentation with the top-k neighbours (0: off).")
+    flags.DEFINE_boolean("rerank", False, "SuperGlobal re-ranking of each query's top 400 with global "
+                         "descriptors (M=400, K=9, beta=0.15 as published); after --dba/--qe if given.")
     flags.DEFINE_string("output_json", None, "Write {protocol: {map, mp@1, mp@5, mp@10}} here (percent).")
     flags.DEFINE_boolean("progress", True, "Show progress bars.")
 
 
-def descriptor_fn(model_path):
-    """A callable float32 ``[N, H, W, 3]`` -> descriptors for either model kind."""
+def descriptor_fn(model_path, image_size=None, progress=True):
+    """`extraction.evaluate_model`'s ``describe`` for either model kind
+    (``image_size``: the longest side for a ``.keras`` model)."""
     import keras
-    import tensorflow as tf
 
     import deep_retrieval.model  # noqa: F401 - registers the classes
     from deep_retrieval import extraction
 
     if os.path.isdir(model_path):
-        signature = tf.saved_model.load(model_path).signatures["pixels"]
-        return lambda x: signature(images=tf.cast(tf.round(tf.clip_by_value(x, 0, 255)), tf.uint8))["descriptors"]
+        return extraction.saved_model_describer(model_path, progress=progress)
     if not os.path.isfile(model_path):
         raise ValueError(f"{model_path}: no such model file or SavedModel folder")
     try:
         model = keras.models.load_model(model_path)
     except Exception as e:
         raise ValueError(f"{model_path}: cannot load the model: {e}") from e
-    return extraction.compiled(model)
+    return extraction.model_describer(model, image_size, progress=progress)
 
 
-def off_the_shelf(backbone, weights="imagenet"):
+def off_the_shelf(backbone, weights="imagenet", image_size=None, progress=True):
     """The untrained model: ``backbone`` and plain multi-resolution R-MAC."""
     from deep_retrieval import extraction
     from deep_retrieval.model import DescriptorConfig, build_descriptor_model
 
     config = DescriptorConfig(backbone=backbone, weights=weights, whitening_dim=None)
-    return extraction.compiled(build_descriptor_model(config))
+    return extraction.model_describer(build_descriptor_model(config), image_size, progress=progress)
 
 
 def run(data_root, dataset, model_path, image_size=None, qe=0, qe_alpha=3.0, dba=0, progress=True,
-        backbone=None, weights="imagenet"):
+        backbone=None, weights="imagenet", rerank=False):
     """Extracts, ranks and scores; returns `evaluation.evaluate`'s dict (percent).
 
     ``model_path`` None with ``backbone`` set scores `off_the_shelf` instead.
@@ -87,12 +89,14 @@ def run(data_root, dataset, model_path, image_size=None, qe=0, qe_alpha=3.0, dba
 
     data = groundtruth.load_dataset(data_root, dataset)
     if model_path:
-        describe = descriptor_fn(model_path)
-        size = recorded_image_size(model_path, image_size)
+        size = recorded_image_size(model_path, None if os.path.isdir(model_path) else image_size)
+        if os.path.isdir(model_path) and image_size and image_size != size:
+            raise ValueError(f"{model_path} resizes images to {size} px inside its graph; "
+                             f"--image_size {image_size} cannot change that")
+        describe = descriptor_fn(model_path, size, progress)
     else:
-        size = image_size or _demo_image_size()
-        describe = off_the_shelf(backbone, weights)
-    return extraction.evaluate_model(describe, data, size, progress, qe, qe_alpha, dba)
+        describe = off_the_shelf(backbone, weights, image_size or _demo_image_size(), progress)
+    return extraction.evaluate_model(describe, data, qe, qe_alpha, dba, rerank)
 
 
 def _demo_image_size():
@@ -121,7 +125,7 @@ def main(argv):
         if FLAGS.backbone and not FLAGS.image_size:
             print(f"image size: {_demo_image_size()} px (the demo preset's; set --image_size)")
         results = run(data_root, dataset, FLAGS.model, FLAGS.image_size, FLAGS.qe,
-                      FLAGS.qe_alpha, FLAGS.dba, FLAGS.progress, FLAGS.backbone, weights)
+                      FLAGS.qe_alpha, FLAGS.dba, FLAGS.progress, FLAGS.backbone, weights, FLAGS.rerank)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -124,7 +124,7 @@ def main(argv):
             print(f"error: --image {FLAGS.image} is not in the box list", file=sys.stderr)
             return 1
         chosen = names.index(FLAGS.image if FLAGS.image in names else FLAGS.image + ".jpg")
-    image = next(iter(pipeline.image_dataset([paths[chosen]], size)))[1].numpy()[None]
+    image = next(iter(pipeline.image_dataset([paths[chosen]], size)))[1][0].numpy()[None]
     with Image.open(paths[chosen]) as im:
         width, height = im.size
     to_original = np.array([width / image.shape[2], height / image.shape[1]] * 2)

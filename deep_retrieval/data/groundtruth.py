@@ -7,6 +7,15 @@ box ``x0, y0, x1, y1``) and index arrays into ``imlist``: ``easy``, ``hard``,
 ``junk`` (Revisited), or ``good``, ``ok``, ``junk`` (original Oxford/Paris),
 or ``ok`` (Holidays).
 
+Holidays-style benchmarks list their queries among the database images
+(``qimlist`` names found in ``imlist``): `RetrievalDataset.query_indices`
+records where, and evaluation then removes each query from its own ranking
+(the ``holidays`` protocol). Many Holidays photos are stored sideways; the
+published results use them turned upright. An optional ``rotate`` entry,
+``{image name: degrees clockwise}`` (90, 180 or 270), turns those images:
+the upright copies are written once, losslessly (PNG), under
+``NAME/upright/`` and used in their place.
+
 Ground-truth pickles are untrusted input: `load_groundtruth` unpickles them
 with `SafeUnpickler`, which builds only builtin containers and numpy arrays
 and refuses every other global, so a crafted pickle cannot run code.
@@ -16,6 +25,8 @@ import dataclasses
 import io
 import os
 import pickle
+
+from PIL import Image
 
 _ALLOWED_GLOBALS = {
     ("numpy", "ndarray"),
@@ -78,25 +89,61 @@ class RetrievalDataset:
     queries: list
     query_boxes: list
     gnd: list
+    query_indices: list = None
+    """Database index of each query (None: not a database image)."""
+
+
+_TURNS = {90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_90}
+
+
+def upright_copy(source, degrees, folder):
+    """``source`` turned ``degrees`` clockwise, written once as PNG in
+    ``folder`` (atomically; redone when the source is newer)."""
+    if int(degrees) % 360 == 0:
+        return source
+    if int(degrees) % 360 not in _TURNS:
+        raise ValueError(f"{source}: rotation {degrees} is not a multiple of 90 degrees")
+    target = os.path.join(folder, os.path.basename(source) + ".png")
+    if os.path.exists(target) and os.path.getmtime(target) >= os.path.getmtime(source):
+        return target
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{target}.{os.getpid()}.tmp"
+    try:
+        with Image.open(source) as im:
+            im.convert("RGB").transpose(_TURNS[int(degrees) % 360]).save(tmp, "PNG")
+    except OSError as e:
+        raise ValueError(f"{source}: cannot turn the image upright: {e}") from e
+    os.replace(tmp, target)
+    return target
 
 
 def load_dataset(data_root, name, ext=".jpg"):
     """Loads ``data_root/name`` (see the module docstring)."""
     folder = os.path.join(data_root, name)
-    cfg = load_groundtruth(os.path.join(folder, f"gnd_{name}.pkl"))
+    gnd_path = os.path.join(folder, f"gnd_{name}.pkl")
+    cfg = load_groundtruth(gnd_path)
     jpg = os.path.join(folder, "jpg")
+    rotate = cfg.get("rotate") or {}
+    if not isinstance(rotate, dict):
+        raise ValueError(f"{gnd_path}: 'rotate' must map image names to degrees clockwise")
 
     def path(n):
-        return os.path.join(jpg, n if os.path.splitext(n)[1] else n + ext)
+        p = os.path.join(jpg, n if os.path.splitext(n)[1] else n + ext)
+        return upright_copy(p, rotate[n], os.path.join(folder, "upright")) if rotate.get(n) else p
 
     boxes = [
         None if g.get("bbx") is None else tuple(float(v) for v in g["bbx"])
         for g in cfg["gnd"]
     ]
+    for n, box in zip(cfg["qimlist"], boxes):
+        if box is not None and rotate.get(n):
+            raise ValueError(f"{gnd_path}: query {n} has both a box and a rotation")
+    where = {n: i for i, n in enumerate(cfg["imlist"])}
     return RetrievalDataset(
         name=name,
         images=[path(n) for n in cfg["imlist"]],
         queries=[path(n) for n in cfg["qimlist"]],
         query_boxes=boxes,
         gnd=list(cfg["gnd"]),
+        query_indices=[where.get(n) for n in cfg["qimlist"]],
     )

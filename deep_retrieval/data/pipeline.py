@@ -93,32 +93,64 @@ def diagnose(path):
     return None
 
 
-def resize_longest(image, longest):
-    """Resizes ``[H, W, 3]`` so that its longest side is ``longest`` (bilinear,
-    antialiased when shrinking)."""
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = tf.cast(longest, tf.float32) / tf.reduce_max(shape)
-    size = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), 1)
-    return tf.image.resize(image, size, method="bilinear", antialias=True)
-
-
 def crop_box(image, box):
-    """Crops ``[H, W, 3]`` to ``box = (x0, y0, x1, y1)`` (pixels, clipped)."""
+    """Crops ``[H, W, 3]`` to ``box = (x0, y0, x1, y1)`` in pixels.
+
+    Corners round to the nearest pixel (half up), as PIL's ``Image.crop``
+    does in cirtorch's loader; the box is clipped to the image and keeps at
+    least one pixel.
+    """
     shape = tf.shape(image)
-    box = tf.cast(box, tf.float32)
-    x0 = tf.clip_by_value(tf.cast(tf.floor(box[0]), tf.int32), 0, shape[1] - 1)
-    y0 = tf.clip_by_value(tf.cast(tf.floor(box[1]), tf.int32), 0, shape[0] - 1)
-    x1 = tf.clip_by_value(tf.cast(tf.math.ceil(box[2]), tf.int32), x0 + 1, shape[1])
-    y1 = tf.clip_by_value(tf.cast(tf.math.ceil(box[3]), tf.int32), y0 + 1, shape[0])
+    box = tf.cast(tf.floor(tf.cast(box, tf.float32) + 0.5), tf.int32)
+    x0 = tf.clip_by_value(box[0], 0, shape[1] - 1)
+    y0 = tf.clip_by_value(box[1], 0, shape[0] - 1)
+    x1 = tf.clip_by_value(box[2], x0 + 1, shape[1])
+    y1 = tf.clip_by_value(box[3], y0 + 1, shape[0])
     return image[y0:y1, x0:x1]
 
 
-def image_dataset(paths, longest, boxes=None):
-    """``(index, image)`` pairs in order, decoded in parallel.
+def scale_views(image, longest, scales=(1.0,), box=None):
+    """The image at each scale, each resized once from the decoded ``image``.
 
-    Images that fail to read or decode are dropped (the caller sees which
-    indices are missing). ``boxes`` (``[n, 4]``, NaN rows for none) crops
-    before resizing, as the retrieval protocols do for queries.
+    At scale ``s`` the *full* image's longest side becomes ``s * longest``.
+    With a ``box``, the crop is taken at the original resolution and resized
+    by that same factor, so a query crop keeps the scale of its image (DIR's
+    test code resizes the image, then crops; cirtorch's loader since 7525bcc
+    crops, then resizes by the full image's ratio). Each scale resamples the
+    original, never an already-resized copy (bilinear, antialiased when
+    shrinking).
+
+    Args:
+        image: float32 ``[H, W, 3]`` (or a batch ``[N, H, W, 3]`` of one
+            size, without ``box``).
+        longest: the longest side at scale 1 (the model's ``S``).
+        scales: relative scales, e.g. ``(550/800, 1, 1050/800)``.
+        box: optional ``(x0, y0, x1, y1)`` in original pixels; a box with a
+            NaN means no crop.
+
+    Returns:
+        A tuple of float32 ``[h_s, w_s, 3]`` images, one per scale.
+    """
+    full = tf.cast(tf.reduce_max(tf.shape(image)[-3:-1]), tf.float32)
+    if box is not None:
+        box = tf.convert_to_tensor(box, tf.float32)
+        image = tf.cond(tf.reduce_any(tf.math.is_nan(box)), lambda: image, lambda: crop_box(image, box))
+    shape = tf.cast(tf.shape(image)[-3:-1], tf.float32)
+    views = []
+    for scale in scales:
+        factor = tf.cast(longest, tf.float32) * float(scale) / full
+        size = tf.maximum(tf.cast(tf.floor(shape * factor + 0.5), tf.int32), 1)
+        views.append(tf.image.resize(image, size, method="bilinear", antialias=True))
+    return tuple(views)
+
+
+def image_dataset(paths, longest, boxes=None, scales=(1.0,)):
+    """``(index, views)`` pairs in order, decoded in parallel.
+
+    ``views`` is `scale_views`' tuple (one image per scale). Images that fail
+    to read or decode are dropped (the caller sees which indices are
+    missing). ``boxes`` (``[n, 4]`` original pixels, NaN rows for none) crops
+    queries as the retrieval protocols do.
     """
     n = len(paths)
     if boxes is None:
@@ -128,11 +160,7 @@ def image_dataset(paths, longest, boxes=None):
     )
 
     def load(index, path, box):
-        image = decode(tf.io.read_file(path))
-        image = tf.cond(
-            tf.reduce_any(tf.math.is_nan(box)), lambda: image, lambda: crop_box(image, box)
-        )
-        return index, resize_longest(image, longest)
+        return index, scale_views(decode(tf.io.read_file(path)), longest, scales, box)
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.ignore_errors().prefetch(tf.data.AUTOTUNE)
@@ -197,9 +225,10 @@ def triplet_dataset(
         return tuple(images)
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    # read_manifest decodes every image up front; should one still fail
-    # (changed on disk since), its triplet is skipped rather than the run lost.
-    ds = ds.ignore_errors()
+    # read_manifest decodes every image up front and mining leaves out those
+    # that fail later; should one still fail (changed on disk since), its
+    # triplet is skipped with a logged warning rather than the run lost.
+    ds = ds.ignore_errors(log_warning=True)
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 

@@ -7,6 +7,11 @@ PAPER_SCALES = (550 / 800, 1.0, 1050 / 800)
 trained at 800 px, as scales relative to the input."""
 
 
+def _one_shape(shape):
+    """The shape of one scale's batch, given one shape or one per scale."""
+    return shape[0] if shape and isinstance(shape[0], (list, tuple)) else shape
+
+
 @keras.saving.register_keras_serializable(package="deep_retrieval")
 class MultiResolution(keras.layers.Wrapper):
     """Runs a descriptor network at several image scales and sums the results.
@@ -15,13 +20,19 @@ class MultiResolution(keras.layers.Wrapper):
     the wrapped layer, and the per-scale (already L2-normalised) descriptors
     are summed and L2-normalised again.
 
+    Given a list of images instead, one per scale, each already resized from
+    the original (`deep_retrieval.data.pipeline.scale_views`, as DIR does),
+    the layer applies the wrapped layer to each as it is: resizing an
+    already-resized image blurs the upsampled scales.
+
     Args:
         layer: a layer or model mapping ``[N, H, W, 3]`` images to ``[N, D]``
             descriptors.
         scales: relative image scales; ``1.0`` keeps the input as it is.
 
     Call arguments:
-        inputs: ``[N, H, W, 3]`` images (after preprocessing).
+        inputs: ``[N, H, W, 3]`` images (after preprocessing), or a list of
+            ``len(scales)`` such batches, the images at each scale.
         training: passed to the wrapped layer.
 
     Example:
@@ -42,21 +53,29 @@ class MultiResolution(keras.layers.Wrapper):
 
     def build(self, input_shape):
         if not self.layer.built:
-            self.layer.build(input_shape)
+            self.layer.build(_one_shape(input_shape))
         self.built = True
 
     def call(self, inputs, training=None):
-        _, height, width, _ = keras.ops.shape(inputs)
+        if isinstance(inputs, (list, tuple)):
+            if len(inputs) != len(self.scales):
+                raise ValueError(f"Expected {len(self.scales)} images, one per scale "
+                                 f"{self.scales}, got {len(inputs)}.")
+            views = inputs
+        else:
+            _, height, width, _ = keras.ops.shape(inputs)
+            views = [
+                inputs if s == 1 else functional.resize_bilinear(inputs, *functional.scaled_size(height, width, s))
+                for s in self.scales
+            ]
         total = None
-        for scale in self.scales:
-            size = functional.scaled_size(height, width, scale)
-            x = inputs if scale == 1 else functional.resize_bilinear(inputs, *size)
+        for x in views:
             d = self.layer(x, training=training)
             total = d if total is None else total + d
         return functional.l2_normalize(total)
 
     def compute_output_shape(self, input_shape):
-        return self.layer.compute_output_shape(input_shape)
+        return self.layer.compute_output_shape(_one_shape(input_shape))
 
     def get_config(self):
         config = super().get_config()

@@ -72,3 +72,20 @@ def test_load_dataset_layout(tmp_path):
     assert ds.images[0] == str(tmp_path / "toy" / "jpg" / "a.jpg")
     assert ds.queries == [str(tmp_path / "toy" / "jpg" / "q.jpg")]
     assert ds.query_boxes == [(1.0, 2.0, 30.5, 40.0)]
+
+
+def test_rotation_must_be_a_quarter_turn(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "h" / "jpg"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (8, 4)).save(folder / "a.jpg")
+    cfg = {"imlist": ["a"], "qimlist": ["a"], "gnd": [{"ok": np.array([0])}], "rotate": {"a": 45}}
+    _write(tmp_path / "h" / "gnd_h.pkl", cfg)
+    with pytest.raises(ValueError, match="a.jpg: rotation 45 is not a multiple of 90"):
+        groundtruth.load_dataset(str(tmp_path), "h")
+    cfg["rotate"] = {"a": 270}
+    _write(tmp_path / "h" / "gnd_h.pkl", cfg)
+    data = groundtruth.load_dataset(str(tmp_path), "h")
+    with Image.open(data.images[0]) as im:
+        assert im.size == (4, 8) and data.query_indices == [0]

@@ -20,13 +20,49 @@ def test_signature_matches_keras_model(exported):
     assert np.abs(out - want).max() <= 1e-5
 
 
+def test_crops_signature_keeps_the_image_scale(exported):
+    blobs = [encoded(120, 160, 8), encoded(100, 70, 9, "PNG")]
+    boxes = [[10, 20, 110, 95], [float("nan")] * 4]
+    loaded = tf.saved_model.load(exported["version"])
+    out = loaded.signatures["crops"](images=tf.constant(blobs), boxes=tf.constant(boxes, tf.float32))
+    out = out["descriptors"].numpy()
+    want = reference_descriptors(exported["model"], blobs[:1], exported["image_size"], boxes[:1])
+    assert np.abs(out[0] - want[0]).max() <= 1e-5
+    whole = reference_descriptors(exported["model"], blobs[1:], exported["image_size"])
+    assert np.abs(out[1] - whole[0]).max() <= 1e-5  # a NaN box: the whole image
+    # The 100x75 box of a 160-px-wide image at 96 px becomes 60x45, not 96x72.
+    magnified = reference_descriptors(exported["model"], [_crop(blobs[0], boxes[0])], exported["image_size"])
+    assert np.abs(out[0] - magnified[0]).max() > 1e-3
+
+
+def _crop(data, box):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    with Image.open(io.BytesIO(data)) as im:
+        im.crop(tuple(int(v) for v in box)).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def test_pixels_signature(exported):
     pixels = np.random.RandomState(4).randint(0, 256, (2, 48, 72, 3)).astype(np.uint8)
     loaded = tf.saved_model.load(exported["version"])
     out = loaded.signatures["pixels"](images=tf.constant(pixels))["descriptors"].numpy()
-    resized = tf.image.resize(tf.cast(pixels, tf.float32), (64, 96), antialias=True)
-    want = np.asarray(exported["model"](resized))
+    blobs = [_png(p) for p in pixels]
+    want = reference_descriptors(exported["model"], blobs, exported["image_size"])
     assert np.abs(out - want).max() <= 1e-5
+
+
+def _png(pixels):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
 
 
 def test_session_based_load_like_tf_serving(exported):
@@ -48,6 +84,7 @@ def test_saved_model_cli_lists_signatures(exported):
     assert result.returncode == 0, result.stderr[-2000:]
     text = result.stdout
     assert "signature_def['serving_default']" in text and "signature_def['pixels']" in text
+    assert "signature_def['crops']" in text and "shape: (-1, 4)" in text
     assert "dtype: DT_STRING" in text and "dtype: DT_UINT8" in text
     assert "shape: (-1, 32)" in text and "shape: (-1, -1, -1, 3)" in text
 

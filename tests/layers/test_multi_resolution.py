@@ -28,3 +28,16 @@ def test_rejects_bad_scales():
 
     with pytest.raises(ValueError, match="positive"):
         MultiResolution(keras.layers.Identity(), scales=(1.0, 0.0))
+
+
+def test_a_list_of_views_is_used_as_given():
+    import pytest
+
+    rng = np.random.RandomState(1)
+    views = [rng.rand(2, 10, 13, 3).astype("float32"), rng.rand(2, 30, 39, 3).astype("float32")]
+    layer = MultiResolution(RMAC(levels=2), scales=(0.5, 1.5))
+    got = np.asarray(layer(views))
+    want = [reference.l2n(reference.rmac(views[0][i], 2) + reference.rmac(views[1][i], 2)) for i in range(2)]
+    np.testing.assert_allclose(got, np.asarray(want), atol=1e-5)
+    with pytest.raises(ValueError, match="one per scale"):
+        layer(views[:1])

@@ -68,7 +68,7 @@ def test_evaluation_loader_names_each_bad_file(corpus):
     names = ok + bad
     paths = [_path(folder, n) for n in names]
     before = _peak_rss_mb()
-    fn = extraction.compiled_fn(lambda x: tf.reduce_mean(x, axis=[1, 2]))
+    fn = extraction.compiled_fn(lambda views: tf.reduce_mean(views[0], axis=[1, 2]))
     desc, failed = extraction.extract(fn, paths, 96, progress=False, strict=False)
     assert sorted(names[i] for i in failed) == bad
     good = [i for i in range(len(names)) if i not in set(failed)]

@@ -46,15 +46,17 @@ def test_query_with_box_saved_model_and_picture(exported, tmp_path):
     index = index_cmd.build(str(tmp_path / "d.parquet"), str(tmp_path / "idx"), images_root=str(root))
 
     query = str(root / "3.jpg")
-    vector = search_cmd.describe(search_cmd.query_bytes(query), saved_model=exported["version"])
+    data = blobs["3.jpg"]
+    vector = search_cmd.describe(data, saved_model=exported["version"])
     scores, ids = index.search(vector[None], 3)
     assert ids[0][0] == "3.jpg" and scores[0][0] == pytest.approx(1.0, abs=1e-4)
 
-    cropped = search_cmd.query_bytes(query, ["10", "5", "60", "45"])
-    with Image.open(__import__("io").BytesIO(cropped)) as im:
-        assert im.size == (50, 40)
+    box = search_cmd.check_box(data, ["10", "5", "60", "45"])
+    cropped = search_cmd.describe(data, box, saved_model=exported["version"])
+    want = reference_descriptors(exported["model"], [data], exported["image_size"], [box])[0]
+    assert np.abs(cropped - want).max() <= 1e-5
     with pytest.raises(ValueError, match="not inside"):
-        search_cmd.query_bytes(query, ["0", "0", "500", "10"])
+        search_cmd.check_box(data, ["0", "0", "500", "10"])
 
     picture = str(tmp_path / "r.png")
     search_cmd.draw(query, ["10", "5", "60", "45"], list(zip(ids[0], scores[0].tolist())), str(root), picture)

@@ -58,6 +58,16 @@ def test_predict_matches_in_process_model(served):
     assert response.model_spec.version.value >= 1
 
 
+def test_crops_through_the_extraction_client(served):
+    from serving import extract as extract_lib
+
+    blobs, boxes = [encoded(90, 120, 4), encoded(64, 64, 5)], [[5, 10, 65, 80], [0, 0, 64, 64]]
+    replicas = extract_lib.Replicas([f"127.0.0.1:{served['port']}"], 64 << 20)
+    out = extract_lib.Extractor(replicas, "deep_retrieval", "crops", 60, 2).predict(blobs, boxes)
+    want = reference_descriptors(served["exported"]["model"], blobs, served["exported"]["image_size"], boxes)
+    assert np.abs(out - want).max() <= 1e-5
+
+
 def test_metadata_and_status(served):
     request = get_model_metadata_pb2.GetModelMetadataRequest()
     request.model_spec.name = "deep_retrieval"
@@ -65,7 +75,7 @@ def test_metadata_and_status(served):
     response = served["stub"].GetModelMetadata(request)
     sigs = get_model_metadata_pb2.SignatureDefMap()
     response.metadata["signature_def"].Unpack(sigs)
-    assert set(sigs.signature_def) == {"serving_default", "pixels"}
+    assert set(sigs.signature_def) == {"serving_default", "crops", "pixels"}
     assert sigs.signature_def["serving_default"].inputs["images"].dtype == tf.string.as_datatype_enum
     status = served["models"].GetModelStatus(
         get_model_status_pb2.GetModelStatusRequest(model_spec=request.model_spec)

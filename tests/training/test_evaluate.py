@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from deep_retrieval import evaluation
 from deep_retrieval.config import recorded_image_size
 from deep_retrieval.config import SyntheticConfig
-from deep_retrieval.data import groundtruth, pipeline, synthetic
+from deep_retrieval.data import groundtruth, synthetic
+from tests.helpers_images import reference_descriptors
 from training import evaluate
 
 SMALL = SyntheticConfig(source="facades", train_landmarks=2, images_per_landmark=2, test_landmarks=3,
@@ -13,14 +13,12 @@ SMALL = SyntheticConfig(source="facades", train_landmarks=2, images_per_landmark
 
 
 def _reference(model, data, size):
-    def desc(path, box=None):
-        image = pipeline.decode(tf.io.read_file(path))
-        if box is not None:
-            image = pipeline.crop_box(image, box)
-        return np.asarray(model(pipeline.resize_longest(image, size)[None]))[0]
+    def desc(paths, boxes=None):
+        blobs = [open(p, "rb").read() for p in paths]
+        return reference_descriptors(model, blobs, size, boxes)
 
-    db = np.stack([desc(p) for p in data.images])
-    q = np.stack([desc(p, b) for p, b in zip(data.queries, data.query_boxes)])
+    db = desc(data.images)
+    q = desc(data.queries, data.query_boxes)
     ranks = np.argsort(-(db @ q.T), axis=0, kind="stable")
     return evaluation.evaluate(ranks, data.gnd)
 
@@ -90,3 +88,75 @@ def test_no_recorded_image_size_is_an_error_not_a_guess(tmp_path, exported):
     assert recorded_image_size(str(lone), 123) == 123
     (tmp_path / "config.json").write_text('{"image_size": 77}')
     assert recorded_image_size(str(lone)) == 77
+
+
+def _holidays(root):
+    """Three groups of near-duplicate photos, Holidays-style: each group's first
+    image is its query and also a database image; one image is stored sideways."""
+    import pickle
+
+    from PIL import Image
+
+    folder = root / "tinyholidays" / "jpg"
+    folder.mkdir(parents=True)
+    rng = np.random.RandomState(0)
+    names, upright, groups = [], {}, []
+    for g in range(3):
+        base = rng.randint(0, 256, (72, 96, 3)).astype(np.float64)
+        members = []
+        for j in range(3 if g < 2 else 2):
+            name = f"{g}0{j}.png"
+            if (g, j) == (2, 1):  # a positive that looks nothing like its query
+                base = rng.randint(0, 256, base.shape).astype(np.float64)
+            pixels = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+            upright[name] = pixels
+            stored = np.rot90(pixels) if name == "101.png" else pixels  # turned 90 degrees anticlockwise
+            Image.fromarray(np.ascontiguousarray(stored)).save(folder / name)
+            members.append(len(names))
+            names.append(name)
+        groups.append(members)
+    gnd = [{"ok": np.array(m)} for m in groups]  # the query's own index included, as Holidays lists it
+    cfg = {"imlist": names, "qimlist": [names[m[0]] for m in groups], "gnd": gnd, "rotate": {"101.png": 90}}
+    with open(root / "tinyholidays" / "gnd_tinyholidays.pkl", "wb") as f:
+        pickle.dump(cfg, f)
+    return upright, groups
+
+
+def test_holidays_query_in_its_own_database_and_upright_images(tmp_path):
+    import io
+
+    import keras
+    from PIL import Image
+
+    from deep_retrieval.model import DescriptorConfig, build_descriptor_model
+
+    upright, groups = _holidays(tmp_path)
+    data = groundtruth.load_dataset(str(tmp_path), "tinyholidays")
+    assert data.query_indices == [0, 3, 6]
+    turned = data.images[4]
+    assert turned.endswith("upright/101.png.png")
+    np.testing.assert_array_equal(np.asarray(Image.open(turned)), upright["101.png"])
+
+    keras.utils.set_random_seed(5)  # the same untrained model in both
+    got = evaluate.run(str(tmp_path), "tinyholidays", None, image_size=96, progress=False,
+                       backbone="tiny", weights=None)
+    assert set(got) == {"holidays"}
+    keras.utils.set_random_seed(5)
+    model = build_descriptor_model(DescriptorConfig(backbone="tiny", weights=None, whitening_dim=None))
+
+    def blob(name):
+        buf = io.BytesIO()
+        Image.fromarray(upright[name]).save(buf, "PNG")
+        return buf.getvalue()
+
+    names = sorted(upright, key=lambda n: (n[0], n[2]))
+    db = reference_descriptors(model, [blob(n) for n in names], 96)
+    aps = []
+    for members in groups:
+        query = members[0]
+        order = [i for i in np.argsort(-(db @ db[query]), kind="stable") if i != query]  # the query skipped
+        hits = [r for r, i in enumerate(order) if i in members[1:]]
+        aps.append(np.mean([(k / r if r else 1.0) / 2 + (k + 1) / (r + 1) / 2 for k, r in enumerate(hits)]))
+    assert got["holidays"]["map"] == pytest.approx(100 * np.mean(aps), abs=1e-4)
+    # Had the query counted as its own first hit, the hard query's AP would rise.
+    assert got["holidays"]["map"] < 100 and aps[2] < 0.5

@@ -1,0 +1,59 @@
+"""`pipeline.scale_views` against PIL: DIR's query crops and multi-resolution."""
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from deep_retrieval.data import pipeline
+
+
+def _textured(height, width, seed=0):
+    """Fine detail (1-pixel noise over smooth gradients): resampling twice shows."""
+    rng = np.random.RandomState(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    smooth = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], -1)
+    return np.clip(smooth + rng.uniform(-60, 60, (height, width, 3)), 0, 255).astype(np.uint8)
+
+
+def _pil(pixels, size):
+    return np.asarray(Image.fromarray(pixels).resize(size, Image.BILINEAR), np.float32)
+
+
+def test_query_crop_is_the_box_scaled_by_s_over_the_full_image():
+    pixels = _textured(300, 400)  # H x W
+    box = (40, 30, 240, 180)  # a 200 x 150 box
+    (view,) = pipeline.scale_views(tf.constant(pixels, tf.float32), 200, box=box)
+    # S / max(W, H) = 200 / 400: the crop becomes 100 x 75, not 200 x 150.
+    assert view.shape == (75, 100, 3)
+    want = _pil(pixels[30:180, 40:240], (100, 75))
+    assert np.abs(view.numpy() - want).mean() < 1.5
+
+
+def test_crop_corners_round_to_the_nearest_pixel_as_pil_crop():
+    pixels = _textured(50, 60, 1)
+    box = (10.4, 5.5, 40.6, 30.49)
+    (view,) = pipeline.scale_views(tf.constant(pixels, tf.float32), 60, box=box)
+    want = np.asarray(Image.fromarray(pixels).crop((10, 6, 41, 30)), np.float32)
+    np.testing.assert_array_equal(view.numpy(), want)  # scale 1: no resampling
+
+
+def test_each_scale_is_resized_from_the_original():
+    pixels = _textured(600, 900, 2)
+    scales = (550 / 800, 1.0, 1050 / 800)
+    views = pipeline.scale_views(tf.constant(pixels, tf.float32), 400, scales)
+    assert [v.shape[:2] for v in views] == [(183, 275), (267, 400), (350, 525)]
+    big = views[2].numpy()
+    from_original = _pil(pixels, (525, 350))
+    # Upsampling the 400-px image instead (what DIR does not do) blurs the detail.
+    from_resized = _pil(_pil(pixels, (400, 267)).round().astype(np.uint8), (525, 350))
+    near, far = np.abs(big - from_original).mean(), np.abs(big - from_resized).mean()
+    assert near < 2.0 and far > 3 * near, (near, far)
+
+
+def test_a_nan_box_is_no_crop_and_a_batch_resizes_as_one():
+    pixels = _textured(40, 80, 3)
+    (whole,) = pipeline.scale_views(tf.constant(pixels, tf.float32), 40, box=[np.nan] * 4)
+    (batch,) = pipeline.scale_views(tf.constant(np.stack([pixels] * 2), tf.float32), 40)
+    assert whole.shape == (20, 40, 3) and batch.shape == (2, 20, 40, 3)
+    np.testing.assert_allclose(batch[1].numpy(), whole.numpy(), atol=1e-4)
+    assert np.abs(whole.numpy() - _pil(pixels, (40, 20))).mean() < 1.5
