@@ -3,8 +3,10 @@
 Times the compiled step (three streams, triplet loss, gradients, optimizer
 update: `trainer.ranking_gradients`, the trainer's own) on random images of
 the preset's training size, so data loading is not included. Defaults: the
-tiny and demo presets (the demo's frozen layers included), then ResNet-101
-at 800 px (random weights, batch 1; slow on a CPU).
+tiny and demo presets (the demo's frozen layers included), each as one
+block (one aspect ratio) and triplet by triplet (mixed landscape and
+portrait images, each at its own size), then ResNet-101 at 800 px (random
+weights, batch 1; slow on a CPU).
 
 ``--memory`` instead runs one batch of ``--memory_batch`` ResNet-101
 triplets at ``--memory_size`` px with ``--accumulate_steps`` 1, 2, 4, ...
@@ -29,26 +31,33 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from deep_retrieval import config as config_lib  # noqa: E402
-from deep_retrieval.data import pipeline  # noqa: E402
 from deep_retrieval.model import build_descriptor_model  # noqa: E402
 from deep_retrieval.trainer import freeze_backbone_before, ranking_gradients  # noqa: E402
 
 
-def time_step(descriptor, image_size, batch, steps, warmup, train_from="", micro_batches=1):
+def time_step(descriptor, image_size, batch, steps, warmup, train_from="", micro_batches=1, per_triplet=False):
     model = build_descriptor_model(descriptor)
     if train_from:
         freeze_backbone_before(model.backbone, train_from)
     optimizer = keras.optimizers.Adam(1e-5)
-    height, width = pipeline.training_size(image_size)
+    height, width = int(round(image_size * 3 / 4)), int(image_size)  # a 4:3 landscape photo
 
     @tf.function
-    def step(q, p, n):
+    def step(q, p, n, sizes):
         variables = model.trainable_variables
-        loss, grads = ranking_gradients(model, variables, q, p, n, 0.1, batch, micro_batches)
+        loss, grads = ranking_gradients(model, variables, q, p, n, 0.1, batch, micro_batches,
+                                        sizes if per_triplet else None, per_triplet)
         optimizer.apply_gradients(zip(grads, variables))
         return loss
 
     images = [tf.random.uniform((batch, height, width, 3), 0, 255) for _ in range(3)]
+    # Per triplet: the same 4:3 images, landscape and portrait mixed (padded).
+    sizes = [[height, width] if (i + k) % 2 else [width, height] for i in range(batch) for k in range(3)]
+    sizes = tf.constant(sizes, tf.int32, shape=(batch, 3, 2))
+    if per_triplet:
+        side = max(height, width)
+        images = [tf.random.uniform((batch, side, side, 3), 0, 255) for _ in range(3)]
+    images.append(sizes)
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
@@ -107,6 +116,10 @@ def main():
                               args.warmup, preset.train_from)
         print(f"{name} preset ({preset.descriptor.backbone}, {preset.image_size} px, batch "
               f"{preset.batch_size}): {rate:.2f} triplets/s ({sec:.3f} s/step)", flush=True)
+        rate, sec = time_step(preset.descriptor, preset.image_size, preset.batch_size, args.steps,
+                              args.warmup, preset.train_from, per_triplet=True)
+        print(f"{name} preset, mixed aspect ratios (triplet by triplet): {rate:.2f} triplets/s "
+              f"({sec:.3f} s/step)", flush=True)
     if not args.skip_resnet:
         paper = config_lib.PRESETS["paper"]()
         descriptor = dataclasses.replace(paper.descriptor, weights=None)

@@ -2,9 +2,11 @@
 
 For each label: SIFT features on downscaled images, ratio-test matching
 between candidate pairs, RANSAC geometric verification (affine or
-homography, with a minimum inlier count), a graph whose edges are the
-verified pairs, and the largest connected component kept (or every component
-above a size). Each kept image gets the landmark's bounding box: the box of
+homography, with a minimum inlier count), region consistency (a pair's
+matches must lie on the region most of each image's pairs agree on, so that
+matches on shared backgrounds do not link different landmarks), a graph
+whose edges are the pairs left, and the largest connected component kept (or
+every component above a size). Each kept image gets the landmark's bounding box: the box of
 the inlier keypoints of all its verified matches inside the kept component.
 Those boxes train the region proposal network.
 
@@ -213,6 +215,54 @@ def box_from_points(points, size):
     return (float(x0), float(y0), float(x1), float(y1))
 
 
+def box_overlap(a, b):
+    """Intersection of two boxes over the smaller one's area (1 when one
+    holds the other); 0 for a missing box."""
+    if a is None or b is None:
+        return 0.0
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return iw * ih / smaller if smaller > 0 else 0.0
+
+
+def consistent_edges(edges, points, inliers, sizes, threshold):
+    """The verified pairs whose matches lie on each image's landmark.
+
+    Matches on a shared background or object link images of different
+    landmarks. In each image, the matches of a pair cover a region (their
+    bounding box); a landmark is the region that most pairs agree on (DIR's
+    region consistency). For each image the consensus region is the pair
+    box with the largest inlier-weighted overlap with its other pair boxes;
+    a pair is kept when its box overlaps the consensus region of *both* its
+    images by at least ``threshold`` (`box_overlap`).
+
+    Args:
+        edges: verified pairs ``(a, b)``.
+        points: ``points[i][j]`` inlier points of ``i`` in its pair with ``j``.
+        inliers: ``{(a, b): count}``.
+        sizes: ``(w, h)`` of each node's image.
+        threshold: in [0, 1]; 0 keeps every pair.
+
+    Returns:
+        The kept pairs, in order.
+    """
+    if threshold <= 0:
+        return list(edges)
+    weight = {**inliers, **{(b, a): n for (a, b), n in inliers.items()}}
+    consensus = {}
+    for i, partners in points.items():
+        boxes = {j: box_from_points(p, sizes[i]) for j, p in partners.items()}
+        score = {j: sum(weight[(i, k)] * box_overlap(boxes[j], boxes[k]) for k in boxes) for j in boxes}
+        best = max(sorted(score), key=lambda j: score[j])
+        consensus[i] = (boxes, boxes[best])
+    kept = []
+    for a, b in edges:
+        if all(box_overlap(consensus[i][0][j], consensus[i][1]) >= threshold for i, j in ((a, b), (b, a))):
+            kept.append((a, b))
+    return kept
+
+
 def candidate_pairs(features, max_pairs, neighbors):
     """All pairs of a label, or, above ``max_pairs``, each image with its
     ``neighbors`` nearest images by the mean-RootSIFT global descriptor."""
@@ -262,21 +312,28 @@ def clean_label(images, config):
             continue
         features.append(f)
         readable.append(i)
-    edges, points, transforms = [], {}, {}
+    edges, points, transforms, counts = [], {}, {}, {}
     for a, b in candidate_pairs(features, config.max_pairs, config.neighbors):
         v = verify_pair(features[a], features[b], config)
         if v.inliers:
             edges.append((a, b))
+            counts[(a, b)] = v.inliers
             points.setdefault(a, {})[b] = v.points_a
             points.setdefault(b, {})[a] = v.points_b
             transforms[(a, b)] = v.matrix
             transforms[(b, a)] = np.linalg.inv(v.matrix)
-            for node in (a, b):
-                results[readable[node]]["inliers"] = max(results[readable[node]]["inliers"], v.inliers)
+    sizes = [f.size for f in features]
+    edges = consistent_edges(edges, points, counts, sizes, config.region_consistency)
+    kept_pairs = set(edges)
+    points = {i: {j: p for j, p in partners.items() if (min(i, j), max(i, j)) in kept_pairs}
+              for i, partners in points.items()}
+    for (a, b) in edges:
+        for node in (a, b):
+            results[readable[node]]["inliers"] = max(results[readable[node]]["inliers"], counts[(a, b)])
     components = connected_components(len(features), edges)
     size_of = {i: len(c) for c in components for i in c}
     kept = set(select_components(components, config.min_component_size))
-    boxes = estimate_boxes(kept, points, transforms, [f.size for f in features])
+    boxes = estimate_boxes(kept, points, transforms, sizes)
     for node, index in enumerate(readable):
         r = results[index]
         r["component"] = size_of.get(node, 1)

@@ -169,17 +169,22 @@ class TrainConfig:
         resume: continue from the latest checkpoint in ``output_dir``.
         rpn_checkpoint: with ``--regions rpn``, RPN weights to use instead of
             training them (``rpn.weights.npz`` of an earlier run, or its
-            ``model.keras``); empty trains the RPN first (stage 1).
-        rpn_steps: stage-1 steps (RPN on the manifest's boxes, backbone
+            ``model.keras``); empty trains the RPN (see ``rpn_order``).
+        rpn_steps: RPN training steps (on the manifest's boxes, backbone
             frozen).
-        rpn_batch_size: images per stage-1 step.
-        rpn_learning_rate: stage-1 Adam learning rate.
+        rpn_batch_size: images per RPN step.
+        rpn_learning_rate: RPN Adam learning rate.
         rpn_anchors_per_image: anchors sampled per image for the RPN loss
             (at most half positive).
-        rpn_refresh_steps: RPN steps on the current backbone at every mining
-            round of stage 2 and at its end; 0 keeps the RPN frozen after
-            stage 1, as in the paper (right for a pretrained backbone, whose
-            features move little).
+        rpn_order: with ``regions="rpn"``: ``"grid_first"`` (DIR, IJCV 2017)
+            trains the ranking with the rigid grid, then the RPN on that
+            network's frozen features, and the final model pools the RPN's
+            proposals; ``"rpn_first"`` trains the RPN on the pretrained
+            backbone, then the ranking through its frozen proposals.
+        rpn_refresh_steps: with ``rpn_order="rpn_first"``, RPN steps on the
+            current backbone at every mining round of the ranking and at its
+            end; 0 keeps the RPN as first trained (right for a pretrained
+            backbone, whose features move little).
     """
 
     descriptor: DescriptorConfig = dataclasses.field(default_factory=DescriptorConfig)
@@ -218,8 +223,14 @@ class TrainConfig:
     rpn_learning_rate: float = 1e-3
     rpn_anchors_per_image: int = 256
     rpn_refresh_steps: int = 0
+    rpn_order: str = "grid_first"
 
     def __post_init__(self):
+        if self.rpn_order not in ("grid_first", "rpn_first"):
+            raise ValueError(f"`rpn_order` must be 'grid_first' or 'rpn_first', got {self.rpn_order!r}.")
+        if self.rpn_refresh_steps and self.rpn_order != "rpn_first":
+            raise ValueError("`rpn_refresh_steps` re-fits an RPN trained before the ranking: it needs "
+                             "`rpn_order='rpn_first'` (with 'grid_first' the RPN is trained last).")
         if self.weight_decay_mode not in ("l2", "decoupled"):
             raise ValueError(f"`weight_decay_mode` must be 'l2' or 'decoupled', got {self.weight_decay_mode!r}.")
         if self.accumulate_steps < 1 or self.batch_size % self.accumulate_steps:
@@ -243,6 +254,12 @@ class CleanConfig:
         ransac_threshold: RANSAC reprojection error in pixels of the
             downscaled images.
         min_inliers: inliers for a pair to count as verified.
+        region_consistency: a verified pair is kept only when its matches
+            cover, in both images, the region most of that image's pairs
+            agree on (overlap of at least this share of the smaller box;
+            `cleaning.consistent_edges`): matches on shared backgrounds or
+            objects then stop linking images of different landmarks. 0 keeps
+            every verified pair.
         min_component_size: 0 keeps the largest verified group of each label;
             N > 0 keeps every group of at least N images.
         max_pairs: pairs matched exhaustively per label; above it each image
@@ -259,6 +276,7 @@ class CleanConfig:
     transform: str = "affine"
     ransac_threshold: float = 10.0
     min_inliers: int = 15
+    region_consistency: float = 0.5
     min_component_size: int = 0
     max_pairs: int = 2000
     neighbors: int = 20
@@ -269,6 +287,8 @@ class CleanConfig:
             raise ValueError(f"`transform` must be 'affine' or 'homography', got {self.transform!r}.")
         if not 0 < self.ratio <= 1:
             raise ValueError(f"`ratio` must be in (0, 1], got {self.ratio}.")
+        if not 0 <= self.region_consistency <= 1:
+            raise ValueError(f"`region_consistency` must be in [0, 1], got {self.region_consistency}.")
         if self.min_inliers < 3:
             raise ValueError(f"`min_inliers` must be at least 3, got {self.min_inliers}.")
         if self.max_side < 16:
@@ -340,7 +360,9 @@ def _tiny():
         checkpoint_every=100,
         rpn_steps=300,
         # Trained from scratch, the backbone's features drift far from what
-        # stage 1 saw: the RPN follows them at every mining round.
+        # the RPN first saw: with --regions rpn it is trained first and
+        # follows them at every mining round (the README's figures).
+        rpn_order="rpn_first",
         rpn_refresh_steps=50,
     )
 

@@ -8,13 +8,16 @@ that model (pretrained backbone plus whitening) is saved as
 ``initial.keras``. A pretrained backbone's batch-norm statistics stay
 frozen, as in the reference code; ``train_from`` freezes its first layers.
 
-With ``regions="rpn"`` training has two stages, as in DIR (IJCV 2017):
-stage 1 trains the region proposal network on the manifest's landmark boxes
-with the backbone frozen (`train_rpn`); stage 2 is the ranking training with
-the RPN frozen. With ``rpn_refresh_steps`` the RPN is re-fitted to the
-current backbone (still frozen) at every mining round and at the end: for a
-backbone trained from scratch, whose features move far from those stage 1
-saw.
+With ``regions="rpn"`` training has two stages. ``rpn_order="grid_first"``
+(the default) follows DIR's IJCV 2017 description: the ranking network is
+trained with the rigid grid, then the region proposal network learns the
+manifest's landmark boxes on that network's frozen convolutional features
+(`attach_rpn`, `train_rpn`), and the model then pools the RPN's proposals.
+``"rpn_first"`` trains the RPN on the pretrained backbone first and then
+the ranking through its (frozen) proposals; with ``rpn_refresh_steps`` the
+RPN is re-fitted to the current backbone at every mining round and at the
+end, for a backbone trained from scratch, whose features move far from
+those the RPN first saw.
 
 TensorFlow only (tf.data, tf.distribute, tf.train.Checkpoint).
 """
@@ -119,8 +122,16 @@ class Trainer:
         self.paths = frame["path"].tolist()
         self.labels = frame["label"].to_numpy()
         self.unusable = set()  # indices that failed to decode in mining
+        # Training images keep their aspect ratio: one size for all (one
+        # aspect ratio) runs batches as blocks, mixed sizes triplet by triplet.
+        self.train_size = _common_size(frame, config.image_size)
+        self.mixed_sizes = self.train_size is None
+        self.synchronized_bn = False
+        # The paper order ranks with the rigid grid; the RPN comes after.
+        self.rpn_after = config.descriptor.regions == "rpn" and config.rpn_order == "grid_first"
+        ranking = dataclasses.replace(config.descriptor, regions="grid") if self.rpn_after else config.descriptor
         with self.strategy.scope():
-            self.model = build_descriptor_model(config.descriptor)
+            self.model = build_descriptor_model(ranking)
             for layer in self.model.backbone.layers:
                 if isinstance(layer, keras.layers.BatchNormalization):
                     if config.descriptor.weights is not None:
@@ -132,10 +143,11 @@ class Trainer:
                         # From scratch they keep learning, from the statistics
                         # of the global batch so that replicas stay equal.
                         layer.synchronized = True
+                        self.synchronized_bn = True
             if config.train_from:
                 freeze_backbone_before(self.model.backbone, config.train_from)
             if self.model.head.rpn is not None:
-                # Stage 2 leaves the RPN as stage 1 trained it.
+                # Ranking leaves the RPN as its first stage trained it.
                 self.model.head.rpn.trainable = False
             self.optimizer = self._optimizer()
             self.optimizer.build(self.model.trainable_variables)
@@ -173,33 +185,36 @@ class Trainer:
 
     # ----------------------------------------------------------------- steps
 
-    def _distributed_step(self, query, positive, negative):
+    def _distributed_step(self, query, positive, negative, sizes):
         c = self.config
 
-        def step_fn(q, p, n):
+        def step_fn(q, p, n, s):
             variables = self.model.trainable_variables
             loss, grads = ranking_gradients(
-                self.model, variables, q, p, n, c.margin, c.batch_size, c.accumulate_steps
+                self.model, variables, q, p, n, c.margin, c.batch_size, c.accumulate_steps,
+                s if self.mixed_sizes else None, per_triplet=self.mixed_sizes, unroll=self.synchronized_bn,
             )
             if c.weight_decay and c.weight_decay_mode == "l2":
                 grads = [g + c.weight_decay * v for g, v in zip(grads, variables)]
             self.optimizer.apply_gradients(zip(grads, variables))
             return loss
 
-        per_replica = self.strategy.run(step_fn, args=(query, positive, negative))
+        per_replica = self.strategy.run(step_fn, args=(query, positive, negative, sizes))
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
-    def _distributed_rpn_step(self, images, boxes, seed):
+    def _distributed_rpn_step(self, images, boxes, sizes, seed):
         c = self.config
         layer = self.model.head.rpn
         variables = layer.weights
         replicas = self.strategy.num_replicas_in_sync
 
-        def step_fn(images, boxes, seed):
+        def gradients(images, boxes, seed):
+            """``([total, objectness, box, positives], grads)`` of one block of
+            images of one size."""
             features = self.model.backbone(self.model.preprocess(images), training=False)
             features = tf.stop_gradient(features)
-            height, width = features.shape[1], features.shape[2]
-            gt = boxes * tf.constant([width, height, width, height], tf.float32)
+            cells = tf.cast(tf.shape(features)[1:3], tf.float32)
+            gt = boxes * tf.stack([cells[1], cells[0], cells[1], cells[0]])
             with tf.GradientTape() as tape:
                 logits, deltas, anchors = layer.raw_outputs(features)
                 keys = tf.random.stateless_uniform(tf.shape(logits), seed)
@@ -208,13 +223,27 @@ class Trainer:
                     anchors_per_image=c.rpn_anchors_per_image,
                 )
                 total, objectness, box = rpn.rpn_loss(logits, deltas, labels, targets)
-                loss = total / replicas
-            grads = tape.gradient(loss, variables)
-            self.rpn_optimizer.apply_gradients(zip(grads, variables))
+            grads = tape.gradient(total, variables)
             positives = tf.reduce_sum(tf.cast(labels == 1, tf.float32))
-            return tf.stack([total, objectness, box, positives]) / replicas
+            return tf.stack([total, objectness, box, positives]), grads
 
-        per_replica = self.strategy.run(step_fn, args=(images, boxes, seed))
+        def step_fn(images, boxes, sizes, seed):
+            if self._rpn_size is not None:  # one size: one block, of a static shape
+                stats, grads = gradients(images, boxes, seed)
+            else:  # each image on its own at its own size, losses averaged
+                def one(i):
+                    image = images[i:i + 1, :sizes[i, 0], :sizes[i, 1]]
+                    st, g = gradients(image, boxes[i:i + 1], seed + tf.stack([0, tf.cast(i, tf.int64) + 1]))
+                    return [st] + list(g)
+
+                count = images.shape[0]
+                out = _sum_loop(count, one, [tf.zeros([4])] + [tf.zeros_like(v) for v in variables], False)
+                stats = out[0] / tf.constant([count, count, count, 1.0])
+                grads = [g / count for g in out[1:]]
+            self.rpn_optimizer.apply_gradients(zip([g / replicas for g in grads], variables))
+            return stats / replicas
+
+        per_replica = self.strategy.run(step_fn, args=(images, boxes, sizes, seed))
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
     # ------------------------------------------------------------ components
@@ -233,11 +262,11 @@ class Trainer:
             if c.rpn_refresh_steps:
                 self._rpn_input()  # refreshes need boxes: fail now, not mid-training
             return
-        self.rpn_steps(c.rpn_steps, "stage 1: RPN")
+        self.rpn_steps(c.rpn_steps, "RPN on the frozen backbone")
         if self.chief:
             path = os.path.join(c.output_dir, "rpn.weights.npz")
             save_rpn_weights(layer, path)
-            self._log(f"stage 1 done: RPN weights saved to {path}")
+            self._log(f"RPN trained: weights saved to {path}")
 
     def _rpn_input(self):
         """The boxed images (iterator), the RPN optimizer and step, made once."""
@@ -258,6 +287,7 @@ class Trainer:
                 f"{c.rpn_batch_size}."
             )
         boxed = frame[has_box]
+        self._rpn_size = _common_size(boxed, c.image_size)
         size = boxed[["width", "height", "width", "height"]].to_numpy(np.float64)
         boxes = boxed[list(manifest_lib.BOX_COLUMNS)].to_numpy(np.float64) / size
         self._log(
@@ -273,6 +303,7 @@ class Trainer:
             return pipeline.box_dataset(
                 paths, boxes, c.image_size,
                 context.get_per_replica_batch_size(c.rpn_batch_size), c.seed, shard=shard,
+                size=self._rpn_size,
             )
 
         with self.strategy.scope():
@@ -298,6 +329,22 @@ class Trainer:
             bar.set_postfix(loss=f"{total:.4f}", positives=f"{positives:.0f}")
             bar.update()
         bar.close()
+
+    def attach_rpn(self):
+        """The paper order's second stage: a model with the RPN takes the
+        ranked backbone and whitening, the RPN learns the boxes on those
+        frozen features (`train_rpn`), and the model pools its proposals
+        from then on."""
+        with self.strategy.scope():
+            model = build_descriptor_model(dataclasses.replace(self.config.descriptor, weights=None))
+            model.backbone.set_weights(self.model.backbone.get_weights())
+            if model.head.pca is not None:
+                model.head.pca.set_weights(self.model.head.pca.get_weights())
+        self.model = model
+        self._embed_single = extraction.compiled_single_scale(model)
+        self._describe = extraction.model_describer(model, self.config.image_size, progress=self.progress)
+        self._log("ranking with the rigid grid done: training the RPN on its features")
+        self.train_rpn()
 
     def init_whitening(self):
         """Fits the PCA-whitening layer to region descriptors of training images."""
@@ -363,6 +410,7 @@ class Trainer:
             return pipeline.triplet_dataset(
                 self.paths, triplets, c.image_size,
                 context.get_per_replica_batch_size(c.batch_size), seed, shard=shard, repeat=True,
+                size=self.train_size,
             )
 
         return iter(self.strategy.distribute_datasets_from_function(dataset_fn))
@@ -464,7 +512,9 @@ class Trainer:
             if c.eval_every and step % c.eval_every == 0 and step != c.steps:
                 self.evaluate(step)
         bar.close()
-        if self.model.head.rpn is not None and c.rpn_refresh_steps:
+        if self.rpn_after:
+            self.attach_rpn()
+        elif self.model.head.rpn is not None and c.rpn_refresh_steps:
             self.rpn_steps(c.rpn_refresh_steps, "RPN refresh (final)")
         self.evaluate(step)
         self.writer.flush()
@@ -474,14 +524,46 @@ class Trainer:
 INITIAL_MODEL = "initial.keras"
 
 
-def ranking_gradients(model, variables, query, positive, negative, margin, global_batch, micro_batches=1):
-    """The triplet loss of a batch and its gradients, in micro-batches.
+def _common_size(frame, longest):
+    """The ``(height, width)`` every image of ``frame`` has at ``longest``
+    (`pipeline.scaled_shape`), or None when they differ."""
+    sizes = {pipeline.scaled_shape(h, w, longest) for h, w in zip(frame["height"], frame["width"])}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _sum_loop(count, body, init, unroll):
+    """``init`` plus ``body(i)`` summed over ``i < count``, one ``i`` after the
+    other: a `tf.while_loop`, or a Python loop when ``unroll`` (synchronized
+    batch norm cannot sit inside control flow)."""
+    add = lambda a, b: [x + y for x, y in zip(a, b)]  # noqa: E731
+    if unroll:
+        total = init
+        for i in range(count):
+            total = add(total, body(i))
+        return total
+    _, total = tf.while_loop(
+        lambda i, _: i < count, lambda i, t: (i + 1, add(t, body(i))), (tf.constant(0), init),
+        parallel_iterations=1,
+    )
+    return total
+
+
+def ranking_gradients(model, variables, query, positive, negative, margin, global_batch, micro_batches=1,
+                      sizes=None, per_triplet=False, unroll=False):
+    """The triplet loss of a batch and its gradients.
 
     The batch is split into ``micro_batches`` equal parts run one after the
-    other (a `tf.while_loop`, so only one part's activations are alive at a
-    time); their loss sums and gradients add up to the whole batch's, since
-    the loss is a sum over triplets divided by ``global_batch`` (batch-norm
-    statistics, frozen for pretrained backbones, are the one exception).
+    other, so only one part's activations are alive at a time; their loss
+    sums and gradients add up to the whole batch's, since the loss is a sum
+    over triplets divided by ``global_batch`` (batch-norm statistics, frozen
+    for pretrained backbones, are the one exception).
+
+    Images come zero-padded to the batch's largest (`pipeline.
+    triplet_dataset`) with their true ``sizes``. With ``per_triplet`` each
+    triplet runs on its own, each image at its own size (slower; for
+    collections of mixed aspect ratios, never squashed); otherwise the
+    batch runs as one block at its first image's size (collections of one
+    aspect ratio, whose images all share it).
 
     Args:
         model: a `DescriptorModel`; variables: what to differentiate.
@@ -489,34 +571,48 @@ def ranking_gradients(model, variables, query, positive, negative, margin, globa
         margin: the ranking margin.
         global_batch: triplets per optimizer step over all replicas.
         micro_batches: parts of ``B`` (must divide it).
+        sizes: optional ``[B, 3, 2]`` true ``(height, width)`` of the
+            query, positive and negative images.
+        per_triplet: see above (needs ``sizes``).
+        unroll: Python loops instead of `tf.while_loop` (synchronized
+            batch norm across replicas).
 
     Returns:
         ``(loss, grads)``.
     """
 
-    def part(q, p, n):
+    def gradients(images, together):
+        # ``together``: the three streams share one size and run as one batch.
         with tf.GradientTape() as tape:
-            d = model.single_scale(tf.concat([q, p, n], 0), training=True)
-            loss = losses.triplet_ranking_loss_sum(*tf.split(d, 3), margin) / global_batch
+            if together:
+                d = tf.split(model.single_scale(tf.concat(images, 0), training=True), 3)
+            else:
+                d = [model.single_scale(image, training=True) for image in images]
+            loss = losses.triplet_ranking_loss_sum(*d, margin) / global_batch
         grads = tape.gradient(loss, variables)
-        return loss, [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)]
+        grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)]
+        return [loss] + grads
 
+    images = (query, positive, negative)
+    init = [tf.constant(0.0)] + [tf.zeros_like(v) for v in variables]
+    if per_triplet:
+        def one(i):
+            return gradients([x[i:i + 1, :sizes[i, k, 0], :sizes[i, k, 1]] for k, x in enumerate(images)], False)
+
+        out = _sum_loop(query.shape[0], one, init, unroll)
+        return out[0], out[1:]
+    if sizes is not None:
+        images = tuple(x[:, :sizes[0, 0, 0], :sizes[0, 0, 1]] for x in images)
     if micro_batches == 1:
-        return part(query, positive, negative)
-    size = tf.shape(query)[0] // micro_batches
+        out = gradients(images, True)
+        return out[0], out[1:]
+    size = query.shape[0] // micro_batches
 
-    def body(i, loss, grads):
-        window = slice(i * size, (i + 1) * size)
-        l, g = part(query[window], positive[window], negative[window])
-        return i + 1, loss + l, [a + b for a, b in zip(grads, g)]
+    def part(i):
+        return gradients([x[i * size:(i + 1) * size] for x in images], True)
 
-    _, loss, grads = tf.while_loop(
-        lambda i, *_: i < micro_batches,
-        body,
-        (tf.constant(0), tf.constant(0.0), [tf.zeros_like(v) for v in variables]),
-        parallel_iterations=1,
-    )
-    return loss, grads
+    out = _sum_loop(micro_batches, part, init, unroll)
+    return out[0], out[1:]
 
 
 def freeze_backbone_before(backbone, name):

@@ -117,7 +117,7 @@ def test_two_workers_end_with_the_same_weights(tmp_path):
 
 
 def _rpn_config(output_dir, **overrides):
-    cfg = small_config(output_dir, **overrides)
+    cfg = small_config(output_dir, **{"rpn_order": "rpn_first", **overrides})
     cfg.descriptor = DescriptorConfig(backbone="tiny", weights=None, whitening_dim=16, scales=(1.0,),
                                       regions="rpn", proposals=16, pre_nms_proposals=64)
     return cfg
@@ -134,7 +134,8 @@ def test_two_stage_rpn_training_and_rpn_checkpoint(tmp_path):
     import tensorflow as tf
     from deep_retrieval.data import pipeline
     boxes = frame[["x0", "y0", "x1", "y1"]].to_numpy() / frame[["width", "height", "width", "height"]].to_numpy()
-    images, norm_boxes = next(iter(pipeline.box_dataset(frame["path"].tolist(), boxes, 64, 8, seed=0)))
+    images, norm_boxes, sizes = next(iter(pipeline.box_dataset(frame["path"].tolist(), boxes, 64, 8, seed=0)))
+    assert (sizes.numpy() == [48, 64]).all()  # the facades are 96x72: their aspect kept at 64 px
 
     def loss():
         fmap = trainer.model.backbone(trainer.model.preprocess(images))
@@ -274,11 +275,13 @@ def _frozen_bn_config(tmp_path, **overrides):
 
 def _one_step(cfg, images):
     import keras
+    import tensorflow as tf
 
     trainer = Trainer(cfg, progress=False)
     keras.utils.set_random_seed(0)
     before = [np.array(v) for v in trainer.model.trainable_variables]
-    trainer._train_step(*images)
+    sizes = tf.constant([[list(images[0].shape[1:3])] * 3] * images[0].shape[0], tf.int32)
+    trainer._train_step(*images, sizes)
     return before, [np.array(v) for v in trainer.model.trainable_variables]
 
 
@@ -311,3 +314,88 @@ def test_l2_weight_decay_is_caffe_style(tmp_path):
     _, decayed = _one_step(_frozen_bn_config(tmp_path, batch_size=2, weight_decay=0.01), images)
     for w, a, b in zip(w0, plain, decayed):
         np.testing.assert_allclose(b - a, -0.1 * 0.01 * w, atol=1e-6)
+
+
+def test_mixed_aspect_triplets_run_one_by_one_at_their_own_sizes(tmp_path):
+    import tensorflow as tf
+
+    from deep_retrieval import backbones, losses
+    from deep_retrieval.model import build_descriptor_model
+    from deep_retrieval.trainer import ranking_gradients
+
+    weights = tmp_path / "tiny.weights.h5"
+    backbones.build_backbone("tiny")[0].save_weights(weights)  # from a file: batch norm frozen
+    model = build_descriptor_model(DescriptorConfig(backbone="tiny", weights=str(weights), whitening_dim=8,
+                                                    scales=(1.0,)))
+    for layer in model.backbone.layers:
+        layer.trainable = not isinstance(layer, __import__("keras").layers.BatchNormalization)
+    variables = model.trainable_variables
+    rng = np.random.RandomState(2)
+    sizes = np.array([[[48, 64], [64, 32], [40, 40]], [[64, 48], [48, 64], [32, 64]]], np.int32)
+    padded = [np.full((2, 64, 64, 3), 255.0, np.float32) for _ in range(3)]  # padding that must not count
+    for i in range(2):
+        for k in range(3):
+            h, w = sizes[i, k]
+            padded[k][i, :h, :w] = rng.uniform(0, 255, (h, w, 3))
+    loss, grads = ranking_gradients(model, variables, *map(tf.constant, padded), 0.1, 2,
+                                    sizes=tf.constant(sizes), per_triplet=True)
+    want_loss, want = 0.0, [np.zeros(v.shape) for v in variables]
+    for i in range(2):
+        with tf.GradientTape() as tape:
+            d = [model.single_scale(padded[k][i:i + 1, :sizes[i, k, 0], :sizes[i, k, 1]], training=True)
+                 for k in range(3)]
+            one = losses.triplet_ranking_loss_sum(*d, 0.1) / 2
+        want_loss += float(one)
+        want = [a + np.asarray(g) for a, g in zip(want, tape.gradient(one, variables))]
+    assert float(loss) == pytest.approx(want_loss, rel=1e-5) and want_loss > 0
+    for g, w in zip(grads, want):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=1e-6)
+    block, _ = ranking_gradients(model, variables, *map(tf.constant, padded), 0.1, 2)
+    assert abs(float(block) - want_loss) > 1e-4  # the padded block is another input
+
+
+def test_trainer_detects_mixed_aspect_collections(tmp_path):
+    import pandas as pd
+    from PIL import Image
+
+    rows = []
+    for label in range(4):
+        for j, (h, w) in enumerate([(48, 64), (64, 40), (50, 50)]):
+            name = f"{label}_{j}.png"
+            Image.fromarray(np.random.RandomState(label * 3 + j).randint(0, 256, (h, w, 3)).astype(np.uint8)).save(
+                tmp_path / name)
+            rows.append({"image": name, "label": label})
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    cfg = small_config(tmp_path / "run", manifest=str(tmp_path / "m.csv"), data_dir=str(tmp_path))
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.mixed_sizes
+    trainer.run()  # two steps, triplet by triplet
+    assert os.path.exists(tmp_path / "run" / "model.keras")
+    uniform = Trainer(small_config(tmp_path / "facades"), progress=False)
+    assert not uniform.mixed_sizes  # the facades are all 96x72
+
+
+def test_paper_order_ranks_with_the_grid_then_learns_the_rpn_on_frozen_features(tmp_path):
+    import keras
+
+    cfg = small_config(tmp_path / "run", rpn_steps=5, rpn_batch_size=4, rpn_order="grid_first",
+                       rpn_refresh_steps=0)
+    cfg.descriptor = DescriptorConfig(backbone="tiny", weights=None, whitening_dim=16, scales=(1.0,),
+                                      regions="rpn", proposals=16, pre_nms_proposals=64)
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.model.head.rpn is None  # the ranking pools the rigid grid
+    trainer.run()
+    ranked = trainer.checkpoint.model  # the grid model the ranking trained
+    final = keras.models.load_model(tmp_path / "run" / "model.keras")
+    assert final.head.rpn is not None and trainer._rpn_count == 5
+    for a, b in zip(final.backbone.get_weights(), ranked.backbone.get_weights()):
+        np.testing.assert_array_equal(a, b)  # the RPN learned on frozen features
+    for a, b in zip(final.head.pca.get_weights(), ranked.head.pca.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    saved = np.load(tmp_path / "run" / "rpn.weights.npz")
+    for v in final.head.rpn.weights:
+        np.testing.assert_array_equal(np.array(v), saved[v.path.split("/rpn/")[1]])
+    initial = keras.models.load_model(tmp_path / "run" / "initial.keras")
+    assert initial.head.rpn is None
+    with pytest.raises(ValueError, match="needs `rpn_order='rpn_first'`"):
+        small_config(tmp_path / "x", rpn_order="grid_first")  # the tiny preset refreshes its RPN

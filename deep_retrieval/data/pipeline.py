@@ -1,5 +1,6 @@
 """tf.data pipelines: decoding, resizing, triplet batches (TensorFlow only)."""
 
+import math
 import os
 
 import tensorflow as tf
@@ -131,17 +132,21 @@ def scale_views(image, longest, scales=(1.0,), box=None):
     Returns:
         A tuple of float32 ``[h_s, w_s, 3]`` images, one per scale.
     """
-    full = tf.cast(tf.reduce_max(tf.shape(image)[-3:-1]), tf.float32)
+    full = tf.reduce_max(tf.shape(image)[-3:-1])
     if box is not None:
         box = tf.convert_to_tensor(box, tf.float32)
         image = tf.cond(tf.reduce_any(tf.math.is_nan(box)), lambda: image, lambda: crop_box(image, box))
-    shape = tf.cast(tf.shape(image)[-3:-1], tf.float32)
-    views = []
-    for scale in scales:
-        factor = tf.cast(longest, tf.float32) * float(scale) / full
-        size = tf.maximum(tf.cast(tf.floor(shape * factor + 0.5), tf.int32), 1)
-        views.append(tf.image.resize(image, size, method="bilinear", antialias=True))
-    return tuple(views)
+    shape = tf.shape(image)[-3:-1]
+    return tuple(
+        tf.image.resize(image, _scaled_size(shape, full, longest * float(s)), method="bilinear", antialias=True)
+        for s in scales
+    )
+
+
+def _scaled_size(shape, full, longest):
+    """``shape`` scaled by ``longest / full``, rounded half up, at least 1."""
+    factor = tf.cast(longest, tf.float32) / tf.cast(full, tf.float32)
+    return tf.maximum(tf.cast(tf.floor(tf.cast(shape, tf.float32) * factor + 0.5), tf.int32), 1)
 
 
 def image_dataset(paths, longest, boxes=None, scales=(1.0,)):
@@ -166,44 +171,57 @@ def image_dataset(paths, longest, boxes=None, scales=(1.0,)):
     return ds.ignore_errors().prefetch(tf.data.AUTOTUNE)
 
 
-def training_size(longest):
-    """``(height, width)`` of training crops: 3:4 landscape, longest side given."""
-    return (int(round(longest * 3 / 4)), int(longest))
+def scaled_shape(height, width, longest):
+    """``(height, width)`` of an image once its longest side is ``longest``
+    (`scale_views`' rounding, in Python)."""
+    factor = longest / max(height, width)
+    return tuple(max(1, int(math.floor(d * factor + 0.5))) for d in (height, width))
 
 
-def augment(image, size, seed):
-    """Random crop (80-100 % of each side), resize, brightness/contrast jitter.
+def augment(image, longest, seed):
+    """A random crop of 80-100 % of the image, resized to the image's
+    test-time size (longest side ``longest``, aspect ratio kept: training
+    sees the geometry test sees), brightness/contrast jitter.
 
     ``seed`` is a ``[2]`` int tensor; the same seed gives the same result.
     """
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 4)
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    frac = tf.random.stateless_uniform([2], seeds[0], 0.8, 1.0)
-    crop = tf.maximum(tf.cast(shape * frac, tf.int32), 1)
+    shape = tf.shape(image)[:2]
+    size = _scaled_size(shape, tf.reduce_max(shape), longest)  # the test-time size
+    frac = tf.random.stateless_uniform([], seeds[0], 0.8, 1.0)
+    crop = tf.maximum(tf.cast(tf.round(tf.cast(shape, tf.float32) * frac), tf.int32), 1)
     image = tf.image.stateless_random_crop(image, tf.concat([crop, [3]], 0), seed=seeds[1])
-    image = tf.image.resize(image, size, antialias=True)
+    image = tf.image.resize(image, size, method="bilinear", antialias=True)  # one resampling
     image = tf.image.stateless_random_brightness(image, 20.0, seed=seeds[2])
     image = tf.image.stateless_random_contrast(image, 0.8, 1.2, seed=seeds[3])
     return tf.clip_by_value(image, 0.0, 255.0)
 
 
 def triplet_dataset(
-    paths, triplets, longest, batch_size, seed, augment_images=True, shard=None, repeat=False
+    paths, triplets, longest, batch_size, seed, augment_images=True, shard=None, repeat=False, size=None
 ):
-    """Batches of ``(query, positive, negative)`` images ``[B, h, w, 3]`` each.
+    """Batches of ``(query, positive, negative, sizes)``.
+
+    Every image keeps its aspect ratio, its longest side ``longest`` (as at
+    test time); a batch is zero-padded to its largest image, and ``sizes``
+    ``[B, 3, 2]`` holds each image's true ``(height, width)``
+    (see `trainer.ranking_gradients`). Images of one aspect ratio give
+    batches without padding.
 
     Args:
         paths: image path of each training index.
         triplets: ``[m, 3]`` indices (from `deep_retrieval.mining`).
-        longest: longest side of the training crops.
+        longest: longest side of the training images.
         batch_size: triplets per batch (per input pipeline).
         seed: int; with it, order and augmentation are deterministic.
         augment_images: random crop and photometric jitter.
         shard: optional ``(num_shards, index)`` for multi-worker input.
         repeat: cycle through the triplets forever (fresh augmentation each
             pass).
+        size: ``(height, width)`` when every image has that size at
+            ``longest`` (one aspect ratio): batches then have that static
+            shape (compiled for it, faster) and no padding.
     """
-    size = training_size(longest)
     paths = path_tensor(paths)
     ds = tf.data.Dataset.from_tensor_slices(tf.constant(triplets, tf.int64))
     if shard is not None:
@@ -218,36 +236,40 @@ def triplet_dataset(
         for k in range(3):
             image = decode(tf.io.read_file(tf.gather(paths, triplet[k])))
             if augment_images:
-                image = augment(image, size, tf.stack([tf.constant(seed, tf.int64), i * 3 + k]))
+                image = augment(image, longest, tf.stack([tf.constant(seed, tf.int64), i * 3 + k]))
             else:
-                image = tf.image.resize(image, size, antialias=True)
-            images.append(tf.ensure_shape(image, size + (3,)))
-        return tuple(images)
+                (image,) = scale_views(image, longest)
+            images.append(image if size is None else tf.ensure_shape(image, tuple(size) + (3,)))
+        return (*images, tf.stack([tf.shape(im)[:2] for im in images]))
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     # read_manifest decodes every image up front and mining leaves out those
     # that fail later; should one still fail (changed on disk since), its
     # triplet is skipped with a logged warning rather than the run lost.
     ds = ds.ignore_errors(log_warning=True)
-    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    shapes = ([None, None, 3] if size is None else list(size) + [3],) * 3 + ([3, 2],)
+    return ds.padded_batch(batch_size, shapes, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-def box_dataset(paths, boxes, longest, batch_size, seed, shard=None):
-    """Endless batches of ``(images [B, h, w, 3], boxes [B, 4])`` for RPN training.
+def box_dataset(paths, boxes, longest, batch_size, seed, shard=None, size=None):
+    """Endless batches of ``(images [B, h, w, 3], boxes [B, 4], sizes [B, 2])``
+    for RPN training.
 
-    Each image is resized to the fixed training size (`training_size`) and
+    Each image keeps its aspect ratio, its longest side ``longest``, and is
     flipped left-right at random; its box ``(x0, y0, x1, y1)``, given as a
-    share of the image's width and height, follows the flip.
+    share of the image's width and height, follows the flip. A batch is
+    zero-padded to its largest image; ``sizes`` holds each image's true
+    ``(height, width)``.
 
     Args:
         paths: image paths.
         boxes: ``[n, 4]`` boxes relative to the image size (0..1).
-        longest: longest side of the training size.
+        longest: longest side of the training images.
         batch_size: images per batch (per input pipeline).
         seed: int; order and flips are deterministic given it.
         shard: optional ``(num_shards, index)`` for multi-worker input.
+        size: as for `triplet_dataset`.
     """
-    size = training_size(longest)
     ds = tf.data.Dataset.from_tensor_slices(
         (path_tensor(paths), tf.constant(boxes, tf.float32))
     )
@@ -257,11 +279,14 @@ def box_dataset(paths, boxes, longest, batch_size, seed, shard=None):
 
     def load(i, item):
         path, box = item
-        image = tf.image.resize(decode(tf.io.read_file(path)), size, antialias=True)
+        (image,) = scale_views(decode(tf.io.read_file(path)), longest)
         flip = tf.random.stateless_uniform([], tf.stack([tf.constant(seed, tf.int64), i])) < 0.5
         image = tf.cond(flip, lambda: image[:, ::-1], lambda: image)
         box = tf.cond(flip, lambda: tf.stack([1 - box[2], box[1], 1 - box[0], box[3]]), lambda: box)
-        return tf.ensure_shape(image, size + (3,)), box
+        if size is not None:
+            image = tf.ensure_shape(image, tuple(size) + (3,))
+        return image, box, tf.shape(image)[:2]
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.ignore_errors().batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    shapes = ([None, None, 3] if size is None else list(size) + [3], [4], [2])
+    return ds.ignore_errors().padded_batch(batch_size, shapes, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

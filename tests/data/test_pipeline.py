@@ -57,3 +57,25 @@ def test_a_nan_box_is_no_crop_and_a_batch_resizes_as_one():
     assert whole.shape == (20, 40, 3) and batch.shape == (2, 20, 40, 3)
     np.testing.assert_allclose(batch[1].numpy(), whole.numpy(), atol=1e-4)
     assert np.abs(whole.numpy() - _pil(pixels, (40, 20))).mean() < 1.5
+
+
+def test_training_images_keep_their_aspect_ratio(tmp_path):
+    paths, shapes = [], [(60, 80), (90, 45), (50, 50)]  # landscape, portrait, square
+    for i, (h, w) in enumerate(shapes):
+        pixels = _textured(h, w, 10 + i)
+        Image.fromarray(pixels).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    triplets = [[0, 1, 2], [1, 0, 2]]
+    ds = pipeline.triplet_dataset(paths, triplets, 40, batch_size=2, seed=0, augment_images=False)
+    q, p, n, sizes = next(iter(ds))
+    order = [0, 1] if sizes[0, 0, 0] == 30 else [1, 0]  # the batch is shuffled
+    assert sizes.numpy()[order].tolist() == [[[30, 40], [40, 20], [40, 40]],
+                                             [[40, 20], [30, 40], [40, 40]]]  # longest side 40, never squashed
+    assert q.shape == p.shape == (2, 40, 40, 3)  # zero-padded to the batch's largest
+    portrait = q[order[1]].numpy()
+    want = _pil(np.asarray(Image.open(paths[1])), (20, 40))
+    assert np.abs(portrait[:40, :20] - want).mean() < 1.5
+    assert not portrait[:, 20:].any()
+    augmented = next(iter(pipeline.triplet_dataset(paths, triplets, 40, batch_size=2, seed=0)))
+    assert sorted(augmented[3].numpy().tolist()) == sorted(sizes.numpy().tolist())  # crops zoomed back
+    assert [pipeline.scaled_shape(h, w, 40) for h, w in shapes] == [(30, 40), (40, 20), (40, 40)]
