@@ -112,16 +112,23 @@ def saved_model_describer(path, batch_size=16, progress=True):
                 chunk = paths[start:start + batch_size]
                 blobs = []
                 for p in chunk:
-                    reason = pipeline.diagnose(p)
-                    if reason:
-                        raise ValueError(f"{p}: {reason}")
-                    with open(p, "rb") as f:
-                        blobs.append(f.read())
-                if boxes is None:
-                    d = default(images=tf.constant(blobs))
-                else:
-                    d = crops(images=tf.constant(blobs),
-                              boxes=tf.constant(boxes[start:start + batch_size], tf.float32))
+                    try:
+                        with open(p, "rb") as f:
+                            blobs.append(f.read())
+                    except OSError as e:
+                        raise ValueError(f"{p}: cannot read the file ({e})") from e
+                try:
+                    if boxes is None:
+                        d = default(images=tf.constant(blobs))
+                    else:
+                        d = crops(images=tf.constant(blobs),
+                                  boxes=tf.constant(boxes[start:start + batch_size], tf.float32))
+                except tf.errors.InvalidArgumentError:
+                    for p in chunk:  # name the file that failed
+                        reason = pipeline.diagnose(p)
+                        if reason:
+                            raise ValueError(f"{p}: {reason}") from None
+                    raise
                 out.append(d["descriptors"].numpy())
                 bar.update(len(chunk))
         return np.concatenate(out)

@@ -169,9 +169,14 @@ class Trainer:
             else tf.summary.create_noop_writer()
         )
         self._train_step = tf.function(self._distributed_step)
+        self._compile_inference()
+
+    def _compile_inference(self):
+        """Mining's single-scale embedding and evaluation's describer, of the
+        current model."""
         self._embed_single = extraction.compiled_single_scale(self.model)
         self._describe = extraction.model_describer(
-            self.model, config.image_size, progress=self.progress
+            self.model, self.config.image_size, progress=self.progress
         )
 
     def _optimizer(self):
@@ -341,8 +346,7 @@ class Trainer:
             if model.head.pca is not None:
                 model.head.pca.set_weights(self.model.head.pca.get_weights())
         self.model = model
-        self._embed_single = extraction.compiled_single_scale(model)
-        self._describe = extraction.model_describer(model, self.config.image_size, progress=self.progress)
+        self._compile_inference()
         self._log("ranking with the rigid grid done: training the RPN on its features")
         self.train_rpn()
 

@@ -71,3 +71,16 @@ def test_proposal_recall_of_the_grid_hand_worked(tmp_path):
     assert result["grid@all"] == 0.5 and result["grid@64"] == 0.5  # the exact window, not the tiny box
     assert result["grid@1"] == 0.0  # the first region is a level-1 window
     assert result["grid_regions"] == len(reference.grid_regions(6, 8, 3)) and result["images"] == 2
+
+
+def test_saved_model_describer_names_the_file_that_fails(exported, tmp_path):
+    paths = _files(tmp_path)
+    describe = extraction.saved_model_describer(exported["version"], progress=False)
+    out = describe(paths[:2], boxes=[[0, 0, 30, 20], [float("nan")] * 4])
+    assert out.shape == (2, 32)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(ValueError, match="bad.jpg"):
+        describe([paths[0], str(bad)])
+    with pytest.raises(ValueError, match="missing.jpg: cannot read"):
+        describe([str(tmp_path / "missing.jpg")])

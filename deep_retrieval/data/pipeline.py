@@ -1,10 +1,10 @@
 """tf.data pipelines: decoding, resizing, triplet batches (TensorFlow only)."""
 
-import math
 import os
 
 import tensorflow as tf
 
+from deep_retrieval import functional
 from deep_retrieval.data import MAX_PIXELS
 
 
@@ -174,8 +174,7 @@ def image_dataset(paths, longest, boxes=None, scales=(1.0,)):
 def scaled_shape(height, width, longest):
     """``(height, width)`` of an image once its longest side is ``longest``
     (`scale_views`' rounding, in Python)."""
-    factor = longest / max(height, width)
-    return tuple(max(1, int(math.floor(d * factor + 0.5))) for d in (height, width))
+    return functional.scaled_size(int(height), int(width), longest / max(height, width))
 
 
 def augment(image, longest, seed):
