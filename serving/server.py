@@ -14,6 +14,14 @@ Bad requests get TF Serving's codes: an unknown model or version is
 NOT_FOUND; an unknown signature or input, a wrong dtype or shape, an empty
 batch or an undecodable image (named by its position in the batch) is
 INVALID_ARGUMENT. The server keeps serving.
+
+Requests are checked before any work, from the protobuf alone: a tensor
+must hold exactly the elements its shape declares (TF's own decoder would
+repeat the last value to fill any declared shape, so a 1 KB request could
+ask for thousands of images), no dimension may be negative, a batch holds
+at most ``--max_images_per_request`` images, and the pixels the batch
+declares (image headers for encoded images, the shape for ``pixels``) stay
+within ``--max_request_pixels`` (RESOURCE_EXHAUSTED otherwise).
 """
 
 import concurrent.futures
@@ -43,9 +51,87 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_integer("file_system_poll_wait_seconds", 1, "Seconds between checks for a new version (0: never).", **fv)
     flags.DEFINE_integer("grpc_max_threads", 8, "Requests served concurrently.", **fv)
     flags.DEFINE_integer("max_message_bytes", 256 << 20, "Largest request or response message accepted.", **fv)
+    flags.DEFINE_integer("max_images_per_request", LIMITS.images, "Images one request may hold.", **fv)
+    flags.DEFINE_integer("max_request_pixels", LIMITS.pixels, "Pixels the images of one request may declare "
+                         "in all (each image is also capped at deep_retrieval.data.MAX_PIXELS).", **fv)
 
 
 log = logging.getLogger("serving.server")
+
+
+class Limits:
+    """What one request may ask for (see the module docstring)."""
+
+    def __init__(self, images=256, pixels=256_000_000):
+        self.images, self.pixels = int(images), int(pixels)
+
+
+LIMITS = Limits()
+
+_VALUE_FIELDS = {"uint8": "int_val", "int32": "int_val", "int64": "int64_val", "float32": "float_val"}
+
+
+def check_proto(key, proto, spec, limits):
+    """Refuses a tensor whose content does not match its declared shape, or
+    that declares more images than ``limits`` allow, before decoding it."""
+    dims = [d.size for d in proto.tensor_shape.dim]
+    if proto.tensor_shape.unknown_rank or any(d < 0 for d in dims):
+        raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f"input {key}: unknown or negative dimension")
+    declared = 1
+    for d in dims:
+        declared *= d
+    if spec.dtype.name == "string":
+        held = len(proto.string_val)
+    elif proto.tensor_content:
+        held = len(proto.tensor_content) / spec.dtype.size
+    else:
+        held = len(getattr(proto, _VALUE_FIELDS.get(spec.dtype.name, "float_val")))
+    if held != declared:
+        raise InvalidRequest(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"input {key}: the shape {dims} declares {declared} elements, the tensor holds {held:g}",
+        )
+    if dims and dims[0] > limits.images:
+        raise InvalidRequest(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"input {key}: {dims[0]} images in one request, at most {limits.images}",
+        )
+
+
+def check_pixels(key, value, spec, limits):
+    """Refuses a batch whose images declare more pixels than ``limits``."""
+    import tensorflow as tf
+
+    from deep_retrieval.data import MAX_PIXELS
+
+    if spec.dtype == tf.string:
+        total = 0
+        for position, data in enumerate(value.reshape(-1)):
+            try:
+                pixels = int(pipeline.header_pixels(data))
+            except tf.errors.InvalidArgumentError:
+                continue  # a broken header: the decoder names the image
+            if pixels > MAX_PIXELS:
+                raise InvalidRequest(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{key}[{position}]: image refused: its header declares more than {MAX_PIXELS} pixels "
+                    "(decompression bomb?)",
+                )
+            total += pixels
+
+    elif value.ndim == 4:
+        if value.shape[1] * value.shape[2] > MAX_PIXELS:
+            raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"input {key}: images of {value.shape[1]}x{value.shape[2]} pixels, "
+                                 f"more than {MAX_PIXELS}")
+        total = value.shape[0] * value.shape[1] * value.shape[2]
+    else:
+        return
+    if total > limits.pixels:
+        raise InvalidRequest(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"input {key}: the images declare {total} pixels in all, at most {limits.pixels} per request",
+        )
 
 
 
@@ -139,7 +225,7 @@ class ModelManager:
         return current
 
 
-def _run_signature(version, request):
+def _run_signature(version, request, limits=LIMITS):
     import numpy as np
     import tensorflow as tf
 
@@ -164,6 +250,7 @@ def _run_signature(version, request):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"Expects arg[{key}] to be {spec.dtype.name} but {got.name if got else 'invalid'} is provided",
             )
+        check_proto(key, proto, spec, limits)
         try:
             value = tf.make_ndarray(proto)
         except Exception as e:
@@ -175,6 +262,7 @@ def _run_signature(version, request):
             )
         if value.ndim and value.shape[0] == 0:
             raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f"input {key}: empty batch")
+        check_pixels(key, value, spec, limits)
         args[key] = value
     try:
         outputs = fn(**{k: tf.constant(v) for k, v in args.items()})
@@ -211,8 +299,8 @@ def _clean(message):
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     """``PredictionService`` servicer (Predict, GetModelMetadata)."""
 
-    def __init__(self, manager):
-        self.manager = manager
+    def __init__(self, manager, limits=LIMITS):
+        self.manager, self.limits = manager, limits
 
     def Predict(self, request, context):
         import tensorflow as tf
@@ -220,7 +308,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
         try:
             version = self.manager.get(request.model_spec)
-            signature, outputs = _run_signature(version, request)
+            signature, outputs = _run_signature(version, request, self.limits)
         except InvalidRequest as e:
             context.abort(e.code, str(e))
         response = predict_pb2.PredictResponse()
@@ -271,7 +359,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         return response
 
 
-def build_server(manager, port, host="127.0.0.1", max_threads=8, max_message_bytes=256 << 20):
+def build_server(manager, port, host="127.0.0.1", max_threads=8, max_message_bytes=256 << 20, limits=LIMITS):
     """A grpc.Server (not started yet) and the port it bound."""
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=max_threads),
@@ -280,7 +368,7 @@ def build_server(manager, port, host="127.0.0.1", max_threads=8, max_message_byt
             ("grpc.max_send_message_length", max_message_bytes),
         ],
     )
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(manager), server)
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(manager, limits), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if not bound:
@@ -295,7 +383,9 @@ def main(argv):
         raise app.UsageError("--model_base_path is required")
     try:
         manager = ModelManager(FLAGS.model_name, FLAGS.model_base_path, FLAGS.file_system_poll_wait_seconds)
-        server, port = build_server(manager, FLAGS.port, FLAGS.host, FLAGS.grpc_max_threads, FLAGS.max_message_bytes)
+        limits = Limits(FLAGS.max_images_per_request, FLAGS.max_request_pixels)
+        server, port = build_server(manager, FLAGS.port, FLAGS.host, FLAGS.grpc_max_threads,
+                                    FLAGS.max_message_bytes, limits)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

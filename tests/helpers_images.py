@@ -39,3 +39,16 @@ def reference_descriptors(model, blobs, image_size, boxes=None):
             total = total + np.asarray(model.single_scale(view[None]))[0].astype(np.float64)
         out.append(total / np.linalg.norm(total))
     return np.stack(out).astype(np.float32)
+
+
+def webp_declaring(width, height):
+    """A tiny lossless WebP whose VP8L header is patched to declare
+    ``width x height`` (the decoder is never reached)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "WEBP", lossless=True)
+    data = bytearray(buf.getvalue())
+    assert data[12:16] == b"VP8L"
+    packed = int.from_bytes(data[21:25], "little") & ~((1 << 28) - 1)
+    packed |= (width - 1) | ((height - 1) << 14)
+    data[21:25] = packed.to_bytes(4, "little")
+    return bytes(data)

@@ -19,7 +19,7 @@ def _uint(data, offset, size, big_endian):
 
 
 def header_pixels(data):
-    """Width x height declared by a PNG, JPEG, GIF or BMP header, read
+    """Width x height declared by a PNG, JPEG, GIF, BMP or WebP header, read
     without decoding; 0 for other or too-short data (left to the decoder)."""
     data = tf.convert_to_tensor(data, tf.string)
     length = tf.strings.length(data)
@@ -40,13 +40,39 @@ def header_pixels(data):
         height = tf.where(height >= 2**31, 2**32 - height, height)  # top-down BMPs
         return _uint(data, 18, 4, False) * height
 
+    def webp():
+        # RIFF....WEBP then the first chunk: lossy VP8 (14-bit sizes after the
+        # start code), lossless VP8L (two 14-bit sizes minus one, packed) or
+        # extended VP8X (24-bit canvas sizes minus one).
+        kind = tf.strings.substr(data, 12, 4)
+        packed = _uint(data, 21, 4, False)
+
+        def vp8():
+            return tf.bitwise.bitwise_and(_uint(data, 26, 2, False), 0x3FFF) * tf.bitwise.bitwise_and(
+                _uint(data, 28, 2, False), 0x3FFF)
+
+        def vp8l():
+            width = tf.bitwise.bitwise_and(packed, 0x3FFF) + 1
+            height = tf.bitwise.bitwise_and(tf.bitwise.right_shift(packed, 14), 0x3FFF) + 1
+            return width * height
+
+        def vp8x():
+            return (_uint(data, 24, 3, False) + 1) * (_uint(data, 27, 3, False) + 1)
+
+        # A WebP whose first chunk is none of these is refused, not guessed.
+        return tf.case([(tf.equal(kind, b"VP8 "), vp8), (tf.equal(kind, b"VP8L"), vp8l),
+                        (tf.equal(kind, b"VP8X"), vp8x)],
+                       default=lambda: tf.constant(2**62, tf.int64), exclusive=True)
+
     zero = lambda: tf.constant(0, tf.int64)  # noqa: E731
+    is_webp = tf.logical_and(tf.equal(magic, b"RIFF"), tf.equal(tf.strings.substr(data, 8, 4), b"WEBP"))
     return tf.case(
         [
             (tf.logical_and(tf.equal(magic, b"\x89PNG"), length >= 24), png),
             (tf.logical_and(tf.strings.substr(data, 0, 2) == b"\xff\xd8", length >= 4), jpeg),
             (tf.logical_and(tf.equal(tf.strings.substr(data, 0, 3), b"GIF"), length >= 10), gif),
             (tf.logical_and(tf.equal(tf.strings.substr(data, 0, 2), b"BM"), length >= 26), bmp),
+            (tf.logical_and(is_webp, length >= 30), webp),
         ],
         default=zero,
         exclusive=False,

@@ -79,3 +79,26 @@ def test_training_images_keep_their_aspect_ratio(tmp_path):
     augmented = next(iter(pipeline.triplet_dataset(paths, triplets, 40, batch_size=2, seed=0)))
     assert sorted(augmented[3].numpy().tolist()) == sorted(sizes.numpy().tolist())  # crops zoomed back
     assert [pipeline.scaled_shape(h, w, 40) for h, w in shapes] == [(30, 40), (40, 20), (40, 40)]
+
+
+def test_webp_headers_are_read_and_bombs_refused():
+    import io
+
+    import pytest
+
+    sizes = []
+    for kwargs in (dict(lossless=True), dict(lossless=False)):
+        buf = io.BytesIO()
+        Image.fromarray(_textured(201, 300, 4)).save(buf, "WEBP", **kwargs)
+        sizes.append(int(pipeline.header_pixels(tf.constant(buf.getvalue()))))
+        assert pipeline.decode(tf.constant(buf.getvalue())).shape == (201, 300, 3)
+    # VP8X (extended): 24-bit canvas width-1 and height-1 at bytes 24 and 27.
+    vp8x = b"RIFF" + (22).to_bytes(4, "little") + b"WEBPVP8X" + (10).to_bytes(4, "little") + bytes(4)
+    vp8x += (299).to_bytes(3, "little") + (200).to_bytes(3, "little")
+    sizes.append(int(pipeline.header_pixels(tf.constant(vp8x))))
+    assert sizes == [300 * 201] * 3
+    # A lossless header declaring 16383 x 16383 (10 KB files like it decode to 800 MB).
+    from tests.helpers_images import webp_declaring
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="image refused"):
+        pipeline.decode(tf.constant(webp_declaring(16383, 16383)))

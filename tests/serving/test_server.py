@@ -14,7 +14,7 @@ from tensorflow_serving.apis import (
 )
 
 from serving import server as server_lib
-from tests.helpers_images import encoded, reference_descriptors
+from tests.helpers_images import encoded, reference_descriptors, webp_declaring
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +118,48 @@ def test_new_version_is_picked_up_without_restart(served):
     assert version == 7
     response = served["stub"].Predict(_request([encoded(40, 40)]))
     assert response.model_spec.version.value == 7
+
+
+def test_hostile_requests_are_refused_before_any_work(served):
+    stub = served["stub"]
+    start = time.time()
+    # One small JPEG in a string tensor declaring 5000 elements (TF would repeat it).
+    amplified = tf.make_tensor_proto([encoded(48, 64, 1)], dtype=tf.string, shape=[1])
+    amplified.tensor_shape.dim[0].size = 5000
+    code, details = _code(stub, _request(tensor=amplified))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "declares 5000 elements, the tensor holds 1" in details
+    # A pixels request declaring 1x12000x12000x3 with no content (60 bytes on the wire).
+    empty = tf.make_tensor_proto(np.zeros((1, 1, 1, 3), np.uint8))
+    empty.tensor_content = b""
+    for d, size in zip(empty.tensor_shape.dim, (1, 12000, 12000, 3)):
+        d.size = size
+    code, details = _code(stub, _request(signature="pixels", tensor=empty))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "declares 432000000 elements" in details
+    negative = tf.make_tensor_proto([encoded(8, 8)], dtype=tf.string, shape=[1])
+    negative.tensor_shape.dim[0].size = -1
+    assert "negative" in _code(stub, _request(tensor=negative))[1]
+    assert time.time() - start < 5  # answered from the protobuf, not after decoding
+    # WebP is capped like the other formats: a header declaring 16383x16383.
+    code, details = _code(stub, _request([webp_declaring(16383, 16383)]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "image refused" in details
+    assert stub.Predict(_request([encoded(40, 40, 2)])).outputs["descriptors"].tensor_shape.dim[0].size == 1
+
+
+def test_request_limits_on_images_and_pixels(exported):
+    manager = server_lib.ModelManager("deep_retrieval", str(__import__("pathlib").Path(exported["version"]).parent),
+                                      poll_seconds=0)
+    server, port = server_lib.build_server(manager, 0, limits=server_lib.Limits(images=4, pixels=20_000))
+    server.start()
+    try:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        code, details = _code(stub, _request([encoded(8, 8)] * 5))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "5 images in one request, at most 4" in details
+        code, details = _code(stub, _request([encoded(100, 100)] * 3))  # 30,000 pixels declared
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "30000 pixels in all" in details
+        code, details = _code(stub, _request(signature="pixels", tensor=tf.make_tensor_proto(
+            np.zeros((3, 100, 100, 3), np.uint8))))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert stub.Predict(_request([encoded(100, 100)] * 2)).outputs["descriptors"].tensor_shape.dim[0].size == 2
+    finally:
+        server.stop(0)
+        manager.stop()
