@@ -55,7 +55,13 @@ def define_flags():
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
-RETRYABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "INTERNAL", "UNKNOWN")
+RETRYABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED")
+"""Transport trouble: the request is retried on another replica."""
+STOP = ("UNAVAILABLE",)
+"""No replica answers even after the retries: the run stops (a rerun
+resumes). Every other error is the request's own: its batch is split until
+the failing images are alone, and each one costs one row of the errors
+file, never the run."""
 
 
 def printable_name(name):
@@ -154,7 +160,7 @@ class Extractor:
         """``items``: ``[(name, bytes or Exception)]`` -> ``(rows, errors)``."""
         import grpc
 
-        rows, errors, good = [], [], []
+        rows, errors, good = [], [], []  # isolates every item; see STOP
         for name, data in items:
             if isinstance(data, Exception):
                 errors.append((name, f"cannot read file: {data}"))
@@ -169,7 +175,7 @@ class Extractor:
                 out = self.predict([d for _, d in batch])
                 rows.extend((name, vec) for (name, _), vec in zip(batch, out))
             except grpc.RpcError as e:
-                if e.code().name in RETRYABLE:
+                if e.code().name in STOP:
                     raise
                 if len(batch) == 1:
                     errors.append((batch[0][0], f"{e.code().name}: {e.details()}"))
@@ -284,13 +290,19 @@ def extract(items, output, extractor, batch_size=16, max_request_bytes=16 << 20,
         for start in range(0, len(todo), chunk_size):
             chunk = [(n, _read(p)) for n, p in todo[start:start + chunk_size]]
             futures = [pool.submit(extractor.run, b) for b in _batches(chunk, batch_size, max_request_bytes)]
-            rows, errors = [], []
+            rows, errors, stopped = [], [], None
             for future in concurrent.futures.as_completed(futures):
-                r, e = future.result()  # collected in this thread only
+                try:
+                    r, e = future.result()  # collected in this thread only
+                except Exception as error:  # noqa: BLE001 - re-raised once the rest is kept
+                    stopped = stopped or error
+                    continue
                 rows.extend(r)
                 errors.extend(e)
                 bar.update(len(r) + len(e))
-            store.commit(rows, errors)
+            store.commit(rows, errors)  # what finished is kept even when the run stops
+            if stopped is not None:
+                raise stopped
     return store.finish(names)
 
 

@@ -1,8 +1,10 @@
 import os
 
+import grpc
 import numpy as np
 import pandas as pd
 import pytest
+import tensorflow as tf
 
 from serving import extract as extract_lib
 from tests.helpers_images import encoded, reference_descriptors
@@ -97,3 +99,79 @@ def test_bad_sources(tmp_path):
     csv.write_text("path\na.jpg\n")
     with pytest.raises(ValueError, match="'image' column"):
         extract_lib.list_images(str(csv))
+
+
+class _Failure(grpc.RpcError):
+    def __init__(self, code, details):
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+
+class _FakeReplicas:
+    """A server answering a 2-D descriptor per image, failing as told."""
+
+    def __init__(self, fail):
+        self.fail, self.calls = fail, 0
+
+    def pick(self, attempt):
+        return "fake", self
+
+    def Predict(self, request, timeout=None):
+        from tensorflow_serving.apis import predict_pb2
+
+        self.calls += 1
+        blobs = list(tf.make_ndarray(request.inputs["images"]))
+        error = self.fail(blobs)
+        if error:
+            raise error
+        response = predict_pb2.PredictResponse()
+        response.outputs["descriptors"].CopyFrom(
+            tf.make_tensor_proto(np.array([[len(b), 1.0] for b in blobs], np.float32)))
+        return response
+
+
+def test_every_item_is_isolated_whatever_the_code():
+    from serving import extract as extract_lib
+
+    def fail(blobs):
+        if b"bomb" in blobs:  # the server runs out of memory on it: UNKNOWN
+            return _Failure(grpc.StatusCode.UNKNOWN, "out of memory")
+        if len(blobs) > 4:  # too large a message
+            return _Failure(grpc.StatusCode.RESOURCE_EXHAUSTED, "message too large")
+        return None
+
+    items = [(f"{i}.jpg", b"x" * (i + 1)) for i in range(9)] + [("bomb.jpg", b"bomb")]
+    extractor = extract_lib.Extractor(_FakeReplicas(fail), "m", "serving_default", 5, 3)
+    rows, errors = extractor.run(items)
+    assert sorted(n for n, _ in rows) == sorted(n for n, _ in items if n != "bomb.jpg")
+    assert errors == [("bomb.jpg", "UNKNOWN: out of memory")]
+    down = extract_lib.Extractor(_FakeReplicas(lambda b: _Failure(grpc.StatusCode.UNAVAILABLE, "down")),
+                                 "m", "serving_default", 5, 2)
+    with pytest.raises(grpc.RpcError):
+        down.run(items[:2])  # nobody answers: the run stops (and resumes later), nothing is marked failed
+
+
+def test_a_stopped_run_keeps_the_batches_that_finished(tmp_path):
+    from serving import extract as extract_lib
+
+    state = {"n": 0}
+
+    def fail(blobs):
+        state["n"] += 1
+        return _Failure(grpc.StatusCode.UNAVAILABLE, "gone") if b"late" in blobs else None
+
+    items = [(f"{i}.jpg", None) for i in range(4)]
+    for i, (name, _) in enumerate(items):
+        (tmp_path / name).write_bytes(b"late" if i == 3 else b"ok%d" % i)
+    paths = [(n, str(tmp_path / n)) for n, _ in items]
+    extractor = extract_lib.Extractor(_FakeReplicas(fail), "m", "serving_default", 5, 1)
+    out = str(tmp_path / "d.parquet")
+    with pytest.raises(grpc.RpcError):
+        extract_lib.extract(paths, out, extractor, batch_size=1, in_flight=1, progress=False)
+    kept = extract_lib.PartStore(out).done()
+    assert set(kept) == {"0.jpg", "1.jpg", "2.jpg"}  # committed although the run stopped
