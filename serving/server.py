@@ -161,14 +161,32 @@ class LoadedVersion:
 
 
 def _versions(base_path):
+    """Version numbers of the SavedModel folders under ``base_path``.
+
+    Only canonical decimal names count (``7``, not ``007``, ``²`` or
+    ``٣``), so each number names exactly one folder."""
     try:
         names = os.listdir(base_path)
     except OSError:
         return []
     return sorted(
         int(n) for n in names
-        if n.isdigit() and os.path.exists(os.path.join(base_path, n, "saved_model.pb"))
+        if re.fullmatch(r"0|[1-9][0-9]{0,17}", n) and os.path.exists(os.path.join(base_path, n, "saved_model.pb"))
     )
+
+
+def _stamp(path):
+    """What a version folder holds (names, sizes, times): a failed version is
+    tried again once this changes, e.g. when a copy finishes."""
+    entries = []
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.stat(os.path.join(root, name))
+            except OSError:
+                continue
+            entries.append((os.path.relpath(os.path.join(root, name), path), st.st_size, st.st_mtime_ns))
+    return tuple(sorted(entries))
 
 
 class ModelManager:
@@ -189,23 +207,31 @@ class ModelManager:
 
     def refresh(self):
         versions = _versions(self.base_path)
-        newest = next((v for v in reversed(versions) if v not in self.failed), None)
+        newest = next(
+            (v for v in reversed(versions)
+             if v not in self.failed or self.failed[v][0] != _stamp(os.path.join(self.base_path, str(v)))),
+            None,
+        )
         if newest is None or (self.current and self.current.version >= newest):
             return
         path = os.path.join(self.base_path, str(newest))
         try:
             loaded = LoadedVersion(path, newest)
-        except Exception as e:  # keep serving the old version
-            self.failed[newest] = str(e)
+        except Exception as e:  # keep serving the old version; retried once the folder changes
+            self.failed[newest] = (_stamp(path), str(e))
             log.error("cannot load %s: %s", path, e)
             return
+        self.failed.pop(newest, None)
         with self._lock:
             self.current = loaded
         log.info("serving %s version %d from %s", self.name, newest, path)
 
     def _poll(self, seconds):
         while not self._stop.wait(seconds):
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - polling must outlive any one bad folder
+                log.exception("version poll of %s failed", self.base_path)
 
     def stop(self):
         self._stop.set()
