@@ -182,3 +182,14 @@ def test_version_folders_are_parsed_strictly_and_failed_loads_retried(exported, 
     shutil.copytree(base / "1" / "variables", base / "3" / "variables")
     manager.refresh()
     assert manager.current.version == 3 and 3 not in manager.failed
+
+
+def test_compose_publishes_on_loopback_only():
+    import os
+    import re
+
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(here, "serving", "compose.yaml")) as f:
+        text = f.read()
+    ports = re.findall(r'^\s*-\s*"([^"]*:\d+)"', text.split("ports:")[1].split("volumes:")[0], re.M)
+    assert len(ports) == 2 and all(p.startswith("127.0.0.1:") for p in ports), ports
