@@ -86,7 +86,7 @@ def list_images(source, data_dir=None):
     if not os.path.isfile(source):
         raise ValueError(f"{source}: no such folder or CSV file")
     try:
-        frame = pd.read_csv(source)
+        frame = pd.read_csv(source, dtype=str, keep_default_na=False)  # names verbatim: 007, 1e5, NA
     except Exception as e:
         raise ValueError(f"{source}: cannot read CSV: {e}") from e
     if "image" not in frame.columns:
@@ -223,7 +223,7 @@ class PartStore:
             if f.endswith(".parquet"):
                 names.update(pd.read_parquet(path, columns=["image"])["image"])
             elif f.endswith(".errors.csv"):
-                names.update(pd.read_csv(path, keep_default_na=False)["image"])
+                names.update(pd.read_csv(path, dtype=str, keep_default_na=False)["image"])
         return names
 
     def commit(self, rows, errors):
@@ -252,7 +252,7 @@ class PartStore:
 
         parts = sorted(os.listdir(self.folder))
         frames = [pd.read_parquet(os.path.join(self.folder, f)) for f in parts if f.endswith(".parquet")]
-        errors = [pd.read_csv(os.path.join(self.folder, f), keep_default_na=False)
+        errors = [pd.read_csv(os.path.join(self.folder, f), dtype=str, keep_default_na=False)
                   for f in parts if f.endswith(".errors.csv")]
         rank = {name: i for i, name in enumerate(order)}
         result = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"image": [], "descriptor": []})

@@ -28,9 +28,9 @@ import concurrent.futures
 import logging
 import os
 import re
+import signal
 import sys
 import threading
-import time
 
 import grpc
 from absl import app, flags
@@ -417,12 +417,15 @@ def main(argv):
         return 1
     server.start()
     log.info("gRPC PredictionService for %r on %s:%d", FLAGS.model_name, FLAGS.host, port)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        server.stop(grace=5).wait()
-        manager.stop()
+    # SIGTERM (docker stop, Kubernetes) drains like Ctrl-C: new requests are
+    # refused, those in flight get 30 s to finish, then exit 0.
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    stopping.wait()
+    log.info("stopping: draining requests in flight")
+    server.stop(grace=30).wait()
+    manager.stop()
     return 0
 
 

@@ -187,3 +187,53 @@ def test_server_restarted_under_a_running_client(exported, tmp_path):
         client.kill()
     frame = pd.read_parquet(output)
     assert frame["image"].tolist() == names
+
+
+def test_sigterm_drains_requests_in_flight_and_exits_0(exported):
+    import threading
+
+    import grpc
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    port = _free_port()
+    server = subprocess.Popen(
+        _python("serving.server", "--port", str(port), "--model_name", "deep_retrieval",
+                "--model_base_path", exported["base"]),
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+
+    def request(count):
+        r = predict_pb2.PredictRequest()
+        r.model_spec.name = "deep_retrieval"
+        blobs = [encoded(240, 320, i) for i in range(count)]
+        r.inputs["images"].CopyFrom(tf.make_tensor_proto(blobs, dtype=tf.string, shape=[count]))
+        return r
+
+    try:
+        deadline = time.time() + 180
+        while True:  # until it serves
+            try:
+                stub.Predict(request(1), timeout=30)
+                break
+            except grpc.RpcError:
+                assert time.time() < deadline and server.poll() is None, "server did not start"
+                time.sleep(0.5)
+        result = {}
+
+        def slow():
+            try:
+                result["shape"] = stub.Predict(request(96), timeout=120).outputs["descriptors"].tensor_shape
+            except grpc.RpcError as e:
+                result["error"] = e.code()
+
+        thread = threading.Thread(target=slow)
+        thread.start()
+        time.sleep(0.5)  # the big request is in flight
+        server.send_signal(signal.SIGTERM)
+        thread.join(timeout=150)
+        out, _ = server.communicate(timeout=60)
+    finally:
+        server.kill()
+    assert "error" not in result, result
+    assert result["shape"].dim[0].size == 96
+    assert server.returncode == 0 and "draining" in out

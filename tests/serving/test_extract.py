@@ -175,3 +175,13 @@ def test_a_stopped_run_keeps_the_batches_that_finished(tmp_path):
         extract_lib.extract(paths, out, extractor, batch_size=1, in_flight=1, progress=False)
     kept = extract_lib.PartStore(out).done()
     assert set(kept) == {"0.jpg", "1.jpg", "2.jpg"}  # committed although the run stopped
+
+
+def test_csv_names_are_read_verbatim(tmp_path):
+    for name in ("007.jpg", "1e5", "NA"):
+        (tmp_path / name).write_bytes(encoded(16, 16))
+    csv = tmp_path / "list.csv"
+    csv.write_text("image\n007.jpg\n1e5\nNA\n")
+    items = extract_lib.list_images(str(csv))
+    assert [n for n, _ in items] == ["007.jpg", "1e5", "NA"]
+    assert all(os.path.isfile(p) for _, p in items)
