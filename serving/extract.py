@@ -25,6 +25,7 @@ unchanged.
 import concurrent.futures
 import itertools
 import os
+import stat
 import random
 import sys
 import time
@@ -65,9 +66,22 @@ file, never the run."""
 
 
 def printable_name(name):
-    """A file name as valid UTF-8 text: bytes that are not UTF-8 (kept by
-    Python as surrogate escapes) are written as ``\\xNN``."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A file name as printable UTF-8 text, one to one: bytes that are not
+    UTF-8 (kept by Python as surrogate escapes) and control characters
+    (``\\r``, ``\\n``, ...) are written as ``\\xNN``, and a backslash as
+    ``\\\\``, so no two names map to one and no name splits a CSV row."""
+    out = []
+    for ch in name:
+        code = ord(ch)
+        if ch == "\\":
+            out.append("\\\\")
+        elif 0xDC80 <= code <= 0xDCFF:  # an undecodable byte
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x20 or 0x7F <= code < 0xA0:
+            out.append(f"\\x{code:02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def list_images(source, data_dir=None):
@@ -198,10 +212,21 @@ def _batches(items, batch_size, max_bytes):
         yield batch
 
 
-def _read(path):
+def _read(path, max_bytes):
+    """The file's bytes, or the exception saying why not: only regular files
+    are read (a FIFO would block, ``/dev/zero`` never ends), at most
+    ``max_bytes`` (what one gRPC message can carry)."""
     try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return OSError(f"not a regular file: {path}")
+        if st.st_size > max_bytes:
+            return OSError(f"{st.st_size} bytes, more than --max_message_bytes {max_bytes}")
         with open(path, "rb") as f:
-            return f.read()
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            return OSError(f"more than --max_message_bytes {max_bytes} bytes")
+        return data
     except OSError as e:
         return e
 
@@ -273,7 +298,7 @@ class PartStore:
 
 
 def extract(items, output, extractor, batch_size=16, max_request_bytes=16 << 20, in_flight=4,
-            chunk_size=512, progress=True):
+            chunk_size=512, progress=True, max_file_bytes=64 << 20):
     """Extracts ``items`` (``[(name, path)]``) into ``output``; resumable."""
     from tqdm import tqdm
 
@@ -288,7 +313,7 @@ def extract(items, output, extractor, batch_size=16, max_request_bytes=16 << 20,
               disable=not progress) as bar, \
             concurrent.futures.ThreadPoolExecutor(in_flight) as pool:
         for start in range(0, len(todo), chunk_size):
-            chunk = [(n, _read(p)) for n, p in todo[start:start + chunk_size]]
+            chunk = [(n, _read(p, max_file_bytes)) for n, p in todo[start:start + chunk_size]]
             futures = [pool.submit(extractor.run, b) for b in _batches(chunk, batch_size, max_request_bytes)]
             rows, errors, stopped = [], [], None
             for future in concurrent.futures.as_completed(futures):
@@ -315,7 +340,7 @@ def main(argv):
         replicas = Replicas(FLAGS.server, FLAGS.max_message_bytes)
         extractor = Extractor(replicas, FLAGS.model_name, FLAGS.signature_name, FLAGS.timeout, FLAGS.retries)
         count, failed = extract(items, FLAGS.output, extractor, FLAGS.batch_size, FLAGS.max_request_bytes,
-                                FLAGS.in_flight, FLAGS.chunk_size, FLAGS.progress)
+                                FLAGS.in_flight, FLAGS.chunk_size, FLAGS.progress, FLAGS.max_message_bytes)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
