@@ -324,7 +324,10 @@ class Index:
             raise ValueError(f"{path}: corrupt index ({e})") from e
         except Exception as e:  # faiss raises RuntimeError on bad files
             raise ValueError(f"{path}: corrupt index ({e})") from e
-        dim = int(meta["dim"])
+        try:
+            dim = int(meta["dim"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: corrupt index (meta.json has no valid dim)") from None
         if (count, vectors_dim) != (len(ids), dim) or meta.get("count") != len(ids):
             raise ValueError(f"{path}: corrupt index ({count} vectors of size {vectors_dim} for {len(ids)} ids of size {dim})")
         if expected_dim is not None and dim != int(expected_dim):

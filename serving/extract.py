@@ -23,6 +23,7 @@ unchanged.
 """
 
 import concurrent.futures
+import fcntl
 import itertools
 import os
 import stat
@@ -238,6 +239,18 @@ class PartStore:
         self.output = output
         self.folder = output + ".parts"
         os.makedirs(self.folder, exist_ok=True)
+        # One run per output: a second one would duplicate rows.
+        self._lock = open(os.path.join(self.folder, "lock"), "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise ValueError(f"{output}: another extraction is writing it (lock held on "
+                             f"{self.folder}/lock); wait for it or choose another --output") from None
+
+    def close(self):
+        """Releases the output's lock."""
+        self._lock.close()
 
     def done(self):
         import pandas as pd
@@ -307,28 +320,31 @@ def extract(items, output, extractor, batch_size=16, max_request_bytes=16 << 20,
     if duplicates:
         raise ValueError(f"{duplicates} duplicate image names in the input; each image must appear once")
     store = PartStore(output)
-    done = store.done()
-    todo = [(n, p) for n, p in items if n not in done]
-    with tqdm(total=len(items), initial=len(items) - len(todo), unit="img", desc="extract",
-              disable=not progress) as bar, \
-            concurrent.futures.ThreadPoolExecutor(in_flight) as pool:
-        for start in range(0, len(todo), chunk_size):
-            chunk = [(n, _read(p, max_file_bytes)) for n, p in todo[start:start + chunk_size]]
-            futures = [pool.submit(extractor.run, b) for b in _batches(chunk, batch_size, max_request_bytes)]
-            rows, errors, stopped = [], [], None
-            for future in concurrent.futures.as_completed(futures):
-                try:
-                    r, e = future.result()  # collected in this thread only
-                except Exception as error:  # noqa: BLE001 - re-raised once the rest is kept
-                    stopped = stopped or error
-                    continue
-                rows.extend(r)
-                errors.extend(e)
-                bar.update(len(r) + len(e))
-            store.commit(rows, errors)  # what finished is kept even when the run stops
-            if stopped is not None:
-                raise stopped
-    return store.finish(names)
+    try:
+        done = store.done()
+        todo = [(n, p) for n, p in items if n not in done]
+        with tqdm(total=len(items), initial=len(items) - len(todo), unit="img", desc="extract",
+                  disable=not progress) as bar, \
+                concurrent.futures.ThreadPoolExecutor(in_flight) as pool:
+            for start in range(0, len(todo), chunk_size):
+                chunk = [(n, _read(p, max_file_bytes)) for n, p in todo[start:start + chunk_size]]
+                futures = [pool.submit(extractor.run, b) for b in _batches(chunk, batch_size, max_request_bytes)]
+                rows, errors, stopped = [], [], None
+                for future in concurrent.futures.as_completed(futures):
+                    try:
+                        r, e = future.result()  # collected in this thread only
+                    except Exception as error:  # noqa: BLE001 - re-raised once the rest is kept
+                        stopped = stopped or error
+                        continue
+                    rows.extend(r)
+                    errors.extend(e)
+                    bar.update(len(r) + len(e))
+                store.commit(rows, errors)  # what finished is kept even when the run stops
+                if stopped is not None:
+                    raise stopped
+        return store.finish(names)
+    finally:
+        store.close()
 
 
 def main(argv):

@@ -41,7 +41,11 @@ def check_box(data, box):
     """``box`` as four floats, refused unless inside the encoded image."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:
+    try:
+        im = Image.open(io.BytesIO(data))
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"the query is not a readable image ({type(e).__name__}: {e})") from e
+    with im:
         if len(box) != 4:
             raise ValueError(f"--box needs x0,y0,x1,y1, got {','.join(box)}")
         x0, y0, x1, y1 = (float(v) for v in box)
@@ -56,18 +60,26 @@ def describe(data, box=None, server=None, model_name="deep_retrieval", saved_mod
     import numpy as np
     import tensorflow as tf
 
+    import grpc
+
     signature = "crops" if box else "serving_default"
     if saved_model:
         fn = tf.saved_model.load(saved_model).signatures[signature]
         inputs = {"images": tf.constant([data])}
         if box:
             inputs["boxes"] = tf.constant([box], tf.float32)
-        return fn(**inputs)["descriptors"].numpy()[0]
+        try:
+            return fn(**inputs)["descriptors"].numpy()[0]
+        except tf.errors.InvalidArgumentError as e:
+            raise ValueError(f"the query cannot be described: {e.message.splitlines()[0][:300]}") from None
     from serving import extract as extract_lib
 
     extractor = extract_lib.Extractor(extract_lib.Replicas([server], 64 << 20), model_name,
                                       signature, 60, 3)
-    return np.asarray(extractor.predict([data], [box] if box else None))[0]
+    try:
+        return np.asarray(extractor.predict([data], [box] if box else None))[0]
+    except grpc.RpcError as e:
+        raise ValueError(f"{server} answered {e.code().name}: {(e.details() or '')[:300]}") from None
 
 
 def draw(query_path, box, results, images_root, out_path, thumb=200):
@@ -103,6 +115,8 @@ def main(argv):
     del argv
     if not FLAGS.index or not FLAGS.query or not (FLAGS.server or FLAGS.saved_model):
         raise app.UsageError("--index, --query and one of --server/--saved_model are required")
+    if FLAGS.top < 1:
+        raise app.UsageError(f"--top must be at least 1, got {FLAGS.top}")
     from deep_retrieval import search
 
     try:

@@ -59,6 +59,13 @@ def define_flags(flag_values=flags.FLAGS):
 log = logging.getLogger("serving.server")
 
 
+def _bounded(text, limit=200):
+    """User-supplied text as echoed in an error message: at most ``limit``
+    characters."""
+    text = str(text)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 class Limits:
     """What one request may ask for (see the module docstring)."""
 
@@ -238,13 +245,14 @@ class ModelManager:
 
     def get(self, spec):
         if spec.name != self.name:
-            raise InvalidRequest(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Latest({spec.name})")
+            raise InvalidRequest(grpc.StatusCode.NOT_FOUND,
+                                 f"Servable not found for request: Latest({_bounded(spec.name)})")
         with self._lock:
             current = self.current
         if spec.HasField("version") and spec.version.value != current.version:
             raise InvalidRequest(
                 grpc.StatusCode.NOT_FOUND,
-                f"Servable not found for request: Specific({spec.name}, {spec.version.value})",
+                f"Servable not found for request: Specific({_bounded(spec.name)}, {spec.version.value})",
             )
         if spec.version_label:
             raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, "version labels are not configured")
@@ -257,20 +265,23 @@ def _run_signature(version, request, limits=LIMITS):
 
     name = request.model_spec.signature_name or "serving_default"
     if name not in version.functions:
-        raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f'Serving signature key "{name}" not found.')
+        raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f'Serving signature key "{_bounded(name)}" not found.')
     fn = version.functions[name]
     specs = fn.structured_input_signature[1]
     unknown = set(request.inputs) - set(specs)
     if unknown or set(specs) - set(request.inputs):
         raise InvalidRequest(
             grpc.StatusCode.INVALID_ARGUMENT,
-            f"input tensor alias not found in signature: {', '.join(sorted(unknown)) or '(missing)'}. "
+            f"input tensor alias not found in signature: {_bounded(', '.join(sorted(unknown))) or '(missing)'}. "
             f"Inputs expected to be in the set {{{', '.join(sorted(specs))}}}.",
         )
     args = {}
     for key, spec in specs.items():
         proto = request.inputs[key]
-        got = tf.dtypes.as_dtype(proto.dtype) if proto.dtype else None
+        try:
+            got = tf.dtypes.as_dtype(proto.dtype) if proto.dtype else None
+        except TypeError:  # an enum value TF does not know
+            got = None
         if got != spec.dtype:
             raise InvalidRequest(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -297,7 +308,7 @@ def _run_signature(version, request, limits=LIMITS):
     wanted = list(request.output_filter) or list(outputs)
     missing = [k for k in wanted if k not in outputs]
     if missing:
-        raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f"output tensor alias not found in signature: {missing}")
+        raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f"output tensor alias not found in signature: {_bounded(missing)}")
     return name, {k: np.asarray(outputs[k]) for k in wanted}
 
 

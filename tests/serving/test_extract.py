@@ -206,3 +206,12 @@ def test_printable_names_are_one_to_one_and_stay_on_one_line():
     assert len(set(printed)) == len(names)
     assert printed[0] == "a\\x0db.jpg" and printed[1] == "a\\\\x0db.jpg" and printed[-1] == "plain é.jpg"
     assert not any(c in p for p in printed for c in "\r\n")
+
+
+def test_one_run_per_output(tmp_path):
+    out = str(tmp_path / "d.parquet")
+    first = extract_lib.PartStore(out)
+    with pytest.raises(ValueError, match="another extraction is writing it"):
+        extract_lib.PartStore(out)
+    first.close()  # the run ends
+    extract_lib.PartStore(out).close()

@@ -65,3 +65,27 @@ def test_query_with_box_saved_model_and_picture(exported, tmp_path):
         # The query tile carries the red box.
         pixels = np.asarray(im.convert("RGB"))
         assert ((pixels[..., 0] > 200) & (pixels[..., 1] < 50) & (pixels[..., 2] < 50)).sum() > 50
+
+
+def test_search_command_errors_are_one_line(exported, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    vectors = np.random.default_rng(1).normal(size=(3, 32)).astype(np.float32)
+    _parquet(tmp_path / "d.parquet", ["a", "b", "c"], vectors)
+    index_cmd.build(str(tmp_path / "d.parquet"), str(tmp_path / "idx"))
+    (tmp_path / "q.txt").write_text("not an image")
+    base = [sys.executable, "-m", "serving.search", "--index", str(tmp_path / "idx"),
+            "--saved_model", exported["version"]]
+    for extra, want in ((["--query", str(tmp_path / "q.txt"), "--top", "0"], "--top must be at least 1"),
+                        (["--query", str(tmp_path / "q.txt")], "error: the query cannot be described"),
+                        (["--query", str(tmp_path / "q.txt"), "--box", "0,0,1,1"], "error: the query is not a readable image")):
+        result = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0 and want in result.stderr and "Traceback" not in result.stderr, result.stderr[-800:]
+    meta = tmp_path / "idx" / "meta.json"
+    fields = json.loads(meta.read_text())
+    del fields["dim"]
+    meta.write_text(json.dumps(fields))
+    with pytest.raises(ValueError, match="no valid dim"):
+        search.Index.load(str(tmp_path / "idx"))

@@ -193,3 +193,13 @@ def test_compose_publishes_on_loopback_only():
         text = f.read()
     ports = re.findall(r'^\s*-\s*"([^"]*:\d+)"', text.split("ports:")[1].split("volumes:")[0], re.M)
     assert len(ports) == 2 and all(p.startswith("127.0.0.1:") for p in ports), ports
+
+
+def test_error_messages_are_bounded_and_unknown_dtypes_invalid(served):
+    stub = served["stub"]
+    code, details = _code(stub, _request([encoded(8, 8)], name="x" * 100_000))
+    assert code == grpc.StatusCode.NOT_FOUND and len(details) < 400 and "100000 characters" in details
+    odd = tf.make_tensor_proto([encoded(8, 8)], dtype=tf.string, shape=[1])
+    odd.dtype = 9999  # no such DataType
+    code, details = _code(stub, _request(tensor=odd))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "invalid" in details
