@@ -46,6 +46,14 @@ def build(descriptors_path, output, kind=None, nlist=None, m=None, nprobe=16, im
         raise ValueError(f"{descriptors_path}: cannot read Parquet: {e}") from e
     if not {"image", "descriptor"} <= set(frame.columns):
         raise ValueError(f"{descriptors_path}: needs 'image' and 'descriptor' columns")
+    repeated = frame["image"].duplicated()
+    if repeated.any():
+        # One entry per image: a repeated row would rank twice and break the
+        # one-id-one-vector contract of the index.
+        names = ", ".join(str(n) for n in frame.loc[repeated, "image"].head(5))
+        print(f"warning: {descriptors_path}: {int(repeated.sum())} repeated image row(s) skipped, the first "
+              f"of each kept: {names}{' ...' if repeated.sum() > 5 else ''}", file=sys.stderr)
+        frame = frame[~repeated]
     vectors = np.stack(frame["descriptor"].to_numpy()).astype(np.float32) if len(frame) else None
     if vectors is None:
         raise ValueError(f"{descriptors_path}: no descriptors")

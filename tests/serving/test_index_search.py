@@ -89,3 +89,12 @@ def test_search_command_errors_are_one_line(exported, tmp_path):
     meta.write_text(json.dumps(fields))
     with pytest.raises(ValueError, match="no valid dim"):
         search.Index.load(str(tmp_path / "idx"))
+
+
+def test_repeated_rows_are_indexed_once_with_a_warning(tmp_path, capsys):
+    vectors = np.random.default_rng(2).normal(size=(4, 8)).astype(np.float32)
+    _parquet(tmp_path / "d.parquet", ["a", "b", "a", "c"], vectors)
+    index = index_cmd.build(str(tmp_path / "d.parquet"), str(tmp_path / "idx"))
+    assert index.ids == ["a", "b", "c"]
+    np.testing.assert_allclose(index.descriptors[0], vectors[0] / np.linalg.norm(vectors[0]), rtol=1e-5)
+    assert "1 repeated image row(s) skipped" in capsys.readouterr().err
