@@ -46,7 +46,7 @@ def time_step(descriptor, image_size, batch, steps, warmup, train_from="", micro
     def step(q, p, n, sizes):
         variables = model.trainable_variables
         loss, grads = ranking_gradients(model, variables, q, p, n, 0.1, batch, micro_batches,
-                                        sizes if per_triplet else None, per_triplet)
+                                        sizes if per_triplet else None)
         optimizer.apply_gradients(zip(grads, variables))
         return loss
 

@@ -125,7 +125,6 @@ class Trainer:
         # Training images keep their aspect ratio: one size for all (one
         # aspect ratio) runs batches as blocks, mixed sizes triplet by triplet.
         self.train_size = _common_size(frame, config.image_size)
-        self.mixed_sizes = self.train_size is None
         self.synchronized_bn = False
         # The paper order ranks with the rigid grid; the RPN comes after.
         self.rpn_after = config.descriptor.regions == "rpn" and config.rpn_order == "grid_first"
@@ -171,6 +170,11 @@ class Trainer:
         self._train_step = tf.function(self._distributed_step)
         self._compile_inference()
 
+    @property
+    def mixed_sizes(self):
+        """The training images differ in size at ``image_size``."""
+        return self.train_size is None
+
     def _compile_inference(self):
         """Mining's single-scale embedding and evaluation's describer, of the
         current model."""
@@ -197,7 +201,7 @@ class Trainer:
             variables = self.model.trainable_variables
             loss, grads = ranking_gradients(
                 self.model, variables, q, p, n, c.margin, c.batch_size, c.accumulate_steps,
-                s if self.mixed_sizes else None, per_triplet=self.mixed_sizes, unroll=self.synchronized_bn,
+                s if self.mixed_sizes else None, unroll=self.synchronized_bn,
             )
             if c.weight_decay and c.weight_decay_mode == "l2":
                 grads = [g + c.weight_decay * v for g, v in zip(grads, variables)]
@@ -553,7 +557,7 @@ def _sum_loop(count, body, init, unroll):
 
 
 def ranking_gradients(model, variables, query, positive, negative, margin, global_batch, micro_batches=1,
-                      sizes=None, per_triplet=False, unroll=False):
+                      sizes=None, unroll=False):
     """The triplet loss of a batch and its gradients.
 
     The batch is split into ``micro_batches`` equal parts run one after the
@@ -562,12 +566,11 @@ def ranking_gradients(model, variables, query, positive, negative, margin, globa
     over triplets divided by ``global_batch`` (batch-norm statistics, frozen
     for pretrained backbones, are the one exception).
 
-    Images come zero-padded to the batch's largest (`pipeline.
-    triplet_dataset`) with their true ``sizes``. With ``per_triplet`` each
-    triplet runs on its own, each image at its own size (slower; for
-    collections of mixed aspect ratios, never squashed); otherwise the
-    batch runs as one block at its first image's size (collections of one
-    aspect ratio, whose images all share it).
+    Collections of one aspect ratio give batches of one static size, run as
+    one block. Collections of mixed aspect ratios give zero-padded batches
+    (`pipeline.triplet_dataset`) with their images' true ``sizes``: each
+    triplet then runs on its own, each image at its own size (slower, never
+    squashed).
 
     Args:
         model: a `DescriptorModel`; variables: what to differentiate.
@@ -576,8 +579,7 @@ def ranking_gradients(model, variables, query, positive, negative, margin, globa
         global_batch: triplets per optimizer step over all replicas.
         micro_batches: parts of ``B`` (must divide it).
         sizes: optional ``[B, 3, 2]`` true ``(height, width)`` of the
-            query, positive and negative images.
-        per_triplet: see above (needs ``sizes``).
+            query, positive and negative images of a padded batch.
         unroll: Python loops instead of `tf.while_loop` (synchronized
             batch norm across replicas).
 
@@ -599,14 +601,12 @@ def ranking_gradients(model, variables, query, positive, negative, margin, globa
 
     images = (query, positive, negative)
     init = [tf.constant(0.0)] + [tf.zeros_like(v) for v in variables]
-    if per_triplet:
+    if sizes is not None:
         def one(i):
             return gradients([x[i:i + 1, :sizes[i, k, 0], :sizes[i, k, 1]] for k, x in enumerate(images)], False)
 
         out = _sum_loop(query.shape[0], one, init, unroll)
         return out[0], out[1:]
-    if sizes is not None:
-        images = tuple(x[:, :sizes[0, 0, 0], :sizes[0, 0, 1]] for x in images)
     if micro_batches == 1:
         out = gradients(images, True)
         return out[0], out[1:]

@@ -338,7 +338,7 @@ def test_mixed_aspect_triplets_run_one_by_one_at_their_own_sizes(tmp_path):
             h, w = sizes[i, k]
             padded[k][i, :h, :w] = rng.uniform(0, 255, (h, w, 3))
     loss, grads = ranking_gradients(model, variables, *map(tf.constant, padded), 0.1, 2,
-                                    sizes=tf.constant(sizes), per_triplet=True)
+                                    sizes=tf.constant(sizes))
     want_loss, want = 0.0, [np.zeros(v.shape) for v in variables]
     for i in range(2):
         with tf.GradientTape() as tape:
