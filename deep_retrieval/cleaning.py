@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from deep_retrieval.data import check_pixels
+from deep_retrieval.data import check_image
 
 @dataclasses.dataclass
 class Features:
@@ -73,7 +73,7 @@ def load_gray(path, max_side):
     try:
         with Image.open(path) as im:
             original = im.size
-            check_pixels(*original)
+            check_image(im)
             im.draft("L", (max_side, max_side))  # fast JPEG downscale on decode
             if im.mode.startswith("I;16") or im.mode == "I":
                 # 16-bit: keep the top 8 bits (convert("L") would clip).

@@ -46,6 +46,8 @@ def topk(queries, database, k, chunk=65536):
     Scans the database in blocks of ``chunk`` rows, keeping a running top-k;
     ties go to the lower index.
     """
+    if int(k) < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
     queries = np.asarray(queries, dtype=np.float32)
     database = np.asarray(database, dtype=np.float32)
     n = len(database)
@@ -235,6 +237,8 @@ class Index:
         """``(scores, ids)``: for each query, its top-``k`` (after αQE if
         ``qe``; re-ranked with `superglobal_rerank` if ``rerank``, its
         scores the re-ranked ones)."""
+        if int(k) < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if queries.shape[1] != self.dim:
             raise ValueError(f"query descriptors have size {queries.shape[1]}, the index holds {self.dim}")

@@ -20,6 +20,9 @@ unchanged.
 * Results are committed in chunks under ``OUTPUT.parts/``; killed and rerun
   with the same arguments, the run resumes, with no image lost or repeated.
   The final Parquet file is written atomically, then the parts are removed.
+* The model version is pinned when the run starts (``--model_version``, or
+  the newest then) and recorded in the Parquet file's schema metadata
+  (`read_run_info`); a run or resume never mixes two versions.
 """
 
 import concurrent.futures
@@ -41,6 +44,8 @@ def define_flags():
     flags.DEFINE_list("server", ["127.0.0.1:8500"], "host:port of one or more TF Serving replicas.")
     flags.DEFINE_string("model_name", "deep_retrieval", "ModelSpec.name.")
     flags.DEFINE_string("signature_name", "serving_default", "Signature taking encoded images.")
+    flags.DEFINE_integer("model_version", None, "Model version to ask for (default: the newest when the run "
+                         "starts; it is pinned for the run and recorded in the output).")
     flags.DEFINE_string("images", None, "Folder of images (walked recursively) or a CSV with an 'image' column.")
     flags.DEFINE_string("data_dir", None, "With a CSV: folder its image paths are relative to (default: the CSV's folder).")
     flags.DEFINE_string("output", None, "Output Parquet file.")
@@ -59,11 +64,16 @@ def define_flags():
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 RETRYABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED")
 """Transport trouble: the request is retried on another replica."""
-STOP = ("UNAVAILABLE",)
-"""No replica answers even after the retries: the run stops (a rerun
-resumes). Every other error is the request's own: its batch is split until
-the failing images are alone, and each one costs one row of the errors
-file, never the run."""
+STOP = ("UNAVAILABLE", "NOT_FOUND", "UNIMPLEMENTED", "UNAUTHENTICATED", "PERMISSION_DENIED")
+"""The run's own trouble, the same for every image: no replica answers even
+after the retries, or the model (at the pinned version) is not served. The
+run stops (a rerun resumes). Every other error is the request's own: its
+batch is split until the failing images are alone, and each one costs one
+row of the errors file, never the run."""
+
+METADATA_KEY = b"deep_retrieval"
+"""Key of the run's record (model name, version, signature; JSON) in the
+output Parquet file's schema metadata."""
 
 
 def printable_name(name):
@@ -135,12 +145,59 @@ class Replicas:
 
 
 class Extractor:
-    """Sends batches, isolates bad images, retries on other replicas."""
+    """Sends batches, isolates bad images, retries on other replicas.
 
-    def __init__(self, replicas, model_name, signature_name, timeout, retries):
+    ``version``: the model version every request asks for (``None``: the
+    newest, until `pin` fixes it), so that one output never mixes the
+    descriptors of two models."""
+
+    def __init__(self, replicas, model_name, signature_name, timeout, retries, version=None):
         self.replicas = replicas
         self.model_name, self.signature_name = model_name, signature_name
         self.timeout, self.retries = timeout, retries
+        self.version = version
+
+    def pin(self, version=None):
+        """Fixes the model version of every later request: ``version``, or
+        else the one the replicas serve now, which must be the same on all
+        that answer. Checks that it is served with the signature; returns
+        it. Raises ValueError saying why not."""
+        import grpc
+        from tensorflow_serving.apis import get_model_metadata_pb2
+
+        version = version if version is not None else self.version
+        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        request.model_spec.name = self.model_name
+        if version is not None:
+            request.model_spec.version.value = int(version)
+        found, errors, delay = {}, [], 0.2
+        for attempt in range(self.retries):  # replicas may still be starting
+            found, errors, transient = {}, [], True
+            for address, stub in zip(self.replicas.addresses, self.replicas.stubs):
+                try:
+                    found[address] = stub.GetModelMetadata(request, timeout=self.timeout)
+                except grpc.RpcError as e:
+                    errors.append(f"{address}: {e.code().name}: {(e.details() or '')[:200]}")
+                    transient = transient and e.code().name in RETRYABLE
+            if found or not transient or attempt == self.retries - 1:
+                break
+            time.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 5.0)
+        for address, response in list(found.items()):
+            signatures = get_model_metadata_pb2.SignatureDefMap()
+            response.metadata["signature_def"].Unpack(signatures)
+            if self.signature_name not in signatures.signature_def:
+                raise ValueError(f"{address}: model {self.model_name!r} has no signature {self.signature_name!r} "
+                                 f"(it has {', '.join(sorted(signatures.signature_def))})")
+            found[address] = response.model_spec.version.value
+        wanted = f"model {self.model_name!r}" + (f" version {version}" if version is not None else "")
+        if not found:
+            raise ValueError(f"no replica serves {wanted}: " + "; ".join(errors))
+        if len(set(found.values())) > 1:
+            raise ValueError(f"the replicas serve different versions of {self.model_name!r} "
+                             f"({', '.join(f'{a}: {v}' for a, v in found.items())}); choose one with --model_version")
+        self.version = next(iter(found.values()))
+        return self.version
 
     def predict(self, blobs, boxes=None):
         """Descriptors ``[n, D]`` of encoded images; retries on other replicas.
@@ -155,6 +212,8 @@ class Extractor:
         request = predict_pb2.PredictRequest()
         request.model_spec.name = self.model_name
         request.model_spec.signature_name = self.signature_name
+        if self.version is not None:
+            request.model_spec.version.value = self.version
         request.inputs["images"].CopyFrom(tf.make_tensor_proto(blobs, dtype=tf.string, shape=[len(blobs)]))
         if boxes is not None:
             request.inputs["boxes"].CopyFrom(tf.make_tensor_proto(np.asarray(boxes, np.float32), shape=[len(blobs), 4]))
@@ -163,6 +222,10 @@ class Extractor:
             address, stub = self.replicas.pick(attempt)
             try:
                 response = stub.Predict(request, timeout=self.timeout)
+                answered = response.model_spec.version.value if response.model_spec.HasField("version") else None
+                if self.version is not None and answered not in (None, self.version):
+                    raise ValueError(f"{address} answered with model version {answered}, not the pinned "
+                                     f"{self.version}")
                 return np.asarray(tf.make_ndarray(response.outputs["descriptors"]), np.float32)
             except grpc.RpcError as e:
                 if e.code().name not in RETRYABLE or attempt == self.retries - 1:
@@ -252,6 +315,29 @@ class PartStore:
         """Releases the output's lock."""
         self._lock.close()
 
+    def run_info(self):
+        """What the parts were extracted with (model name, version,
+        signature), or None for a new output."""
+        import json
+
+        try:
+            with open(os.path.join(self.folder, "run.json")) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except ValueError as e:
+            raise ValueError(f"{self.folder}/run.json: unreadable ({e}); remove {self.folder} to start over") from e
+
+    def record(self, info):
+        """Writes the run's record (see `run_info`)."""
+        import json
+
+        def write(path):
+            with open(path, "w") as f:
+                json.dump(info, f)
+
+        self._atomic(write, "run.json")
+
     def done(self):
         import pandas as pd
 
@@ -297,7 +383,7 @@ class PartStore:
         order_key = result["image"].map(rank)
         result = result.iloc[order_key.argsort(kind="stable")].reset_index(drop=True)
         tmp = self.output + ".tmp"
-        result.to_parquet(tmp)
+        _write_parquet(result, tmp, self.run_info())
         os.replace(tmp, self.output)
         error_path = self.output + ".errors.csv"
         if errors:
@@ -310,9 +396,37 @@ class PartStore:
         return len(result), (len(merged) if errors else 0)
 
 
+def _write_parquet(frame, path, info):
+    """``frame`` as Parquet, with the run's record in the schema metadata."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    if info:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), METADATA_KEY: json.dumps(info)})
+    pq.write_table(table, path)
+
+
+def read_run_info(path):
+    """The run record (model name, version, signature) of an extraction
+    output, or None for a file without one."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_schema(path).metadata or {}
+    return json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else None
+
+
 def extract(items, output, extractor, batch_size=16, max_request_bytes=16 << 20, in_flight=4,
             chunk_size=512, progress=True, max_file_bytes=64 << 20):
-    """Extracts ``items`` (``[(name, path)]``) into ``output``; resumable."""
+    """Extracts ``items`` (``[(name, path)]``) into ``output``; resumable.
+
+    The model version is pinned for the whole run and recorded with the
+    output; a resumed run asks for the recorded one and stops, rather than
+    mix two models, if it is not served."""
     from tqdm import tqdm
 
     names = [n for n, _ in items]
@@ -321,6 +435,20 @@ def extract(items, output, extractor, batch_size=16, max_request_bytes=16 << 20,
         raise ValueError(f"{duplicates} duplicate image names in the input; each image must appear once")
     store = PartStore(output)
     try:
+        info = store.run_info()
+        if info is None:
+            extractor.pin()
+            store.record({"model_name": extractor.model_name, "model_version": extractor.version,
+                          "signature_name": extractor.signature_name})
+        else:
+            if extractor.version is not None and extractor.version != info["model_version"]:
+                raise ValueError(f"{store.folder} holds descriptors of model version {info['model_version']}; "
+                                 f"--model_version {extractor.version} would mix two models in one output")
+            try:
+                extractor.pin(info["model_version"])
+            except ValueError as e:
+                raise ValueError(f"{e}. {store.folder} holds descriptors of model version {info['model_version']}: "
+                                 f"resume while it is served, or remove {store.folder} to start over") from None
         done = store.done()
         todo = [(n, p) for n, p in items if n not in done]
         with tqdm(total=len(items), initial=len(items) - len(todo), unit="img", desc="extract",
@@ -351,16 +479,25 @@ def main(argv):
     del argv
     if not FLAGS.images or not FLAGS.output:
         raise app.UsageError("--images and --output are required")
+    extractor = None
     try:
         items = list_images(FLAGS.images, FLAGS.data_dir)
         replicas = Replicas(FLAGS.server, FLAGS.max_message_bytes)
-        extractor = Extractor(replicas, FLAGS.model_name, FLAGS.signature_name, FLAGS.timeout, FLAGS.retries)
+        extractor = Extractor(replicas, FLAGS.model_name, FLAGS.signature_name, FLAGS.timeout, FLAGS.retries,
+                              FLAGS.model_version)
         count, failed = extract(items, FLAGS.output, extractor, FLAGS.batch_size, FLAGS.max_request_bytes,
                                 FLAGS.in_flight, FLAGS.chunk_size, FLAGS.progress, FLAGS.max_message_bytes)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Exception as e:  # grpc errors that survived the retries
+        import grpc
+
+        if isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.NOT_FOUND:
+            print(f"error: extraction stopped: model {FLAGS.model_name!r} version {extractor and extractor.version} is no "
+                  f"longer served ({(e.details() or '')[:200]}); what was extracted is kept in {FLAGS.output}.parts: "
+                  "resume while that version is served, or remove the folder to start over", file=sys.stderr)
+            return 2
         print(f"error: extraction stopped ({type(e).__name__}: {e}); rerun the same command to resume",
               file=sys.stderr)
         return 2

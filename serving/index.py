@@ -4,7 +4,9 @@ r"""Builds a search index from the extraction client's Parquet output.
         [--kind ivfpq --nlist 4096 --m 64 --nprobe 16] [--images_root photos/] [--append]
 
 The kind defaults by collection size (exact below a million images, FAISS
-IVF-PQ above). ``--model_info`` (an export's ``assets.extra/model_info.json``)
+IVF-PQ above). The model version the extraction recorded is kept with the
+index (searches through a server ask for it; ``--append`` refuses another
+version). ``--model_info`` (an export's ``assets.extra/model_info.json``)
 is stored with the index so that searches can check the descriptor size.
 The index folder is replaced atomically; a killed run leaves the previous
 index intact.
@@ -57,7 +59,12 @@ def build(descriptors_path, output, kind=None, nlist=None, m=None, nprobe=16, im
     vectors = np.stack(frame["descriptor"].to_numpy()).astype(np.float32) if len(frame) else None
     if vectors is None:
         raise ValueError(f"{descriptors_path}: no descriptors")
+    from serving.extract import read_run_info
+
     metadata = {}
+    run = read_run_info(descriptors_path)
+    if run:
+        metadata["extraction"] = run
     if model_info:
         with open(model_info) as f:
             metadata["model"] = json.load(f)
@@ -65,6 +72,11 @@ def build(descriptors_path, output, kind=None, nlist=None, m=None, nprobe=16, im
         metadata["images_root"] = os.path.abspath(images_root)
     if append and os.path.exists(output):
         index = search.Index.load(output, expected_dim=vectors.shape[1])
+        held = index.metadata.get("extraction")
+        if run and held and (held["model_name"], held["model_version"]) != (run["model_name"], run["model_version"]):
+            raise ValueError(f"{output} holds descriptors of model {held['model_name']!r} version "
+                             f"{held['model_version']}, {descriptors_path} of version {run['model_version']}: "
+                             "one index holds one model's descriptors")
         known = set(index.ids)
         keep = ~frame["image"].isin(known).to_numpy()
         frame, vectors = frame[keep], vectors[keep]

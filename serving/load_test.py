@@ -8,8 +8,15 @@ Several client threads, each with its own channel, send Predict requests of
 sent or ``--duration`` seconds have passed, whichever comes first; it stops
 by itself. Prints requests/s, latency p50/p90/p99, the number of errors and,
 with ``--server_pid`` (a server on this machine), the server's resident
-memory sampled over the run. Loopback only: ``--server`` must be a local
-address unless ``--allow_remote``.
+memory sampled over the run and whether it is still alive. Loopback only:
+``--server`` must be a local address unless ``--allow_remote``.
+
+``--hostile_clients`` adds clients that send, in turn, the requests a
+hostile client or a bad day sends (`hostile_requests`: declared-shape
+amplification, decompression bombs in every format, many sub-cap images,
+JPEG XL, empty images, heavy requests abandoned at once) and hold silent
+TCP connections; the normal clients' figures are reported apart, with how
+the hostile requests were answered.
 """
 
 import sys
@@ -31,6 +38,7 @@ def define_flags():
     flags.DEFINE_integer("batch", 1, "Images per request.")
     flags.DEFINE_string("images", None, "Folder of images sent in turn (default: generated 320x240 JPEGs).")
     flags.DEFINE_integer("server_pid", None, "PID of a local server whose memory is sampled.")
+    flags.DEFINE_integer("hostile_clients", 0, "Clients sending hostile requests alongside the normal ones.")
     flags.DEFINE_boolean("allow_remote", False, "Allow a non-loopback --server.")
 
 
@@ -62,8 +70,80 @@ def generated_images(count=8, size=(320, 240)):
     return out
 
 
+def _declaring(kind, width, height):
+    """A tiny image whose header is patched to declare ``width x height``."""
+    import io
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, kind, **({"lossless": True} if kind == "WEBP" else {}))
+    data = bytearray(buf.getvalue())
+    if kind == "JPEG":
+        sof = data.index(b"\xff\xc0")
+        data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    elif kind == "PNG":  # IHDR's sizes, then its CRC
+        data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+        data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    else:  # lossless WebP: two 14-bit sizes minus one
+        packed = int.from_bytes(data[21:25], "little") & ~((1 << 28) - 1)
+        data[21:25] = (packed | (width - 1) | ((height - 1) << 14)).to_bytes(4, "little")
+    return bytes(data)
+
+
+def _gif_frames(side, frames):
+    """A GIF of ``frames`` complete one-colour ``side x side`` frames."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("P", (side, side), 0).save(buf, "GIF")
+    data = buf.getvalue()
+    start = data.index(b"\x2c", 13 + 3 * 2 ** ((data[10] & 7) + 1))  # Pillow writes no extension first
+    return data[:start] + data[start:-1] * frames + data[-1:]
+
+
+def hostile_requests(model_name, blob):
+    """``[(name, request, timeout)]``: what a hostile client sends (each
+    must be refused or cut short, none may hurt the server)."""
+    import numpy as np
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    def request(tensor, signature=""):
+        r = predict_pb2.PredictRequest()
+        r.model_spec.name = model_name
+        r.model_spec.signature_name = signature
+        r.inputs["images"].CopyFrom(tensor)
+        return r
+
+    def strings(items):
+        return tf.make_tensor_proto(items, dtype=tf.string, shape=[len(items)])
+
+    amplified = strings([blob])
+    amplified.tensor_shape.dim[0].size = 5000
+    empty_pixels = tf.make_tensor_proto(np.zeros((1, 1, 1, 3), np.uint8))
+    empty_pixels.tensor_content = b""
+    for dim, size in zip(empty_pixels.tensor_shape.dim, (1, 12000, 12000, 3)):
+        dim.size = size
+    return [
+        ("shape amplification (images)", request(amplified), 10),
+        ("shape amplification (pixels)", request(empty_pixels, "pixels"), 10),
+        ("PNG bomb", request(strings([_declaring("PNG", 50000, 50000)])), 10),
+        ("JPEG bomb", request(strings([_declaring("JPEG", 60000, 60000)])), 10),
+        ("WebP bomb", request(strings([_declaring("WEBP", 16383, 16383)])), 10),
+        ("GIF frames bomb", request(strings([_gif_frames(3000, 60)])), 10),
+        ("16 sub-cap JPEGs", request(strings([_declaring("JPEG", 9459, 9459)] * 16)), 10),
+        ("JPEG XL", request(strings([b"\xff\x0a" + bytes(60)])), 10),
+        ("0x0 pixels", request(tf.make_tensor_proto(np.zeros((1, 0, 0, 3), np.uint8)), "pixels"), 10),
+        ("256 images abandoned after 50 ms", request(strings([blob] * 256)), 0.05),
+    ]
+
+
 def run(address, model_name, blobs, clients=8, requests=2000, duration=120.0, batch=1, server_pid=None,
-        timeout=60.0):
+        timeout=60.0, hostile_clients=0):
     """Runs the load; returns a dict of figures (latencies in ms, memory in MiB)."""
     import grpc
     import numpy as np
@@ -103,7 +183,39 @@ def run(address, model_name, blobs, clients=8, requests=2000, duration=120.0, ba
             n += 1
         channel.close()
 
-    memory, stop = [], threading.Event()
+    hostile = hostile_requests(model_name, blobs[0]) if hostile_clients else []
+    answers = {}
+
+    def attacker(seed):
+        import socket
+
+        channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 256 << 20)])
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        host, port = address.rsplit(":", 1)
+        silent = []
+        n = seed
+        while time.time() < deadline and not finished.is_set():
+            name, request, limit = hostile[n % len(hostile)]
+            try:
+                silent.append(socket.create_connection((host.strip("[]"), int(port)), timeout=5))
+            except OSError:
+                pass
+            try:
+                stub.Predict(request, timeout=limit)
+                code = "OK"
+            except grpc.RpcError as e:
+                code = e.code().name
+            with lock:
+                answers.setdefault(name, {}).setdefault(code, 0)
+                answers[name][code] += 1
+            n += 1
+            if len(silent) > 50:
+                silent.pop(0).close()
+        for sock in silent:
+            sock.close()
+        channel.close()
+
+    memory, stop, finished = [], threading.Event(), threading.Event()
 
     def sample():
         while not stop.is_set():
@@ -117,11 +229,15 @@ def run(address, model_name, blobs, clients=8, requests=2000, duration=120.0, ba
         sampler.start()
     start = time.time()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
+    attackers = [threading.Thread(target=attacker, args=(i,)) for i in range(hostile_clients)]
+    for t in threads + attackers:
         t.start()
     for t in threads:
         t.join()
     seconds = time.time() - start
+    finished.set()
+    for t in attackers:
+        t.join()
     stop.set()
     if sampler:
         sampler.join()
@@ -134,10 +250,16 @@ def run(address, model_name, blobs, clients=8, requests=2000, duration=120.0, ba
     }
     if len(lat):
         result.update({f"p{q}_ms": round(float(np.percentile(lat, q)), 1) for q in (50, 90, 99)})
+    if hostile_clients:
+        result["hostile_answers"] = answers
+    if server_pid:
+        result["server_alive"] = rss_mb(server_pid) is not None
     if memory:
         values = [v for _, v in memory]
         tenth = max(1, len(values) // 10)
+        timeline = [round(values[min(len(values) - 1, i * len(values) // 10)]) for i in range(10)] + [round(values[-1])]
         result.update(rss_samples=len(values), rss_start_mb=round(values[0], 1), rss_peak_mb=round(max(values), 1),
+                      rss_timeline_mb=timeline,
                       rss_end_mb=round(values[-1], 1),
                       rss_growth_after_warmup_mb=round(float(np.mean(values[-tenth:]) - np.mean(values[:tenth])), 1))
     return result
@@ -161,10 +283,14 @@ def main(argv):
     else:
         blobs = generated_images()
     result = run(FLAGS.server, FLAGS.model_name, blobs, FLAGS.clients, FLAGS.requests, FLAGS.duration,
-                 FLAGS.batch, FLAGS.server_pid)
+                 FLAGS.batch, FLAGS.server_pid, hostile_clients=FLAGS.hostile_clients)
     for key, value in result.items():
-        print(f"{key:28} {value}")
-    return 0 if result["errors"] == 0 else 2
+        if key == "hostile_answers":
+            for name, codes in value.items():
+                print(f"  hostile: {name:34} {codes}")
+        else:
+            print(f"{key:28} {value}")
+    return 0 if result["errors"] == 0 and result.get("server_alive", True) else 2
 
 
 if __name__ == "__main__":

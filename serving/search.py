@@ -9,7 +9,9 @@ PredictionService protocol) or from an exported SavedModel run in process
 the query inside the graph, keeping the image's scale, as the retrieval
 protocols do. ``--picture`` writes a grid PNG: the query with its
 box, then the results captioned with rank and score (images are looked up
-under the index's ``images_root``, or ``--images_root``).
+under the index's ``images_root``, or ``--images_root``). Through a server,
+the query asks for the model version the index's descriptors were
+extracted with, so that a newer model is never compared with them.
 """
 
 import io
@@ -54,9 +56,10 @@ def check_box(data, box):
     return [x0, y0, x1, y1]
 
 
-def describe(data, box=None, server=None, model_name="deep_retrieval", saved_model=None):
+def describe(data, box=None, server=None, model_name="deep_retrieval", saved_model=None, version=None):
     """The descriptor of encoded image bytes (cropped to ``box`` by the
-    model's ``crops`` signature), through a server or a SavedModel."""
+    model's ``crops`` signature), through a server (asking for model
+    ``version`` if given) or a SavedModel."""
     import numpy as np
     import tensorflow as tf
 
@@ -75,30 +78,42 @@ def describe(data, box=None, server=None, model_name="deep_retrieval", saved_mod
     from serving import extract as extract_lib
 
     extractor = extract_lib.Extractor(extract_lib.Replicas([server], 64 << 20), model_name,
-                                      signature, 60, 3)
+                                      signature, 60, 3, version)
     try:
         return np.asarray(extractor.predict([data], [box] if box else None))[0]
     except grpc.RpcError as e:
-        raise ValueError(f"{server} answered {e.code().name}: {(e.details() or '')[:300]}") from None
+        hint = (f" (the index holds descriptors of version {version}: serve it, or rebuild the index)"
+                if version is not None and e.code() == grpc.StatusCode.NOT_FOUND else "")
+        raise ValueError(f"{server} answered {e.code().name}: {(e.details() or '')[:300]}{hint}") from None
 
 
 def draw(query_path, box, results, images_root, out_path, thumb=200):
     """A grid PNG: the query (box in red), then each result with rank and score."""
     from PIL import Image, ImageDraw
 
-    tiles = []
-    with Image.open(query_path) as im:
-        im = im.convert("RGB")
-        if box:
-            ImageDraw.Draw(im).rectangle([float(v) for v in box], outline=(255, 0, 0), width=3)
-        tiles.append((im.copy(), "query"))
-    for rank, (image_id, score) in enumerate(results, start=1):
-        path = os.path.join(images_root or "", image_id)
+    def tile(path):  # (RGB image, scale from the file's pixels), None if missing, unreadable or oversized
         try:
             with Image.open(path) as im:
-                tiles.append((im.convert("RGB"), f"#{rank} {score:.3f}"))
-        except OSError:
+                width = im.width
+                im.draft("RGB", (thumb, thumb))  # JPEGs decode at a fraction of their size
+                im = im.convert("RGB")
+                return im, im.width / width
+        except (OSError, Image.DecompressionBombError, ValueError):
+            return None
+
+    query = tile(query_path)
+    if query is None:
+        raise ValueError(f"{query_path}: cannot draw the query image")
+    query, scale = query
+    if box:
+        ImageDraw.Draw(query).rectangle([float(v) * scale for v in box], outline=(255, 0, 0), width=3)
+    tiles = [(query, "query")]
+    for rank, (image_id, score) in enumerate(results, start=1):
+        im = tile(os.path.join(images_root or "", image_id))
+        if im is None:
             tiles.append((Image.new("RGB", (thumb, thumb), (60, 60, 60)), f"#{rank} {score:.3f} (missing)"))
+        else:
+            tiles.append((im[0], f"#{rank} {score:.3f}"))
     cols = min(6, len(tiles))
     rows = (len(tiles) + cols - 1) // cols
     sheet = Image.new("RGB", (cols * thumb, rows * (thumb + 18)), (255, 255, 255))
@@ -124,7 +139,9 @@ def main(argv):
         with open(FLAGS.query, "rb") as f:
             data = f.read()
         box = check_box(data, FLAGS.box) if FLAGS.box else None
-        vector = describe(data, box, FLAGS.server, FLAGS.model_name, FLAGS.saved_model)
+        run = index.metadata.get("extraction") or {}
+        version = run.get("model_version") if run.get("model_name") == FLAGS.model_name else None
+        vector = describe(data, box, FLAGS.server, FLAGS.model_name, FLAGS.saved_model, version)
         if len(vector) != index.dim:
             raise ValueError(f"the model gives {len(vector)}-D descriptors, the index holds {index.dim}-D")
         scores, ids = index.search(vector[None], FLAGS.top, qe=FLAGS.qe, rerank=FLAGS.rerank)
@@ -136,7 +153,11 @@ def main(argv):
         print(f"{rank:3d}  {score:.4f}  {image_id}")
     if FLAGS.picture:
         root = FLAGS.images_root or index.metadata.get("images_root")
-        draw(FLAGS.query, FLAGS.box, results, root, FLAGS.picture)
+        try:
+            draw(FLAGS.query, FLAGS.box, results, root, FLAGS.picture)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         print(f"picture written to {FLAGS.picture}")
     return 0
 

@@ -22,9 +22,18 @@ ask for thousands of images), no dimension may be negative, a batch holds
 at most ``--max_images_per_request`` images, and the pixels the batch
 declares (image headers for encoded images, the shape for ``pixels``) stay
 within ``--max_request_pixels`` (RESOURCE_EXHAUSTED otherwise).
+
+Then the batch runs in chunks of `CHUNK_PIXELS` under a process-wide
+memory budget (``--max_pixels_in_flight``): concurrent requests wait their
+turn rather than overcommit, and a request whose client cancelled it or
+whose deadline passed stops before its next chunk. Idle, silent and dead
+connections are closed (`CHANNEL_ARGUMENTS`), and at most
+``--max_concurrent_rpcs`` calls are held at once.
 """
 
 import concurrent.futures
+import contextlib
+import ctypes
 import logging
 import os
 import re
@@ -54,6 +63,12 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_integer("max_images_per_request", LIMITS.images, "Images one request may hold.", **fv)
     flags.DEFINE_integer("max_request_pixels", LIMITS.pixels, "Pixels the images of one request may declare "
                          "in all (each image is also capped at deep_retrieval.data.MAX_PIXELS).", **fv)
+    flags.DEFINE_integer("max_pixels_in_flight", LIMITS.pixels, "Declared pixels all requests together may "
+                         "decode at once (about 16 bytes of memory each); requests beyond it wait their turn.", **fv)
+    flags.DEFINE_integer("max_concurrent_rpcs", None, "Calls accepted at once, running or waiting (default: "
+                         "4 x --grpc_max_threads); more get RESOURCE_EXHAUSTED.", **fv)
+    flags.DEFINE_string("grpc_channel_arguments", "", "Comma-separated gRPC server arguments, key=value, over "
+                        "the defaults in serving.server.CHANNEL_ARGUMENTS (idle, age and handshake timeouts).", **fv)
 
 
 log = logging.getLogger("serving.server")
@@ -106,39 +121,107 @@ def check_proto(key, proto, spec, limits):
 
 
 def check_pixels(key, value, spec, limits):
-    """Refuses a batch whose images declare more pixels than ``limits``."""
+    """The pixels each image of a batch declares (``None`` for an input that
+    is not images); refuses a batch over ``limits``."""
     import tensorflow as tf
 
     from deep_retrieval.data import MAX_PIXELS
 
     if spec.dtype == tf.string:
-        total = 0
+        sizes = []
         for position, data in enumerate(value.reshape(-1)):
             try:
                 pixels = int(pipeline.header_pixels(data))
             except tf.errors.InvalidArgumentError:
-                continue  # a broken header: the decoder names the image
+                pixels = 0  # a broken header: the decoder names the image
+            if pixels == pipeline.JPEG_XL:
+                raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f"{key}[{position}]: {pipeline.JPEG_XL_REFUSED}")
             if pixels > MAX_PIXELS:
                 raise InvalidRequest(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"{key}[{position}]: image refused: its header declares more than {MAX_PIXELS} pixels "
-                    "(decompression bomb?)",
+                    f"{key}[{position}]: image refused: its header declares more than {MAX_PIXELS} pixels, "
+                    "all GIF frames counted (decompression bomb?)",
                 )
-            total += pixels
-
+            sizes.append(pixels)
     elif value.ndim == 4:
-        if value.shape[1] * value.shape[2] > MAX_PIXELS:
+        height, width = value.shape[1:3]
+        if height * width == 0:
+            raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f"input {key}: images of {height}x{width} pixels")
+        if height * width > MAX_PIXELS:
             raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"input {key}: images of {value.shape[1]}x{value.shape[2]} pixels, "
-                                 f"more than {MAX_PIXELS}")
-        total = value.shape[0] * value.shape[1] * value.shape[2]
+                                 f"input {key}: images of {height}x{width} pixels, more than {MAX_PIXELS}")
+        sizes = [height * width] * value.shape[0]
     else:
-        return
-    if total > limits.pixels:
+        return None
+    if sum(sizes) > limits.pixels:
         raise InvalidRequest(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"input {key}: the images declare {total} pixels in all, at most {limits.pixels} per request",
+            f"input {key}: the images declare {sum(sizes)} pixels in all, at most {limits.pixels} per request",
         )
+    return sizes
+
+
+class PixelBudget:
+    """Decoded pixels all requests together may hold at once.
+
+    A request takes its share chunk by chunk (`CHUNK_PIXELS`) and waits
+    while the budget is spent, so concurrent requests queue instead of
+    overcommitting memory. A request that is cancelled, or whose deadline
+    passes, while it waits stops there.
+
+    Args:
+        pixels: the budget; at least one image's worth (``MAX_PIXELS``).
+    """
+
+    def __init__(self, pixels):
+        from deep_retrieval.data import MAX_PIXELS
+
+        if pixels < MAX_PIXELS:
+            raise ValueError(f"--max_pixels_in_flight {pixels} is below one image's limit of {MAX_PIXELS} pixels")
+        self.capacity, self.used = int(pixels), 0
+        self._turn = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels, context=None):
+        with self._turn:
+            while self.used and self.used + pixels > self.capacity:
+                _check_alive(context)
+                self._turn.wait(0.05)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self._turn:
+                self.used -= pixels
+                self._turn.notify_all()
+
+
+CHUNK_PIXELS = 16_000_000
+"""Images run through the model at most this many declared pixels at a time
+(and one image at least): the unit of the memory budget, and the most work
+a request does after its client has given up."""
+
+
+def _check_alive(context):
+    """Stops a request whose client cancelled it or whose deadline passed."""
+    if context is None:
+        return
+    if not context.is_active():
+        raise InvalidRequest(grpc.StatusCode.CANCELLED, "the request was cancelled")
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise InvalidRequest(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed")
+
+
+def _chunks(sizes):
+    """Consecutive index ranges of at most `CHUNK_PIXELS` declared pixels."""
+    start, total = 0, 0
+    for i, pixels in enumerate(sizes):
+        if i > start and total + pixels > CHUNK_PIXELS:
+            yield start, i, total
+            start, total = i, 0
+        total += pixels
+    yield start, len(sizes), total
 
 
 
@@ -259,7 +342,9 @@ class ModelManager:
         return current
 
 
-def _run_signature(version, request, limits=LIMITS):
+def _run_signature(version, request, limits=LIMITS, budget=None, context=None):
+    """Validates ``request``, then runs its signature chunk by chunk within
+    ``budget``; ``(signature name, {output: array})``."""
     import numpy as np
     import tensorflow as tf
 
@@ -275,7 +360,7 @@ def _run_signature(version, request, limits=LIMITS):
             f"input tensor alias not found in signature: {_bounded(', '.join(sorted(unknown))) or '(missing)'}. "
             f"Inputs expected to be in the set {{{', '.join(sorted(specs))}}}.",
         )
-    args = {}
+    args, sizes = {}, None
     for key, spec in specs.items():
         proto = request.inputs[key]
         try:
@@ -299,27 +384,35 @@ def _run_signature(version, request, limits=LIMITS):
             )
         if value.ndim and value.shape[0] == 0:
             raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f"input {key}: empty batch")
-        check_pixels(key, value, spec, limits)
+        sizes = check_pixels(key, value, spec, limits) or sizes
         args[key] = value
-    try:
-        outputs = fn(**{k: tf.constant(v) for k, v in args.items()})
-    except tf.errors.InvalidArgumentError as e:
-        raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, _explain(args, specs, e))
-    wanted = list(request.output_filter) or list(outputs)
-    missing = [k for k in wanted if k not in outputs]
+    wanted = list(request.output_filter) or list(fn.structured_outputs)
+    missing = [k for k in wanted if k not in fn.structured_outputs]
     if missing:
         raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f"output tensor alias not found in signature: {_bounded(missing)}")
-    return name, {k: np.asarray(outputs[k]) for k in wanted}
+    batch = len(next(iter(args.values())))
+    parts = []
+    for start, stop, pixels in _chunks(sizes or [0] * batch):
+        _check_alive(context)
+        chunk = {k: v[start:stop] for k, v in args.items()}
+        with budget.hold(pixels, context) if budget else contextlib.nullcontext():
+            try:
+                outputs = fn(**{k: tf.constant(v) for k, v in chunk.items()})
+            except tf.errors.InvalidArgumentError as e:
+                raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, _explain(chunk, specs, e, start))
+        parts.append({k: np.asarray(outputs[k]) for k in wanted})
+    return name, {k: np.concatenate([p[k] for p in parts]) for k in wanted}
 
 
-def _explain(args, specs, error):
-    """Names the undecodable image of a failed string batch, if that was it."""
+def _explain(args, specs, error, offset=0):
+    """Names the undecodable image of a failed string batch, if that was it
+    (positions counted from ``offset``, the chunk's start)."""
     import tensorflow as tf
 
     for key, spec in specs.items():
         if spec.dtype != tf.string:
             continue
-        for position, data in enumerate(args[key].reshape(-1)):
+        for position, data in enumerate(args[key].reshape(-1), start=offset):
             try:
                 pipeline.decode(data)  # refuses decompression bombs before decoding
             except tf.errors.InvalidArgumentError as e:
@@ -336,8 +429,9 @@ def _clean(message):
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     """``PredictionService`` servicer (Predict, GetModelMetadata)."""
 
-    def __init__(self, manager, limits=LIMITS):
+    def __init__(self, manager, limits=LIMITS, budget=None):
         self.manager, self.limits = manager, limits
+        self.budget = budget or PixelBudget(LIMITS.pixels)
 
     def Predict(self, request, context):
         import tensorflow as tf
@@ -345,9 +439,11 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
         try:
             version = self.manager.get(request.model_spec)
-            signature, outputs = _run_signature(version, request, self.limits)
+            signature, outputs = _run_signature(version, request, self.limits, self.budget, context)
         except InvalidRequest as e:
             context.abort(e.code, str(e))
+        finally:
+            _release_memory()
         response = predict_pb2.PredictResponse()
         response.model_spec.name = self.manager.name
         response.model_spec.version.value = version.version
@@ -396,16 +492,63 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         return response
 
 
-def build_server(manager, port, host="127.0.0.1", max_threads=8, max_message_bytes=256 << 20, limits=LIMITS):
-    """A grpc.Server (not started yet) and the port it bound."""
+def _release_memory():
+    """Hands freed heap memory back to the system after a request (glibc
+    keeps the peaks of large decodes otherwise); a no-op elsewhere."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+try:
+    _LIBC = ctypes.CDLL(None)
+except OSError:  # pragma: no cover - platforms without a C library handle
+    _LIBC = None
+
+CHANNEL_ARGUMENTS = {
+    "grpc.server_handshake_timeout_ms": 10_000,  # a connection that never speaks HTTP/2
+    "grpc.max_connection_idle_ms": 300_000,  # five minutes without a call
+    "grpc.max_connection_age_ms": 3_600_000,  # then a GOAWAY: clients reconnect
+    "grpc.max_connection_age_grace_ms": 300_000,  # for the calls in flight
+    "grpc.keepalive_time_ms": 60_000,  # pings find dead peers
+    "grpc.keepalive_timeout_ms": 20_000,
+}
+"""gRPC server arguments by default, so that idle, silent or dead
+connections are closed instead of holding file descriptors."""
+
+
+def channel_arguments(text):
+    """``--grpc_channel_arguments`` (``key=value,...``, as TF Serving takes
+    it) over `CHANNEL_ARGUMENTS`: a list of ``(key, value)``."""
+    merged = dict(CHANNEL_ARGUMENTS)
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--grpc_channel_arguments: {item!r} is not key=value")
+        value = value.strip()
+        merged[key.strip()] = int(value) if re.fullmatch(r"-?[0-9]+", value) else value
+    return list(merged.items())
+
+
+def build_server(manager, port, host="127.0.0.1", max_threads=8, max_message_bytes=256 << 20, limits=LIMITS,
+                 budget=None, arguments=None, max_concurrent_rpcs=None):
+    """A grpc.Server (not started yet) and the port it bound.
+
+    ``arguments``: gRPC server arguments (default `CHANNEL_ARGUMENTS`);
+    ``max_concurrent_rpcs``: calls accepted at once, running or queued
+    (default four per thread); beyond it a call gets RESOURCE_EXHAUSTED
+    at once rather than holding its message in memory."""
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=max_threads),
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            *(arguments if arguments is not None else CHANNEL_ARGUMENTS.items()),
         ],
+        maximum_concurrent_rpcs=max_concurrent_rpcs or 4 * max_threads,
     )
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(manager, limits), server)
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        PredictionService(manager, limits, budget), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if not bound:
@@ -413,16 +556,32 @@ def build_server(manager, port, host="127.0.0.1", max_threads=8, max_message_byt
     return server, bound
 
 
+def _raise_file_limit():
+    """Lifts the soft open-file limit to the hard one: each client connection
+    holds a descriptor (1,024 by default on Linux)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            log.warning("open-file limit stays at %d", soft)
+
+
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    _raise_file_limit()
     if not FLAGS.model_base_path:
         raise app.UsageError("--model_base_path is required")
     try:
         manager = ModelManager(FLAGS.model_name, FLAGS.model_base_path, FLAGS.file_system_poll_wait_seconds)
         limits = Limits(FLAGS.max_images_per_request, FLAGS.max_request_pixels)
+        budget = PixelBudget(FLAGS.max_pixels_in_flight)
         server, port = build_server(manager, FLAGS.port, FLAGS.host, FLAGS.grpc_max_threads,
-                                    FLAGS.max_message_bytes, limits)
+                                    FLAGS.max_message_bytes, limits, budget,
+                                    channel_arguments(FLAGS.grpc_channel_arguments), FLAGS.max_concurrent_rpcs)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

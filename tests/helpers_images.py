@@ -52,3 +52,47 @@ def webp_declaring(width, height):
     packed |= (width - 1) | ((height - 1) << 14)
     data[21:25] = packed.to_bytes(4, "little")
     return bytes(data)
+
+
+def _gif_parts(side):
+    """A PIL-made one-frame ``side x side`` GIF split into (everything before
+    its image block, the image block with its data, the trailer)."""
+    buf = io.BytesIO()
+    Image.new("P", (side, side), 0).save(buf, "GIF")
+    data = buf.getvalue()
+    flags = data[10]
+    pos = 13 + (3 * 2 ** ((flags & 7) + 1) if flags & 0x80 else 0)
+    while data[pos] == 0x21:  # extensions: introducer, label, sub-blocks
+        pos += 2
+        while data[pos]:
+            pos += 1 + data[pos]
+        pos += 1
+    assert data[pos] == 0x2C and data[-1:] == b"\x3b"
+    return data[:pos], data[pos:-1], data[-1:]
+
+
+def gif_frames_bomb(side=3000, frames=60):
+    """A GIF of ``frames`` complete ``side x side`` frames of one colour
+    (about 8 KB each): every frame header is within the pixel limit, all of
+    them together far over it (TF decodes every frame)."""
+    head, image, tail = _gif_parts(side)
+    return head + image * frames + tail
+
+
+def gif_tiny_subblocks(count=100_000):
+    """A one-frame 8x8 GIF whose image data is ``count`` one-byte
+    sub-blocks (valid, but each sub-block is a step of the frame walk)."""
+    head, image, tail = _gif_parts(8)
+    return head + image[:11] + b"\x01\x00" * count + b"\x00" + tail
+
+
+def jpeg_declaring(width, height):
+    """A tiny baseline JPEG whose SOF0 header is patched to declare
+    ``width x height`` (the decoder is never reached)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 7] = height.to_bytes(2, "big")
+    data[sof + 7:sof + 9] = width.to_bytes(2, "big")
+    return bytes(data)

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from deep_retrieval.data import check_pixels
+from deep_retrieval.data import check_image
 
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 
@@ -51,7 +51,7 @@ class Manifest:
         return text
 
 
-DECODABLE_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
+DECODABLE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
 """What ``tf.io.decode_image`` (training and serving) decodes."""
 
 
@@ -66,7 +66,7 @@ def _image_size(path):
         if im.format not in DECODABLE_FORMATS:
             raise ValueError(f"format {im.format} is not one of {', '.join(DECODABLE_FORMATS)}")
         width, height = im.size
-        check_pixels(width, height)
+        check_image(im)
         im.draft("RGB", (max(1, width // 8), max(1, height // 8)))
         im.load()
     return width, height

@@ -138,7 +138,7 @@ def folder_photos(directory):
     instance: ``(photos, problems)`` where ``problems`` lists ``(path,
     reason)`` for files that cannot be used (unreadable, over the pixel
     limit, smaller than `MIN_SIDE`)."""
-    from deep_retrieval.data import check_pixels
+    from deep_retrieval.data import check_image
 
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: no such folder of photographs")
@@ -153,7 +153,7 @@ def folder_photos(directory):
                 with open(path, "rb") as f:
                     data = f.read()
                 with Image.open(io.BytesIO(data)) as im:
-                    check_pixels(*im.size)
+                    check_image(im)
                     if min(im.size) < MIN_SIDE:
                         raise ValueError(f"smaller than {MIN_SIDE} pixels ({im.size[0]}x{im.size[1]})")
                     im.convert("RGB").load()

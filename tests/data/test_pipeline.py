@@ -102,3 +102,47 @@ def test_webp_headers_are_read_and_bombs_refused():
 
     with pytest.raises(tf.errors.InvalidArgumentError, match="image refused"):
         pipeline.decode(tf.constant(webp_declaring(16383, 16383)))
+
+
+def test_gif_headers_count_every_frame():
+    import io
+
+    import pytest
+
+    from deep_retrieval.data import check_image
+    from tests.helpers_images import gif_frames_bomb, gif_tiny_subblocks
+
+    def pil_pixels(data):  # the independent reference: Pillow's frame count and canvas
+        with Image.open(io.BytesIO(data)) as im:
+            return im.n_frames * im.size[0] * im.size[1]
+
+    for frames, (w, h) in ((1, (120, 90)), (5, (120, 90)), (1, (1500, 1000))):
+        images = [Image.fromarray(_textured(h, w, seed)).convert("P") for seed in range(frames)]
+        buf = io.BytesIO()
+        images[0].save(buf, "GIF", save_all=frames > 1, append_images=images[1:])
+        data = buf.getvalue()
+        assert int(pipeline.header_pixels(data)) == pil_pixels(data) == frames * w * h
+        assert pipeline.decode(data).shape == (h, w, 3)  # the first frame
+    bomb = gif_frames_bomb(3000, 60)  # 470 KB; each frame 9 MP, all of them 540 MP
+    assert int(pipeline.header_pixels(bomb)) == pil_pixels(bomb) == 60 * 3000 * 3000
+    with pytest.raises(tf.errors.InvalidArgumentError, match="image refused"):
+        pipeline.decode(bomb)
+    with pytest.raises(ValueError, match="60 frames of 3000x3000"):
+        check_image(Image.open(io.BytesIO(bomb)))
+    # 100,000 one-byte sub-blocks need more walking steps than a 200 KB file is allowed.
+    tiny = gif_tiny_subblocks(100_000)
+    assert int(pipeline.header_pixels(tiny)) == pipeline.TOO_MANY
+    with pytest.raises(tf.errors.InvalidArgumentError, match="image refused"):
+        pipeline.decode(tiny)
+    assert int(pipeline.header_pixels(gif_tiny_subblocks(100))) == 64
+
+
+def test_jpeg_xl_is_refused_with_its_reason():
+    import pytest
+
+    codestream = b"\xff\x0a" + bytes(40)
+    container = b"\x00\x00\x00\x0cJXL \r\n\x87\n" + bytes(40)
+    for data in (codestream, container):
+        assert int(pipeline.header_pixels(data)) == pipeline.JPEG_XL
+        with pytest.raises(tf.errors.InvalidArgumentError, match="JPEG XL is not accepted"):
+            pipeline.decode(data)

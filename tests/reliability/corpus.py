@@ -5,7 +5,8 @@
 grayscale and palette expanded, 16-bit reduced to 8 bits, CMYK converted,
 EXIF orientation ignored everywhere alike, tiny images upscaled with the
 rest), and ``"error"`` for files that must be reported, per item, with the
-file and the reason. Names are ``str``; the non-UTF-8 one is returned as
+file and the reason (among them decompression bombs in PNG, WebP and GIF
+frames, and JPEG XL, which is refused). Names are ``str``; the non-UTF-8 one is returned as
 Python decodes it from the file system (surrogate escapes).
 """
 
@@ -16,6 +17,8 @@ import zlib
 
 import numpy as np
 from PIL import Image
+
+from tests.helpers_images import gif_frames_bomb, webp_declaring
 
 BOMB_SIDE = 50000
 
@@ -62,6 +65,9 @@ def make_corpus(folder, huge_side=6000):
     put("random_bytes.jpg", np.random.RandomState(2).bytes(5000), "error")
     put("text.png", b"this is not an image\n" * 20, "error")
     put("bomb.png", bomb_png(), "error")
+    put("bomb.webp", webp_declaring(16383, 16383), "error")  # 10 KB files like it decode to 800 MB
+    put("frames_bomb.gif", gif_frames_bomb(3000, 60), "error")  # 60 frames of 9 MP: TF decodes them all
+    put("jpeg_xl.png", b"\xff\x0a" + bytes(60), "error")  # JPEG XL: no size check, refused
 
     def png(image):
         buf = io.BytesIO()

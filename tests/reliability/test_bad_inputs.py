@@ -139,6 +139,9 @@ def test_extraction_client(corpus, address, tmp_path, source):
     assert "decompression bomb" in reasons["bomb.png"]
     for name in ("truncated.jpg", "random_bytes.jpg", "text.png"):
         assert "cannot decode image" in reasons[name], (name, reasons[name])
+    for name in ("bomb.webp", "frames_bomb.gif"):
+        assert "image refused" in reasons[name] and "decompression bomb" in reasons[name], (name, reasons[name])
+    assert "JPEG XL is not accepted" in reasons["jpeg_xl.png"]
 
 
 def test_cleaning_command(corpus, tmp_path):

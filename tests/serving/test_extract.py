@@ -67,6 +67,9 @@ class _Interrupting:
     def __init__(self, inner, allowed):
         self.inner, self.allowed, self.sent = inner, allowed, []
 
+    def __getattr__(self, name):  # pin, version, model_name, ...
+        return getattr(self.inner, name)
+
     def run(self, batch):
         if len(self.sent) >= self.allowed:
             raise KeyboardInterrupt
@@ -115,11 +118,24 @@ class _Failure(grpc.RpcError):
 class _FakeReplicas:
     """A server answering a 2-D descriptor per image, failing as told."""
 
-    def __init__(self, fail):
-        self.fail, self.calls = fail, 0
+    def __init__(self, fail, version=1):
+        self.fail, self.calls, self.version = fail, 0, version
+        self.addresses, self.stubs = ["fake"], [self]
 
     def pick(self, attempt):
         return "fake", self
+
+    def GetModelMetadata(self, request, timeout=None):
+        from tensorflow_serving.apis import get_model_metadata_pb2
+
+        if request.model_spec.HasField("version") and request.model_spec.version.value != self.version:
+            raise _Failure(grpc.StatusCode.NOT_FOUND, "no such version")
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        signatures.signature_def["serving_default"].method_name = "tensorflow/serving/predict"
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.version.value = self.version
+        response.metadata["signature_def"].Pack(signatures)
+        return response
 
     def Predict(self, request, timeout=None):
         from tensorflow_serving.apis import predict_pb2
@@ -129,7 +145,10 @@ class _FakeReplicas:
         error = self.fail(blobs)
         if error:
             raise error
+        if request.model_spec.HasField("version") and request.model_spec.version.value != self.version:
+            raise _Failure(grpc.StatusCode.NOT_FOUND, "Servable not found for request: Specific(m, ...)")
         response = predict_pb2.PredictResponse()
+        response.model_spec.version.value = self.version
         response.outputs["descriptors"].CopyFrom(
             tf.make_tensor_proto(np.array([[len(b), 1.0] for b in blobs], np.float32)))
         return response
@@ -215,3 +234,49 @@ def test_one_run_per_output(tmp_path):
         extract_lib.PartStore(out)
     first.close()  # the run ends
     extract_lib.PartStore(out).close()
+
+
+def test_the_model_version_is_pinned_recorded_and_never_mixed(tmp_path):
+    paths = []
+    for i in range(6):
+        (tmp_path / f"{i}.jpg").write_bytes(b"img%d" % i)
+        paths.append((f"{i}.jpg", str(tmp_path / f"{i}.jpg")))
+    out = str(tmp_path / "d.parquet")
+    replicas = _FakeReplicas(lambda blobs: None, version=1)
+
+    def deploy_after_two(blobs):  # version 2 replaces version 1 in the middle of the run
+        if replicas.calls > 2:
+            replicas.version = 2
+
+    replicas.fail = deploy_after_two
+    extractor = extract_lib.Extractor(replicas, "m", "serving_default", 5, 1)
+    with pytest.raises(grpc.RpcError) as stopped:
+        extract_lib.extract(paths, out, extractor, batch_size=1, in_flight=1, chunk_size=1, progress=False)
+    assert stopped.value.code() == grpc.StatusCode.NOT_FOUND  # the run stops: no image marked failed
+    store = extract_lib.PartStore(out)
+    assert store.run_info() == {"model_name": "m", "model_version": 1, "signature_name": "serving_default"}
+    assert len(store.done()) == 2 and not any(f.endswith(".errors.csv") for f in os.listdir(store.folder))
+    store.close()
+    # Resuming against version 2 refuses to mix ...
+    with pytest.raises(ValueError, match="holds descriptors of model version 1"):
+        extract_lib.extract(paths, out, extract_lib.Extractor(_FakeReplicas(lambda b: None, 2), "m",
+                                                              "serving_default", 5, 1), progress=False)
+    # ... and finishes where version 1 is served, which the output records.
+    count, failed = extract_lib.extract(paths, out, extract_lib.Extractor(_FakeReplicas(lambda b: None, 1), "m",
+                                                                          "serving_default", 5, 1), progress=False)
+    assert (count, failed) == (6, 0)
+    assert extract_lib.read_run_info(out)["model_version"] == 1
+    # A version or signature the replicas do not serve is refused before any work.
+    with pytest.raises(ValueError, match="no replica serves model 'm' version 7"):
+        extract_lib.Extractor(_FakeReplicas(None), "m", "serving_default", 5, 1, version=7).pin()
+    with pytest.raises(ValueError, match="no signature 'crops'"):
+        extract_lib.Extractor(_FakeReplicas(None), "m", "crops", 5, 1).pin()
+
+
+def test_replicas_serving_different_versions_are_refused():
+    class Two:
+        def __init__(self):
+            self.addresses, self.stubs = ["a:1", "b:1"], [_FakeReplicas(None, 1), _FakeReplicas(None, 2)]
+
+    with pytest.raises(ValueError, match="different versions"):
+        extract_lib.Extractor(Two(), "m", "serving_default", 5, 1).pin()

@@ -98,3 +98,48 @@ def test_repeated_rows_are_indexed_once_with_a_warning(tmp_path, capsys):
     assert index.ids == ["a", "b", "c"]
     np.testing.assert_allclose(index.descriptors[0], vectors[0] / np.linalg.norm(vectors[0]), rtol=1e-5)
     assert "1 repeated image row(s) skipped" in capsys.readouterr().err
+
+
+def test_the_index_keeps_the_extraction_version_and_queries_ask_for_it(address, exported, tmp_path):
+    import pandas as pd
+
+    from serving import extract as extract_lib
+
+    def written(name, version, vectors):
+        path = str(tmp_path / name)
+        frame = pd.DataFrame({"image": [f"{name}{i}" for i in range(len(vectors))], "descriptor": list(vectors)})
+        extract_lib._write_parquet(frame, path, {"model_name": "deep_retrieval", "model_version": version,
+                                                 "signature_name": "serving_default"})
+        return path
+
+    rng = np.random.default_rng(3)
+    out = str(tmp_path / "idx")
+    index = index_cmd.build(written("a", 1, rng.normal(size=(4, 32)).astype(np.float32)), out)
+    assert search.Index.load(out).metadata["extraction"]["model_version"] == 1 == index.metadata["extraction"][
+        "model_version"]
+    with pytest.raises(ValueError, match="one index holds one model's descriptors"):
+        index_cmd.build(written("b", 2, rng.normal(size=(2, 32)).astype(np.float32)), out, append=True)
+    data = encoded(60, 80, 5)
+    served = search_cmd.describe(data, server=address, version=1)  # the exported model is version 1
+    assert served.shape == (32,)
+    with pytest.raises(ValueError, match="NOT_FOUND.*the index holds descriptors of version 9"):
+        search_cmd.describe(data, server=address, version=9)
+
+
+def test_top_k_below_one_and_bomb_pictures_are_refused(tmp_path):
+    from tests.reliability.corpus import bomb_png
+
+    index = search.Index(4, {}, "exact")
+    index.add(np.eye(4, dtype=np.float32), ["a", "b", "c", "d"])
+    for k in (0, -3):
+        with pytest.raises(ValueError, match="k must be at least 1"):
+            index.search(np.ones(4, np.float32), k)
+        with pytest.raises(ValueError, match="k must be at least 1"):
+            search.topk(np.ones((1, 4), np.float32), np.eye(4, dtype=np.float32), k)
+    (tmp_path / "bomb.png").write_bytes(bomb_png())  # Pillow refuses to open it (DecompressionBombError)
+    (tmp_path / "fine.jpg").write_bytes(encoded(50, 40, 1))
+    picture = str(tmp_path / "p.png")
+    search_cmd.draw(str(tmp_path / "fine.jpg"), None, [("bomb.png", 0.9), ("fine.jpg", 0.8)], str(tmp_path), picture)
+    assert Image.open(picture).size == (3 * 200, 218)  # the bomb drawn as a missing tile
+    with pytest.raises(ValueError, match="cannot draw the query image"):
+        search_cmd.draw(str(tmp_path / "bomb.png"), None, [], str(tmp_path), picture)

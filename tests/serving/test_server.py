@@ -1,4 +1,6 @@
 import shutil
+import socket
+import threading
 import time
 
 import grpc
@@ -14,7 +16,13 @@ from tensorflow_serving.apis import (
 )
 
 from serving import server as server_lib
-from tests.helpers_images import encoded, reference_descriptors, webp_declaring
+from tests.helpers_images import (
+    encoded,
+    gif_frames_bomb,
+    jpeg_declaring,
+    reference_descriptors,
+    webp_declaring,
+)
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +211,149 @@ def test_error_messages_are_bounded_and_unknown_dtypes_invalid(served):
     odd.dtype = 9999  # no such DataType
     code, details = _code(stub, _request(tensor=odd))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "invalid" in details
+
+
+def test_every_decodable_format_is_capped_and_empty_pixels_refused(served):
+    stub = served["stub"]
+    code, details = _code(stub, _request([encoded(20, 20), gif_frames_bomb(3000, 60)]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "images[1]" in details and "GIF frames" in details
+    code, details = _code(stub, _request([b"\xff\x0a" + bytes(40)]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "JPEG XL is not accepted" in details
+    empty = tf.make_tensor_proto(np.zeros((1, 0, 0, 3), np.uint8))
+    code, details = _code(stub, _request(signature="pixels", tensor=empty))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "images of 0x0 pixels" in details
+    # Sixteen 600-byte JPEGs declaring 9459 x 9459 each (each under the cap, 1.4 GP together).
+    start = time.time()
+    code, details = _code(stub, _request([jpeg_declaring(9459, 9459)] * 16))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "pixels in all" in details
+    assert time.time() - start < 5
+
+
+class _Slow:
+    """A signature function that takes ``seconds`` per image and counts the
+    images it finished."""
+
+    def __init__(self, fn, seconds):
+        self.fn, self.seconds, self.images = fn, seconds, 0
+        self.structured_input_signature, self.structured_outputs = fn.structured_input_signature, fn.structured_outputs
+
+    def __call__(self, **inputs):
+        count = int(inputs["images"].shape[0])
+        time.sleep(self.seconds * count)
+        out = self.fn(**inputs)
+        self.images += count
+        return out
+
+
+def _slow_server(exported, seconds, **kwargs):
+    manager = server_lib.ModelManager("deep_retrieval", exported["base"], poll_seconds=0)
+    slow = _Slow(manager.current.functions["serving_default"], seconds)
+    manager.current.functions["serving_default"] = slow
+    server, port = server_lib.build_server(manager, 0, **kwargs)
+    server.start()
+    return server, slow, prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+
+
+def test_batches_run_in_chunks_and_stop_when_the_client_gives_up(served, exported, monkeypatch):
+    blobs = [encoded(70, 110, 1), encoded(130, 60, 2, "PNG"), encoded(50, 50, 3, "GIF"), encoded(90, 90, 4)]
+    monkeypatch.setattr(server_lib, "CHUNK_PIXELS", 11_000)  # chunks of one or two images here
+    out = tf.make_ndarray(served["stub"].Predict(_request(blobs)).outputs["descriptors"])
+    want = reference_descriptors(exported["model"], blobs, exported["image_size"])
+    assert np.abs(out - want).max() <= 1e-5
+    monkeypatch.setattr(server_lib, "CHUNK_PIXELS", 1)  # one image per chunk
+    server, slow, stub = _slow_server(exported, 0.1)
+    try:
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Predict(_request([encoded(16, 16)] * 30), timeout=0.8)
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(2.0)  # the server would need 3 s for all 30
+        assert slow.images < 20, slow.images
+    finally:
+        server.stop(0)
+
+
+def test_pixel_budget_queues_requests_and_drops_those_that_expire():
+    from deep_retrieval.data import MAX_PIXELS
+
+    budget = server_lib.PixelBudget(MAX_PIXELS)
+    entered = []
+
+    def second():
+        with budget.hold(10):
+            entered.append(time.time())
+
+    with budget.hold(MAX_PIXELS):
+        started = time.time()
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        time.sleep(0.5)
+        assert not entered  # queued behind the first request
+    waiter.join(5)
+    assert entered and entered[0] - started >= 0.5 and budget.used == 0
+
+    class Context:
+        def __init__(self, active=True, remaining=None):
+            self.active, self.remaining = active, remaining
+
+        def is_active(self):
+            return self.active
+
+        def time_remaining(self):
+            return self.remaining
+
+    with budget.hold(MAX_PIXELS):
+        for context, code in ((Context(remaining=-0.1), grpc.StatusCode.DEADLINE_EXCEEDED),
+                              (Context(active=False), grpc.StatusCode.CANCELLED)):
+            with pytest.raises(server_lib.InvalidRequest) as refused:
+                with budget.hold(10, context):
+                    pass
+            assert refused.value.code == code
+    assert budget.used == 0
+    with pytest.raises(ValueError, match="below one image"):
+        server_lib.PixelBudget(1000)
+
+
+def test_calls_over_the_concurrency_limit_are_refused_at_once(exported):
+    server, slow, stub = _slow_server(exported, 1.0, max_threads=1, max_concurrent_rpcs=1)
+    try:
+        first = stub.Predict.future(_request([encoded(16, 16)]), timeout=30)
+        time.sleep(0.3)
+        code, details = _code(stub, _request([encoded(16, 16)]))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert first.result().outputs["descriptors"].tensor_shape.dim[0].size == 1
+    finally:
+        server.stop(0)
+
+
+def test_silent_and_idle_connections_are_closed(exported):
+    arguments = server_lib.channel_arguments("grpc.server_handshake_timeout_ms=300, grpc.max_connection_idle_ms=300")
+    assert dict(arguments)["grpc.keepalive_time_ms"] == server_lib.CHANNEL_ARGUMENTS["grpc.keepalive_time_ms"]
+    with pytest.raises(ValueError, match="not key=value"):
+        server_lib.channel_arguments("grpc.max_connection_idle_ms")
+    manager = server_lib.ModelManager("deep_retrieval", exported["base"], poll_seconds=0)
+    server, port = server_lib.build_server(manager, 0, arguments=arguments)
+    server.start()
+    try:
+        # A TCP connection that never speaks HTTP/2 is closed after the handshake timeout.
+        silent = socket.create_connection(("127.0.0.1", port))
+        silent.settimeout(10)
+        start = time.time()
+        while silent.recv(4096):
+            pass
+        assert time.time() - start < 5
+        silent.close()
+        # A client connection with no call for the idle time is sent away (it reconnects on demand).
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        states = []
+        channel.subscribe(states.append)
+        models = model_service_pb2_grpc.ModelServiceStub(channel)
+        status = get_model_status_pb2.GetModelStatusRequest()
+        status.model_spec.name = "deep_retrieval"
+        models.GetModelStatus(status, timeout=10)
+        time.sleep(1.5)
+        ready = states.index(grpc.ChannelConnectivity.READY)
+        assert grpc.ChannelConnectivity.IDLE in states[ready:], states
+        assert models.GetModelStatus(status, timeout=10).model_version_status[0].version == 1
+        channel.close()
+    finally:
+        server.stop(0)
