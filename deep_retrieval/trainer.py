@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from deep_retrieval import evaluation, extraction, functional, losses, mining, rpn, whitening
 from deep_retrieval.data import groundtruth, manifest as manifest_lib, pipeline, synthetic
+from deep_retrieval.files import atomic_write
 from deep_retrieval.model import build_descriptor_model
 
 
@@ -130,7 +131,7 @@ class Trainer:
         self.rpn_after = config.descriptor.regions == "rpn" and config.rpn_order == "grid_first"
         ranking = dataclasses.replace(config.descriptor, regions="grid") if self.rpn_after else config.descriptor
         with self.strategy.scope():
-            self.model = build_descriptor_model(ranking)
+            self.model = build_descriptor_model(ranking, config.image_size)
             for layer in self.model.backbone.layers:
                 if isinstance(layer, keras.layers.BatchNormalization):
                     if config.descriptor.weights is not None:
@@ -345,7 +346,8 @@ class Trainer:
         frozen features (`train_rpn`), and the model pools its proposals
         from then on."""
         with self.strategy.scope():
-            model = build_descriptor_model(dataclasses.replace(self.config.descriptor, weights=None))
+            model = build_descriptor_model(dataclasses.replace(self.config.descriptor, weights=None),
+                                           self.config.image_size)
             model.backbone.set_weights(self.model.backbone.get_weights())
             if model.head.pca is not None:
                 model.head.pca.set_weights(self.model.head.pca.get_weights())
@@ -446,11 +448,7 @@ class Trainer:
         """Writes ``name`` (model.keras) in the output folder atomically (chief only)."""
         if not self.chief:
             return None
-        final = os.path.join(self.config.output_dir, name)
-        tmp = os.path.join(self.config.output_dir, f".{name}.{os.getpid()}.keras")
-        self.model.save(tmp)
-        os.replace(tmp, final)
-        return final
+        return atomic_write(os.path.join(self.config.output_dir, name), self.model.save, ".keras")
 
     def _log(self, message):
         if self.chief:
@@ -637,9 +635,8 @@ def freeze_backbone_before(backbone, name):
 
 def save_rpn_weights(layer, path):
     """Writes an RPN layer's weights to ``path`` (``.npz``) atomically."""
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, **{v.path.split("/rpn/", 1)[-1]: np.asarray(v) for v in layer.weights})
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: np.savez(tmp, **{v.path.split("/rpn/", 1)[-1]: np.asarray(v)
+                                                     for v in layer.weights}), ".npz")
 
 
 def load_rpn_weights(layer, path):

@@ -25,8 +25,8 @@ def define_flags():
     """Defines the command-line flags (only when run as a program)."""
     flags.DEFINE_string("model", None, "Trained descriptor model (.keras file).")
     flags.DEFINE_string("output_dir", None, "Versioned export folder, e.g. models/deep_retrieval/1.")
-    flags.DEFINE_integer("image_size", None, "Longest image side in pixels (default: the training run's "
-                         "config.json next to the model; required without it).")
+    flags.DEFINE_integer("image_size", None, "Longest image side in pixels (default: the one the model "
+                         "carries; required for a model saved without one).")
     flags.DEFINE_string("model_name", "deep_retrieval", "Model name used in the warm-up requests.")
     flags.DEFINE_string("run_id", None, "Training run id recorded in model_info.json (default: a hash "
                         "of the .keras file).")
@@ -39,19 +39,17 @@ WARMUP_SIZES = ((480, 640), (640, 480), (64, 64))
 def warmup_records(model_name, sizes=WARMUP_SIZES):
     """Serialized PredictionLog records: one single-image request per size."""
     import numpy as np
-    import tensorflow as tf
     from PIL import Image
-    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    from serving import client
 
     records = []
     rng = np.random.default_rng(0)
     for h, w in sizes:
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "JPEG")
-        request = predict_pb2.PredictRequest(
-            model_spec=model_pb2.ModelSpec(name=model_name, signature_name="serving_default")
-        )
-        request.inputs["images"].CopyFrom(tf.make_tensor_proto([buf.getvalue()], dtype=tf.string))
+        request = client.predict_request(model_name, [buf.getvalue()])
         log = prediction_log_pb2.PredictionLog(
             predict_log=prediction_log_pb2.PredictLog(request=request)
         )
@@ -59,12 +57,13 @@ def warmup_records(model_name, sizes=WARMUP_SIZES):
     return records
 
 
-def export(model_path, output_dir, image_size, model_name="deep_retrieval", run_id=None, overwrite=False):
-    """Exports ``model_path`` to ``output_dir``; returns the model info dict."""
+def export(model_path, output_dir, image_size=None, model_name="deep_retrieval", run_id=None, overwrite=False):
+    """Exports ``model_path`` to ``output_dir`` for images of longest side
+    ``image_size`` (default: the model's own); returns the model info dict."""
     import keras
     import tensorflow as tf
 
-    import deep_retrieval.model  # noqa: F401 - registers the classes
+    from deep_retrieval.model import image_size_of  # also registers the classes
     from export.descriptor_module import DescriptorModule
 
     if not os.path.isfile(model_path):
@@ -75,6 +74,10 @@ def export(model_path, output_dir, image_size, model_name="deep_retrieval", run_
         model = keras.models.load_model(model_path)
     except Exception as e:
         raise ValueError(f"{model_path}: cannot load the model: {e}") from e
+    try:
+        image_size = image_size_of(model, image_size)
+    except ValueError as e:
+        raise ValueError(f"{model_path}: {e}") from None
     if run_id is None:
         with open(model_path, "rb") as f:
             run_id = hashlib.sha1(f.read()).hexdigest()[:12]
@@ -113,11 +116,8 @@ def main(argv):
     del argv
     if not flags.FLAGS.model or not flags.FLAGS.output_dir:
         raise app.UsageError("--model and --output_dir are required")
-    from deep_retrieval.config import recorded_image_size
-
     try:
-        size = recorded_image_size(flags.FLAGS.model, flags.FLAGS.image_size)
-        info = export(flags.FLAGS.model, flags.FLAGS.output_dir, size, flags.FLAGS.model_name,
+        info = export(flags.FLAGS.model, flags.FLAGS.output_dir, flags.FLAGS.image_size, flags.FLAGS.model_name,
                       flags.FLAGS.run_id, flags.FLAGS.overwrite)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

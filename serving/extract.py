@@ -30,11 +30,13 @@ import fcntl
 import itertools
 import os
 import stat
-import random
 import sys
 import time
 
 from absl import app, flags
+
+from deep_retrieval.files import atomic_text, atomic_write
+from serving import client
 
 FLAGS = flags.FLAGS
 
@@ -62,8 +64,6 @@ def define_flags():
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
-RETRYABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED")
-"""Transport trouble: the request is retried on another replica."""
 STOP = ("UNAVAILABLE", "NOT_FOUND", "UNIMPLEMENTED", "UNAUTHENTICATED", "PERMISSION_DENIED")
 """The run's own trouble, the same for every image: no replica answers even
 after the retries, or the model (at the pinned version) is not served. The
@@ -124,19 +124,9 @@ def list_images(source, data_dir=None):
 class Replicas:
     """Round-robin over PredictionService stubs, skipping failing replicas."""
 
-    def __init__(self, addresses, max_message_bytes):
-        import grpc
-        from tensorflow_serving.apis import prediction_service_pb2_grpc
-
-        options = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-        ]
+    def __init__(self, addresses, max_message_bytes=client.MAX_MESSAGE_BYTES):
         self.addresses = list(addresses)
-        self.stubs = [
-            prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(a, options=options))
-            for a in self.addresses
-        ]
+        self.stubs = [client.prediction_stub(a, max_message_bytes) for a in self.addresses]
         self._next = itertools.count()
 
     def pick(self, attempt):
@@ -170,19 +160,21 @@ class Extractor:
         request.model_spec.name = self.model_name
         if version is not None:
             request.model_spec.version.value = int(version)
-        found, errors, delay = {}, [], 0.2
-        for attempt in range(self.retries):  # replicas may still be starting
-            found, errors, transient = {}, [], True
+        def ask(attempt):  # every replica; again while none answers and all seem to be starting
+            found, errors = {}, []
             for address, stub in zip(self.replicas.addresses, self.replicas.stubs):
                 try:
                     found[address] = stub.GetModelMetadata(request, timeout=self.timeout)
                 except grpc.RpcError as e:
-                    errors.append(f"{address}: {e.code().name}: {(e.details() or '')[:200]}")
-                    transient = transient and e.code().name in RETRYABLE
-            if found or not transient or attempt == self.retries - 1:
-                break
-            time.sleep(delay * (1 + random.random()))
-            delay = min(delay * 2, 5.0)
+                    errors.append((address, e))
+            if not found and all(e.code().name in client.RETRYABLE for _, e in errors):
+                raise errors[-1][1]
+            return found, [f"{a}: {e.code().name}: {(e.details() or '')[:200]}" for a, e in errors]
+
+        try:
+            found, errors = client.with_retries(ask, self.retries)
+        except grpc.RpcError as e:
+            found, errors = {}, [f"{e.code().name}: {(e.details() or '')[:200]}"]
         for address, response in list(found.items()):
             signatures = get_model_metadata_pb2.SignatureDefMap()
             response.metadata["signature_def"].Unpack(signatures)
@@ -204,35 +196,17 @@ class Extractor:
 
         ``boxes`` (``[n, 4]`` pixels) goes with a signature that takes them
         (``crops``)."""
-        import grpc
-        import numpy as np
-        import tensorflow as tf
-        from tensorflow_serving.apis import predict_pb2
+        request = client.predict_request(self.model_name, blobs, self.signature_name, boxes, self.version)
 
-        request = predict_pb2.PredictRequest()
-        request.model_spec.name = self.model_name
-        request.model_spec.signature_name = self.signature_name
-        if self.version is not None:
-            request.model_spec.version.value = self.version
-        request.inputs["images"].CopyFrom(tf.make_tensor_proto(blobs, dtype=tf.string, shape=[len(blobs)]))
-        if boxes is not None:
-            request.inputs["boxes"].CopyFrom(tf.make_tensor_proto(np.asarray(boxes, np.float32), shape=[len(blobs), 4]))
-        delay = 0.2
-        for attempt in range(self.retries):
+        def call(attempt):
             address, stub = self.replicas.pick(attempt)
-            try:
-                response = stub.Predict(request, timeout=self.timeout)
-                answered = response.model_spec.version.value if response.model_spec.HasField("version") else None
-                if self.version is not None and answered not in (None, self.version):
-                    raise ValueError(f"{address} answered with model version {answered}, not the pinned "
-                                     f"{self.version}")
-                return np.asarray(tf.make_ndarray(response.outputs["descriptors"]), np.float32)
-            except grpc.RpcError as e:
-                if e.code().name not in RETRYABLE or attempt == self.retries - 1:
-                    raise
-                time.sleep(delay * (1 + random.random()))
-                delay = min(delay * 2, 5.0)
-        raise AssertionError("unreachable")
+            response = stub.Predict(request, timeout=self.timeout)
+            answered = response.model_spec.version.value if response.model_spec.HasField("version") else None
+            if self.version is not None and answered not in (None, self.version):
+                raise ValueError(f"{address} answered with model version {answered}, not the pinned {self.version}")
+            return client.descriptors(response)
+
+        return client.with_retries(call, self.retries)
 
     def run(self, items):
         """``items``: ``[(name, bytes or Exception)]`` -> ``(rows, errors)``."""
@@ -332,11 +306,7 @@ class PartStore:
         """Writes the run's record (see `run_info`)."""
         import json
 
-        def write(path):
-            with open(path, "w") as f:
-                json.dump(info, f)
-
-        self._atomic(write, "run.json")
+        atomic_text(os.path.join(self.folder, "run.json"), json.dumps(info))
 
     def done(self):
         import pandas as pd
@@ -358,15 +328,11 @@ class PartStore:
         if rows:
             frame = pd.DataFrame({"image": [r[0] for r in rows],
                                   "descriptor": [np.asarray(r[1], np.float32) for r in rows]})
-            self._atomic(frame.to_parquet, f"part-{stamp}.parquet")
+            atomic_write(os.path.join(self.folder, f"part-{stamp}.parquet"), frame.to_parquet)
         if errors:
             frame = pd.DataFrame(errors, columns=["image", "reason"])
-            self._atomic(lambda p: frame.to_csv(p, index=False), f"part-{stamp}.errors.csv")
-
-    def _atomic(self, write, name):
-        tmp = os.path.join(self.folder, "." + name + ".tmp")
-        write(tmp)
-        os.replace(tmp, os.path.join(self.folder, name))
+            atomic_write(os.path.join(self.folder, f"part-{stamp}.errors.csv"),
+                         lambda p: frame.to_csv(p, index=False))
 
     def finish(self, order):
         """Merges the parts into OUTPUT (and OUTPUT.errors.csv), in input order."""
@@ -382,14 +348,12 @@ class PartStore:
         result = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"image": [], "descriptor": []})
         order_key = result["image"].map(rank)
         result = result.iloc[order_key.argsort(kind="stable")].reset_index(drop=True)
-        tmp = self.output + ".tmp"
-        _write_parquet(result, tmp, self.run_info())
-        os.replace(tmp, self.output)
+        info = self.run_info()
+        atomic_write(self.output, lambda p: _write_parquet(result, p, info))
         error_path = self.output + ".errors.csv"
         if errors:
             merged = pd.concat(errors, ignore_index=True)
-            merged.to_csv(error_path + ".tmp", index=False)
-            os.replace(error_path + ".tmp", error_path)
+            atomic_write(error_path, lambda p: merged.to_csv(p, index=False))
         elif os.path.exists(error_path):
             os.remove(error_path)
         shutil.rmtree(self.folder)

@@ -110,14 +110,11 @@ def hostile_requests(model_name, blob):
     must be refused or cut short, none may hurt the server)."""
     import numpy as np
     import tensorflow as tf
-    from tensorflow_serving.apis import predict_pb2
 
-    def request(tensor, signature=""):
-        r = predict_pb2.PredictRequest()
-        r.model_spec.name = model_name
-        r.model_spec.signature_name = signature
-        r.inputs["images"].CopyFrom(tensor)
-        return r
+    from serving import client
+
+    def request(tensor, signature="serving_default"):
+        return client.predict_request(model_name, signature_name=signature, tensor=tensor)
 
     def strings(items):
         return tf.make_tensor_proto(items, dtype=tf.string, shape=[len(items)])
@@ -147,24 +144,19 @@ def run(address, model_name, blobs, clients=8, requests=2000, duration=120.0, ba
     """Runs the load; returns a dict of figures (latencies in ms, memory in MiB)."""
     import grpc
     import numpy as np
-    import tensorflow as tf
-    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    from serving import client
 
     lock = threading.Lock()
     issued = [0]
     latencies, errors = [], []
     deadline = time.time() + duration
-    payloads = []
-    for i in range(len(blobs)):
-        items = [blobs[(i + k) % len(blobs)] for k in range(batch)]
-        request = predict_pb2.PredictRequest()
-        request.model_spec.name = model_name
-        request.inputs["images"].CopyFrom(tf.make_tensor_proto(items, dtype=tf.string, shape=[batch]))
-        payloads.append(request)
+    payloads = [client.predict_request(model_name, [blobs[(i + k) % len(blobs)] for k in range(batch)])
+                for i in range(len(blobs))]
 
-    def client(seed):
-        channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 256 << 20),
-                                                          ("grpc.max_receive_message_length", 256 << 20)])
+    def normal(seed):
+        channel = client.channel(address)
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         n = seed
         while time.time() < deadline:
@@ -189,7 +181,7 @@ def run(address, model_name, blobs, clients=8, requests=2000, duration=120.0, ba
     def attacker(seed):
         import socket
 
-        channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 256 << 20)])
+        channel = client.channel(address)
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         host, port = address.rsplit(":", 1)
         silent = []
@@ -228,7 +220,7 @@ def run(address, model_name, blobs, clients=8, requests=2000, duration=120.0, ba
     if sampler:
         sampler.start()
     start = time.time()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    threads = [threading.Thread(target=normal, args=(i,)) for i in range(clients)]
     attackers = [threading.Thread(target=attacker, args=(i,)) for i in range(hostile_clients)]
     for t in threads + attackers:
         t.start()

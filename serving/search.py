@@ -77,7 +77,7 @@ def describe(data, box=None, server=None, model_name="deep_retrieval", saved_mod
             raise ValueError(f"the query cannot be described: {e.message.splitlines()[0][:300]}") from None
     from serving import extract as extract_lib
 
-    extractor = extract_lib.Extractor(extract_lib.Replicas([server], 64 << 20), model_name,
+    extractor = extract_lib.Extractor(extract_lib.Replicas([server]), model_name,
                                       signature, 60, 3, version)
     try:
         return np.asarray(extractor.predict([data], [box] if box else None))[0]

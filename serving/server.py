@@ -35,7 +35,6 @@ import concurrent.futures
 import contextlib
 import ctypes
 import logging
-import os
 import re
 import signal
 import sys
@@ -46,6 +45,18 @@ from absl import app, flags
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
 from deep_retrieval.data import pipeline
+from serving.model_manager import ModelManager
+from serving.requests import (
+    LIMITS,
+    InvalidRequest,
+    Limits,
+    PixelBudget,
+    bounded,
+    check_alive,
+    check_pixels,
+    check_proto,
+    chunks,
+)
 
 FLAGS = flags.FLAGS
 
@@ -74,274 +85,6 @@ def define_flags(flag_values=flags.FLAGS):
 log = logging.getLogger("serving.server")
 
 
-def _bounded(text, limit=200):
-    """User-supplied text as echoed in an error message: at most ``limit``
-    characters."""
-    text = str(text)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
-
-
-class Limits:
-    """What one request may ask for (see the module docstring)."""
-
-    def __init__(self, images=256, pixels=256_000_000):
-        self.images, self.pixels = int(images), int(pixels)
-
-
-LIMITS = Limits()
-
-_VALUE_FIELDS = {"uint8": "int_val", "int32": "int_val", "int64": "int64_val", "float32": "float_val"}
-
-
-def check_proto(key, proto, spec, limits):
-    """Refuses a tensor whose content does not match its declared shape, or
-    that declares more images than ``limits`` allow, before decoding it."""
-    dims = [d.size for d in proto.tensor_shape.dim]
-    if proto.tensor_shape.unknown_rank or any(d < 0 for d in dims):
-        raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f"input {key}: unknown or negative dimension")
-    declared = 1
-    for d in dims:
-        declared *= d
-    if spec.dtype.name == "string":
-        held = len(proto.string_val)
-    elif proto.tensor_content:
-        held = len(proto.tensor_content) / spec.dtype.size
-    else:
-        held = len(getattr(proto, _VALUE_FIELDS.get(spec.dtype.name, "float_val")))
-    if held != declared:
-        raise InvalidRequest(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"input {key}: the shape {dims} declares {declared} elements, the tensor holds {held:g}",
-        )
-    if dims and dims[0] > limits.images:
-        raise InvalidRequest(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"input {key}: {dims[0]} images in one request, at most {limits.images}",
-        )
-
-
-def check_pixels(key, value, spec, limits):
-    """The pixels each image of a batch declares (``None`` for an input that
-    is not images); refuses a batch over ``limits``."""
-    import tensorflow as tf
-
-    from deep_retrieval.data import MAX_PIXELS
-
-    if spec.dtype == tf.string:
-        sizes = []
-        for position, data in enumerate(value.reshape(-1)):
-            try:
-                pixels = int(pipeline.header_pixels(data))
-            except tf.errors.InvalidArgumentError:
-                pixels = 0  # a broken header: the decoder names the image
-            if pixels == pipeline.JPEG_XL:
-                raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f"{key}[{position}]: {pipeline.JPEG_XL_REFUSED}")
-            if pixels > MAX_PIXELS:
-                raise InvalidRequest(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"{key}[{position}]: image refused: its header declares more than {MAX_PIXELS} pixels, "
-                    "all GIF frames counted (decompression bomb?)",
-                )
-            sizes.append(pixels)
-    elif value.ndim == 4:
-        height, width = value.shape[1:3]
-        if height * width == 0:
-            raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f"input {key}: images of {height}x{width} pixels")
-        if height * width > MAX_PIXELS:
-            raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"input {key}: images of {height}x{width} pixels, more than {MAX_PIXELS}")
-        sizes = [height * width] * value.shape[0]
-    else:
-        return None
-    if sum(sizes) > limits.pixels:
-        raise InvalidRequest(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"input {key}: the images declare {sum(sizes)} pixels in all, at most {limits.pixels} per request",
-        )
-    return sizes
-
-
-class PixelBudget:
-    """Decoded pixels all requests together may hold at once.
-
-    A request takes its share chunk by chunk (`CHUNK_PIXELS`) and waits
-    while the budget is spent, so concurrent requests queue instead of
-    overcommitting memory. A request that is cancelled, or whose deadline
-    passes, while it waits stops there.
-
-    Args:
-        pixels: the budget; at least one image's worth (``MAX_PIXELS``).
-    """
-
-    def __init__(self, pixels):
-        from deep_retrieval.data import MAX_PIXELS
-
-        if pixels < MAX_PIXELS:
-            raise ValueError(f"--max_pixels_in_flight {pixels} is below one image's limit of {MAX_PIXELS} pixels")
-        self.capacity, self.used = int(pixels), 0
-        self._turn = threading.Condition()
-
-    @contextlib.contextmanager
-    def hold(self, pixels, context=None):
-        with self._turn:
-            while self.used and self.used + pixels > self.capacity:
-                _check_alive(context)
-                self._turn.wait(0.05)
-            self.used += pixels
-        try:
-            yield
-        finally:
-            with self._turn:
-                self.used -= pixels
-                self._turn.notify_all()
-
-
-CHUNK_PIXELS = 16_000_000
-"""Images run through the model at most this many declared pixels at a time
-(and one image at least): the unit of the memory budget, and the most work
-a request does after its client has given up."""
-
-
-def _check_alive(context):
-    """Stops a request whose client cancelled it or whose deadline passed."""
-    if context is None:
-        return
-    if not context.is_active():
-        raise InvalidRequest(grpc.StatusCode.CANCELLED, "the request was cancelled")
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
-        raise InvalidRequest(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed")
-
-
-def _chunks(sizes):
-    """Consecutive index ranges of at most `CHUNK_PIXELS` declared pixels."""
-    start, total = 0, 0
-    for i, pixels in enumerate(sizes):
-        if i > start and total + pixels > CHUNK_PIXELS:
-            yield start, i, total
-            start, total = i, 0
-        total += pixels
-    yield start, len(sizes), total
-
-
-
-class InvalidRequest(Exception):
-    """A request error with its gRPC status code."""
-
-    def __init__(self, code, message):
-        super().__init__(message)
-        self.code = code
-
-
-class LoadedVersion:
-    """One loaded SavedModel version: callables and signature protos."""
-
-    def __init__(self, path, version):
-        import tensorflow as tf
-        from tensorflow.core.protobuf import saved_model_pb2
-
-        self.path, self.version = path, version
-        self.module = tf.saved_model.load(path, tags=["serve"])
-        self.functions = dict(self.module.signatures)
-        proto = saved_model_pb2.SavedModel()
-        with open(os.path.join(path, "saved_model.pb"), "rb") as f:
-            proto.ParseFromString(f.read())
-        meta = next(m for m in proto.meta_graphs if "serve" in m.meta_info_def.tags)
-        self.signature_defs = {k: v for k, v in meta.signature_def.items() if k in self.functions}
-
-
-def _versions(base_path):
-    """Version numbers of the SavedModel folders under ``base_path``.
-
-    Only canonical decimal names count (``7``, not ``007``, ``²`` or
-    ``٣``), so each number names exactly one folder."""
-    try:
-        names = os.listdir(base_path)
-    except OSError:
-        return []
-    return sorted(
-        int(n) for n in names
-        if re.fullmatch(r"0|[1-9][0-9]{0,17}", n) and os.path.exists(os.path.join(base_path, n, "saved_model.pb"))
-    )
-
-
-def _stamp(path):
-    """What a version folder holds (names, sizes, times): a failed version is
-    tried again once this changes, e.g. when a copy finishes."""
-    entries = []
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                st = os.stat(os.path.join(root, name))
-            except OSError:
-                continue
-            entries.append((os.path.relpath(os.path.join(root, name), path), st.st_size, st.st_mtime_ns))
-    return tuple(sorted(entries))
-
-
-class ModelManager:
-    """Loads the newest version and swaps in newer ones found by polling."""
-
-    def __init__(self, name, base_path, poll_seconds=1):
-        self.name, self.base_path = name, base_path
-        self._lock = threading.Lock()
-        self.current = None
-        self.failed = {}
-        self.refresh()
-        if self.current is None:
-            raise ValueError(f"{base_path}: no loadable numeric version folder (e.g. {base_path}/1)")
-        self._stop = threading.Event()
-        if poll_seconds > 0:
-            self._thread = threading.Thread(target=self._poll, args=(poll_seconds,), daemon=True)
-            self._thread.start()
-
-    def refresh(self):
-        versions = _versions(self.base_path)
-        newest = next(
-            (v for v in reversed(versions)
-             if v not in self.failed or self.failed[v][0] != _stamp(os.path.join(self.base_path, str(v)))),
-            None,
-        )
-        if newest is None or (self.current and self.current.version >= newest):
-            return
-        path = os.path.join(self.base_path, str(newest))
-        try:
-            loaded = LoadedVersion(path, newest)
-        except Exception as e:  # keep serving the old version; retried once the folder changes
-            self.failed[newest] = (_stamp(path), str(e))
-            log.error("cannot load %s: %s", path, e)
-            return
-        self.failed.pop(newest, None)
-        with self._lock:
-            self.current = loaded
-        log.info("serving %s version %d from %s", self.name, newest, path)
-
-    def _poll(self, seconds):
-        while not self._stop.wait(seconds):
-            try:
-                self.refresh()
-            except Exception:  # noqa: BLE001 - polling must outlive any one bad folder
-                log.exception("version poll of %s failed", self.base_path)
-
-    def stop(self):
-        self._stop.set()
-
-    def get(self, spec):
-        if spec.name != self.name:
-            raise InvalidRequest(grpc.StatusCode.NOT_FOUND,
-                                 f"Servable not found for request: Latest({_bounded(spec.name)})")
-        with self._lock:
-            current = self.current
-        if spec.HasField("version") and spec.version.value != current.version:
-            raise InvalidRequest(
-                grpc.StatusCode.NOT_FOUND,
-                f"Servable not found for request: Specific({_bounded(spec.name)}, {spec.version.value})",
-            )
-        if spec.version_label:
-            raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, "version labels are not configured")
-        return current
-
-
 def _run_signature(version, request, limits=LIMITS, budget=None, context=None):
     """Validates ``request``, then runs its signature chunk by chunk within
     ``budget``; ``(signature name, {output: array})``."""
@@ -350,14 +93,14 @@ def _run_signature(version, request, limits=LIMITS, budget=None, context=None):
 
     name = request.model_spec.signature_name or "serving_default"
     if name not in version.functions:
-        raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f'Serving signature key "{_bounded(name)}" not found.')
+        raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f'Serving signature key "{bounded(name)}" not found.')
     fn = version.functions[name]
     specs = fn.structured_input_signature[1]
     unknown = set(request.inputs) - set(specs)
     if unknown or set(specs) - set(request.inputs):
         raise InvalidRequest(
             grpc.StatusCode.INVALID_ARGUMENT,
-            f"input tensor alias not found in signature: {_bounded(', '.join(sorted(unknown))) or '(missing)'}. "
+            f"input tensor alias not found in signature: {bounded(', '.join(sorted(unknown))) or '(missing)'}. "
             f"Inputs expected to be in the set {{{', '.join(sorted(specs))}}}.",
         )
     args, sizes = {}, None
@@ -389,11 +132,11 @@ def _run_signature(version, request, limits=LIMITS, budget=None, context=None):
     wanted = list(request.output_filter) or list(fn.structured_outputs)
     missing = [k for k in wanted if k not in fn.structured_outputs]
     if missing:
-        raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f"output tensor alias not found in signature: {_bounded(missing)}")
+        raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f"output tensor alias not found in signature: {bounded(missing)}")
     batch = len(next(iter(args.values())))
     parts = []
-    for start, stop, pixels in _chunks(sizes or [0] * batch):
-        _check_alive(context)
+    for start, stop, pixels in chunks(sizes or [0] * batch):
+        check_alive(context)
         chunk = {k: v[start:stop] for k, v in args.items()}
         with budget.hold(pixels, context) if budget else contextlib.nullcontext():
             try:

@@ -113,3 +113,16 @@ def test_rpn_model_round_trips_and_serves_all_sizes(tmp_path):
         x = _images(h=h, w=w)
         np.testing.assert_allclose(fn(x).numpy(), np.asarray(model(x)), atol=1e-5)
     assert fn.experimental_get_tracing_count() == 1
+
+
+def test_a_saved_model_reloads_with_its_image_size(tmp_path):
+    from deep_retrieval.model import image_size_of
+
+    model = build_descriptor_model(DescriptorConfig(backbone="tiny", weights=None), image_size=240)
+    model.save(str(tmp_path / "m.keras"))
+    loaded = keras.models.load_model(str(tmp_path / "m.keras"))
+    assert loaded.image_size == 240 and image_size_of(loaded) == 240 and image_size_of(loaded, 300) == 300
+    unsized = build_descriptor_model(DescriptorConfig(backbone="tiny", weights=None))
+    assert unsized.image_size is None
+    with pytest.raises(ValueError, match="pass --image_size"):
+        image_size_of(unsized)

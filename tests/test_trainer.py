@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from deep_retrieval import config as config_lib
+from deep_retrieval.presets import PRESETS
 from deep_retrieval.config import DescriptorConfig, SyntheticConfig
 from deep_retrieval.trainer import Trainer
 
@@ -21,7 +21,7 @@ SMALL_DATA = SyntheticConfig(
 
 
 def small_config(output_dir, **overrides):
-    cfg = config_lib.PRESETS["tiny"]()
+    cfg = PRESETS["tiny"]()
     settings = dict(image_size=64, batch_size=2, steps=2, mine_every=2, checkpoint_every=2,
                     whitening_images=6)
     cfg = dataclasses.replace(cfg, output_dir=str(output_dir), **{**settings, **overrides})
@@ -230,6 +230,7 @@ def test_initial_model_is_the_step_zero_model(tmp_path):
     # Training moved the weights: the final model is another one.
     final = keras.models.load_model(run / "model.keras")
     assert any(not np.array_equal(a, b) for a, b in zip(initial.get_weights(), final.get_weights()))
+    assert initial.image_size == final.image_size == 64  # the training size travels with the model
 
 
 def test_train_from_freezes_the_layers_before(tmp_path):

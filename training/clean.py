@@ -22,6 +22,8 @@ import sys
 
 from absl import app, flags
 
+from deep_retrieval.files import atomic_write
+
 FLAGS = flags.FLAGS
 
 
@@ -41,9 +43,7 @@ def define_flags():
 
 def write_csv(frame, path):
     """Writes a frame atomically (a temporary file renamed into place)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def main(argv):

@@ -13,6 +13,7 @@ import typing
 from absl import flags
 
 from deep_retrieval import config as config_lib
+from deep_retrieval.presets import PRESETS
 
 NESTED = {"descriptor": "", "synthetic": "synthetic_"}
 NONE_WORDS = ("", "none", "null")
@@ -57,7 +58,7 @@ def define_flags(flag_values=flags.FLAGS):
     """Defines ``--preset`` and one flag per configuration field."""
     fv = {"flag_values": flag_values}
     flags.DEFINE_enum(
-        "preset", "demo", sorted(config_lib.PRESETS),
+        "preset", "demo", sorted(PRESETS),
         "Starting configuration: 'demo' (ImageNet EfficientNet-Lite0 fine-tuned on views of "
         "real photographs, about 12 minutes on 2 CPU cores), 'tiny' (small CNN from scratch "
         "on procedural facades, for tests) or 'paper' (ResNet-101, 800 px, as published). "
@@ -106,7 +107,7 @@ def _parse(kind, value, flag):
 def config_from_flags(values=None):
     """The `TrainConfig` of the preset with every set flag applied."""
     values = values or flags.FLAGS
-    cfg = config_lib.PRESETS[values.preset]()
+    cfg = PRESETS[values.preset]()
     updates = {}
     for name, tp in _fields(config_lib.TrainConfig):
         if name in NESTED:

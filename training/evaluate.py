@@ -37,9 +37,9 @@ def define_flags():
     flags.DEFINE_string("backbone", None, "Without --model: evaluate this backbone with plain R-MAC, "
                         "untrained (efficientnet_lite0, resnet101, resnet50, vgg16, tiny).")
     flags.DEFINE_string("weights", "imagenet", "With --backbone: 'imagenet', a weights file, or 'none'.")
-    flags.DEFINE_integer("image_size", None, "Longest image side (default: the export's model_info.json "
-                         "or the training run's config.json, required without either; with "
-                         "--backbone, the demo preset's).")
+    flags.DEFINE_integer("image_size", None, "Longest image side of a .keras model (default: the one it "
+                         "carries; a SavedModel resizes inside its graph); with --backbone, default the "
+                         "demo preset's.")
     flags.DEFINE_integer("qe", 0, "αQE: expand each query with its top-k results (0: off).")
     flags.DEFINE_float("qe_alpha", 3.0, "αQE exponent.")
     flags.DEFINE_integer("dba", 0, "Database-side augmentation with the top-k neighbours (0: off).")
@@ -51,13 +51,17 @@ def define_flags():
 
 def descriptor_fn(model_path, image_size=None, progress=True):
     """`extraction.evaluate_model`'s ``describe`` for either model kind
-    (``image_size``: the longest side for a ``.keras`` model)."""
+    (``image_size``: the longest side for a ``.keras`` model, default the
+    one it carries; a SavedModel has its own inside its graph)."""
     import keras
 
-    import deep_retrieval.model  # noqa: F401 - registers the classes
     from deep_retrieval import extraction
+    from deep_retrieval.model import image_size_of  # also registers the classes
 
     if os.path.isdir(model_path):
+        if image_size:
+            raise ValueError(f"{model_path} is a SavedModel: it resizes images inside its graph, "
+                             "--image_size does not apply")
         return extraction.saved_model_describer(model_path, progress=progress)
     if not os.path.isfile(model_path):
         raise ValueError(f"{model_path}: no such model file or SavedModel folder")
@@ -65,6 +69,10 @@ def descriptor_fn(model_path, image_size=None, progress=True):
         model = keras.models.load_model(model_path)
     except Exception as e:
         raise ValueError(f"{model_path}: cannot load the model: {e}") from e
+    try:
+        image_size = image_size_of(model, image_size)
+    except ValueError as e:
+        raise ValueError(f"{model_path}: {e}") from None
     return extraction.model_describer(model, image_size, progress=progress)
 
 
@@ -84,23 +92,18 @@ def run(data_root, dataset, model_path, image_size=None, qe=0, qe_alpha=3.0, dba
     ``model_path`` None with ``backbone`` set scores `off_the_shelf` instead.
     """
     from deep_retrieval import extraction
-    from deep_retrieval.config import recorded_image_size
     from deep_retrieval.data import groundtruth
 
     data = groundtruth.load_dataset(data_root, dataset)
     if model_path:
-        size = recorded_image_size(model_path, None if os.path.isdir(model_path) else image_size)
-        if os.path.isdir(model_path) and image_size and image_size != size:
-            raise ValueError(f"{model_path} resizes images to {size} px inside its graph; "
-                             f"--image_size {image_size} cannot change that")
-        describe = descriptor_fn(model_path, size, progress)
+        describe = descriptor_fn(model_path, image_size, progress)
     else:
         describe = off_the_shelf(backbone, weights, image_size or _demo_image_size(), progress)
     return extraction.evaluate_model(describe, data, qe, qe_alpha, dba, rerank)
 
 
 def _demo_image_size():
-    from deep_retrieval.config import PRESETS
+    from deep_retrieval.presets import PRESETS
 
     return PRESETS["demo"]().image_size
 

@@ -18,6 +18,8 @@ import sys
 
 from absl import app, flags
 
+from deep_retrieval.files import atomic_write
+
 FLAGS = flags.FLAGS
 
 
@@ -27,7 +29,7 @@ def define_flags():
     flags.DEFINE_string("boxes", None, "CSV image,x0,y0,x1,y1 (default: the synthetic held-out split).")
     flags.DEFINE_string("images_dir", None, "Folder the --boxes image names are relative to "
                         "(default: the CSV's folder, then its jpg/ subfolder).")
-    flags.DEFINE_integer("image_size", None, "Longest image side (default: the training run's config.json).")
+    flags.DEFINE_integer("image_size", None, "Longest image side (default: the one the model carries).")
     flags.DEFINE_list("top", ["16", "64", "256"], "Recall of the best k proposals for each k.")
     flags.DEFINE_float("iou", 0.5, "IoU for a proposal to recall a box.")
     flags.DEFINE_string("output", "proposals.png", "PNG to write.")
@@ -82,9 +84,7 @@ def draw(path, regions, box, output):
         canvas.rectangle([float(v) for v in region], outline=(255, shade, 0), width=1)
     if box is not None:
         canvas.rectangle([float(v) for v in box], outline=(0, 255, 0), width=3)
-    tmp = f"{output}.tmp-{os.getpid()}.png"
-    image.save(tmp, "PNG")
-    os.replace(tmp, output)
+    atomic_write(output, lambda tmp: image.save(tmp, "PNG"))
 
 
 def main(argv):
@@ -99,10 +99,9 @@ def main(argv):
     import numpy as np
     from PIL import Image
 
-    import deep_retrieval.model  # noqa: F401 - registers the classes
     from deep_retrieval import extraction
-    from deep_retrieval.config import recorded_image_size
     from deep_retrieval.data import pipeline, synthetic
+    from deep_retrieval.model import image_size_of  # also registers the classes
 
     try:
         if FLAGS.boxes:
@@ -113,7 +112,7 @@ def main(argv):
         if not os.path.isfile(FLAGS.model):
             raise ValueError(f"{FLAGS.model}: no such model file")
         model = keras.models.load_model(FLAGS.model)
-        size = recorded_image_size(FLAGS.model, FLAGS.image_size)
+        size = image_size_of(model, FLAGS.image_size)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

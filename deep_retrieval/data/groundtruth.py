@@ -28,6 +28,8 @@ import pickle
 
 from PIL import Image
 
+from deep_retrieval.files import atomic_write
+
 _ALLOWED_GLOBALS = {
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
@@ -107,14 +109,15 @@ def upright_copy(source, degrees, folder):
     if os.path.exists(target) and os.path.getmtime(target) >= os.path.getmtime(source):
         return target
     os.makedirs(folder, exist_ok=True)
-    tmp = f"{target}.{os.getpid()}.tmp"
-    try:
+
+    def write(tmp):
         with Image.open(source) as im:
             im.convert("RGB").transpose(_TURNS[int(degrees) % 360]).save(tmp, "PNG")
+
+    try:
+        return atomic_write(target, write)
     except OSError as e:
         raise ValueError(f"{source}: cannot turn the image upright: {e}") from e
-    os.replace(tmp, target)
-    return target
 
 
 def load_dataset(data_root, name, ext=".jpg"):

@@ -1,10 +1,7 @@
 import keras
 
 from deep_retrieval import functional
-
-PAPER_SCALES = (550 / 800, 1.0, 1050 / 800)
-"""DIR's multi-resolution setting: images at 550, 800 and 1050 px for a model
-trained at 800 px, as scales relative to the input."""
+from deep_retrieval.config import PAPER_SCALES
 
 
 def _one_shape(shape):

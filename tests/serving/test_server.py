@@ -1,6 +1,5 @@
 import shutil
 import socket
-import threading
 import time
 
 import grpc
@@ -15,6 +14,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from serving import requests as requests_lib
 from serving import server as server_lib
 from tests.helpers_images import (
     encoded,
@@ -173,25 +173,6 @@ def test_request_limits_on_images_and_pixels(exported):
         manager.stop()
 
 
-def test_version_folders_are_parsed_strictly_and_failed_loads_retried(exported, tmp_path):
-    base = tmp_path / "m"
-    shutil.copytree(exported["version"], base / "1")
-    for odd in ("²", "016", "٣"):  # not canonical decimal names: ignored, polling survives
-        shutil.copytree(exported["version"], base / odd)
-    manager = server_lib.ModelManager("deep_retrieval", str(base), poll_seconds=0)
-    assert server_lib._versions(str(base)) == [1] and manager.current.version == 1
-    # A copy that lands saved_model.pb before variables/ fails once ...
-    (base / "3").mkdir()
-    shutil.copy(base / "1" / "saved_model.pb", base / "3" / "saved_model.pb")
-    manager.refresh()
-    assert manager.current.version == 1 and 3 in manager.failed
-    manager.refresh()  # unchanged: not tried again
-    # ... and loads once the copy is complete.
-    shutil.copytree(base / "1" / "variables", base / "3" / "variables")
-    manager.refresh()
-    assert manager.current.version == 3 and 3 not in manager.failed
-
-
 def test_compose_publishes_on_loopback_only():
     import os
     import re
@@ -256,11 +237,11 @@ def _slow_server(exported, seconds, **kwargs):
 
 def test_batches_run_in_chunks_and_stop_when_the_client_gives_up(served, exported, monkeypatch):
     blobs = [encoded(70, 110, 1), encoded(130, 60, 2, "PNG"), encoded(50, 50, 3, "GIF"), encoded(90, 90, 4)]
-    monkeypatch.setattr(server_lib, "CHUNK_PIXELS", 11_000)  # chunks of one or two images here
+    monkeypatch.setattr(requests_lib, "CHUNK_PIXELS", 11_000)  # chunks of one or two images here
     out = tf.make_ndarray(served["stub"].Predict(_request(blobs)).outputs["descriptors"])
     want = reference_descriptors(exported["model"], blobs, exported["image_size"])
     assert np.abs(out - want).max() <= 1e-5
-    monkeypatch.setattr(server_lib, "CHUNK_PIXELS", 1)  # one image per chunk
+    monkeypatch.setattr(requests_lib, "CHUNK_PIXELS", 1)  # one image per chunk
     server, slow, stub = _slow_server(exported, 0.1)
     try:
         with pytest.raises(grpc.RpcError) as error:
@@ -270,47 +251,6 @@ def test_batches_run_in_chunks_and_stop_when_the_client_gives_up(served, exporte
         assert slow.images < 20, slow.images
     finally:
         server.stop(0)
-
-
-def test_pixel_budget_queues_requests_and_drops_those_that_expire():
-    from deep_retrieval.data import MAX_PIXELS
-
-    budget = server_lib.PixelBudget(MAX_PIXELS)
-    entered = []
-
-    def second():
-        with budget.hold(10):
-            entered.append(time.time())
-
-    with budget.hold(MAX_PIXELS):
-        started = time.time()
-        waiter = threading.Thread(target=second)
-        waiter.start()
-        time.sleep(0.5)
-        assert not entered  # queued behind the first request
-    waiter.join(5)
-    assert entered and entered[0] - started >= 0.5 and budget.used == 0
-
-    class Context:
-        def __init__(self, active=True, remaining=None):
-            self.active, self.remaining = active, remaining
-
-        def is_active(self):
-            return self.active
-
-        def time_remaining(self):
-            return self.remaining
-
-    with budget.hold(MAX_PIXELS):
-        for context, code in ((Context(remaining=-0.1), grpc.StatusCode.DEADLINE_EXCEEDED),
-                              (Context(active=False), grpc.StatusCode.CANCELLED)):
-            with pytest.raises(server_lib.InvalidRequest) as refused:
-                with budget.hold(10, context):
-                    pass
-            assert refused.value.code == code
-    assert budget.used == 0
-    with pytest.raises(ValueError, match="below one image"):
-        server_lib.PixelBudget(1000)
 
 
 def test_calls_over_the_concurrency_limit_are_refused_at_once(exported):

@@ -5,6 +5,7 @@ import sys
 from absl import flags
 
 from deep_retrieval import config as config_lib
+from deep_retrieval.presets import PRESETS
 from training import config_flags
 
 
@@ -28,12 +29,12 @@ def test_every_field_has_a_flag():
 
 
 def test_preset_and_overrides():
-    assert config_flags.config_from_flags(_values([])) == config_lib.PRESETS["demo"]()
+    assert config_flags.config_from_flags(_values([])) == PRESETS["demo"]()
     cfg = config_flags.config_from_flags(_values([
         "--preset=paper", "--steps=5", "--scales=1,0.5", "--whitening_dim=none",
         "--weights=none", "--synthetic_seed=3", "--resume", "--margin=0.2",
     ]))
-    paper = config_lib.PRESETS["paper"]()
+    paper = PRESETS["paper"]()
     assert cfg.steps == 5 and cfg.margin == 0.2 and cfg.resume is True
     assert cfg.descriptor.scales == (1.0, 0.5) and cfg.descriptor.whitening_dim is None
     assert cfg.descriptor.weights is None and cfg.descriptor.backbone == "resnet101"

@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 
 from deep_retrieval import evaluation
-from deep_retrieval.config import recorded_image_size
 from deep_retrieval.config import SyntheticConfig
 from deep_retrieval.data import groundtruth, synthetic
 from tests.helpers_images import reference_descriptors
@@ -38,7 +37,8 @@ def test_saved_model_and_qe_dba(exported):
     root = synthetic.ensure_dataset(SMALL, progress=False)
     keras_res = evaluate.run(root, "synthetic", exported["keras"], image_size=96, progress=False)
     saved_res = evaluate.run(root, "synthetic", exported["version"], progress=False)
-    assert recorded_image_size(exported["version"]) == 96
+    with pytest.raises(ValueError, match="resizes images inside its graph"):
+        evaluate.run(root, "synthetic", exported["version"], image_size=96, progress=False)
     # uint8 rounding of the resized pixels is the only difference.
     assert saved_res["medium"]["map"] == pytest.approx(keras_res["medium"]["map"], abs=5.0)
     expanded = evaluate.run(root, "synthetic", exported["keras"], image_size=96, qe=1, dba=2, progress=False)
@@ -79,15 +79,24 @@ def test_command_needs_one_model_source():
 
 
 def test_no_recorded_image_size_is_an_error_not_a_guess(tmp_path, exported):
-    import shutil
+    import json
 
-    lone = tmp_path / "lone.keras"
-    shutil.copy(exported["keras"], lone)  # no config.json beside it
-    with pytest.raises(ValueError, match="pass --image_size"):
-        recorded_image_size(str(lone))
-    assert recorded_image_size(str(lone), 123) == 123
-    (tmp_path / "config.json").write_text('{"image_size": 77}')
-    assert recorded_image_size(str(lone)) == 77
+    from deep_retrieval.model import DescriptorConfig, build_descriptor_model
+    from export import export_saved_model
+
+    root = synthetic.ensure_dataset(SMALL, progress=False)
+    # The fixture's model was saved without an image size: nothing is guessed.
+    with pytest.raises(ValueError, match="carries no image size.*pass --image_size"):
+        evaluate.run(root, "synthetic", exported["keras"], progress=False)
+    with pytest.raises(ValueError, match="carries no image size"):
+        export_saved_model.export(exported["keras"], str(tmp_path / "e" / "1"))
+    # A model built for 77 px carries it through saving, export and evaluation.
+    model = build_descriptor_model(DescriptorConfig(backbone="tiny", weights=None, whitening_dim=None), 77)
+    model.save(str(tmp_path / "m.keras"))
+    info = export_saved_model.export(str(tmp_path / "m.keras"), str(tmp_path / "e" / "1"))
+    assert info["image_size"] == 77
+    assert json.load(open(tmp_path / "e" / "1" / "assets.extra" / "model_info.json"))["image_size"] == 77
+    assert 0 <= evaluate.run(root, "synthetic", str(tmp_path / "m.keras"), progress=False)["medium"]["map"] <= 100
 
 
 def _holidays(root):

@@ -1,0 +1,43 @@
+"""Writing files so that a crash never leaves a partial one."""
+
+import os
+import shutil
+import threading
+
+
+def atomic_write(path, write, suffix=""):
+    """Calls ``write(tmp)`` on a temporary path beside ``path``, then
+    renames it into place: a reader sees the old file or the new one, never
+    a partial one, and a failed write leaves the old file and no temporary.
+
+    Args:
+        path: the file (or a folder that does not exist yet) to write.
+        write: a function writing to the path it is given.
+        suffix: ending of the temporary name, for writers that choose the
+            format by extension (``".keras"``, ``".npz"``).
+
+    Returns:
+        ``path``.
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{threading.get_ident()}{suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def atomic_text(path, text):
+    """Writes ``text`` (UTF-8) to ``path`` with `atomic_write`."""
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    return atomic_write(path, write)
