@@ -36,21 +36,21 @@ def _legacy_describer(model, longest, crop_keeps_scale):
     import tensorflow as tf
 
     from deep_retrieval import extraction
-    from deep_retrieval.data import pipeline
+    from deep_retrieval.data.images import crop_box, decode, scale_views
 
     fn = extraction.compiled_fn(lambda x: model(x, training=False))  # resizes each scale itself
 
     def describe(paths, boxes=None, desc=""):
         out = []
         for i, path in enumerate(paths):
-            image = pipeline.decode(tf.io.read_file(path))
+            image = decode(tf.io.read_file(path))
             box = None if boxes is None or np.isnan(boxes[i]).any() else boxes[i]
             if box is not None and crop_keeps_scale:
-                (image,) = pipeline.scale_views(image, longest, (1.0,), box)
+                (image,) = scale_views(image, longest, (1.0,), box)
             else:
                 if box is not None:
-                    image = pipeline.crop_box(image, box)
-                (image,) = pipeline.scale_views(image, longest)
+                    image = crop_box(image, box)
+                (image,) = scale_views(image, longest)
             out.append(np.asarray(fn(image[None]))[0])
         return np.stack(out)
 

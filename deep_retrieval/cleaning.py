@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from deep_retrieval.data import check_image
+from deep_retrieval.data.images import check_image
 
 @dataclasses.dataclass
 class Features:

@@ -6,6 +6,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from deep_retrieval.data import pipeline
+from deep_retrieval.data.images import diagnose
 
 
 def compiled_fn(fn):
@@ -30,7 +31,7 @@ def extract(fn, paths, longest, boxes=None, scales=(1.0,), batch_size=16, progre
     """Descriptors of image files, in order.
 
     Each image is decoded once and resized from the original to every scale
-    (`pipeline.scale_views`); consecutive images of the same size are batched
+    (`images.scale_views`); consecutive images of the same size are batched
     together.
 
     Args:
@@ -77,7 +78,7 @@ def extract(fn, paths, longest, boxes=None, scales=(1.0,), batch_size=16, progre
             flush()
     failed = np.nonzero(~done)[0]
     if strict and len(failed):
-        listed = "; ".join(f"{paths[i]}: {pipeline.diagnose(paths[i])}" for i in failed[:5])
+        listed = "; ".join(f"{paths[i]}: {diagnose(paths[i])}" for i in failed[:5])
         raise ValueError(
             f"{len(failed)} image(s) could not be read or decoded: {listed}"
             + (" ..." if len(failed) > 5 else "")
@@ -125,7 +126,7 @@ def saved_model_describer(path, batch_size=16, progress=True):
                                   boxes=tf.constant(boxes[start:start + batch_size], tf.float32))
                 except tf.errors.InvalidArgumentError:
                     for p in chunk:  # name the file that failed
-                        reason = pipeline.diagnose(p)
+                        reason = diagnose(p)
                         if reason:
                             raise ValueError(f"{p}: {reason}") from None
                     raise

@@ -1,5 +1,6 @@
 """Writing files so that a crash never leaves a partial one."""
 
+import csv
 import os
 import shutil
 import threading
@@ -41,3 +42,10 @@ def atomic_text(path, text):
             f.write(text)
 
     return atomic_write(path, write)
+
+
+def atomic_csv(path, frame):
+    """Writes a pandas frame as CSV with `atomic_write`, every text field
+    quoted: a name holding a carriage return, which pandas leaves unquoted
+    otherwise, stays in its row."""
+    return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False, quoting=csv.QUOTE_NONNUMERIC))

@@ -40,7 +40,7 @@ class DescriptorModel(keras.Model):
             ``H, W`` such that every scaled image covers at least one
             feature cell; the model resizes them to each scale. Or a list
             with one such batch per scale, each resized from the original
-            image (`deep_retrieval.data.pipeline.scale_views`), which is
+            image (`deep_retrieval.data.images.scale_views`), which is
             what extraction, evaluation and the serving graph pass: DIR
             resizes every scale from the original.
         training: passed to the backbone (batch-norm mode).

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from deep_retrieval import evaluation, extraction, functional, losses, mining, rpn, whitening
 from deep_retrieval.data import groundtruth, manifest as manifest_lib, pipeline, synthetic
+from deep_retrieval.data.images import scaled_shape
 from deep_retrieval.files import atomic_write
 from deep_retrieval.model import build_descriptor_model
 
@@ -532,8 +533,8 @@ INITIAL_MODEL = "initial.keras"
 
 def _common_size(frame, longest):
     """The ``(height, width)`` every image of ``frame`` has at ``longest``
-    (`pipeline.scaled_shape`), or None when they differ."""
-    sizes = {pipeline.scaled_shape(h, w, longest) for h, w in zip(frame["height"], frame["width"])}
+    (`scaled_shape`), or None when they differ."""
+    sizes = {scaled_shape(h, w, longest) for h, w in zip(frame["height"], frame["width"])}
     return sizes.pop() if len(sizes) == 1 else None
 
 

@@ -22,7 +22,7 @@ Three signatures over one Keras descriptor model:
 import keras
 import tensorflow as tf
 
-from deep_retrieval.data import pipeline
+from deep_retrieval.data.images import decode, scale_views
 
 
 class DescriptorModule:
@@ -40,7 +40,7 @@ class DescriptorModule:
 
     def _describe(self, image, box=None):
         """One decoded image (and optional box) -> its ``[D]`` descriptor."""
-        views = pipeline.scale_views(image, self.image_size, self.model.config.scales, box)
+        views = scale_views(image, self.image_size, self.model.config.scales, box)
         return self.model([v[None] for v in views], training=False)[0]
 
     def _map(self, fn, elems):
@@ -50,18 +50,18 @@ class DescriptorModule:
 
     def serve(self, images):
         """Encoded images ``[N]`` -> ``{"descriptors": [N, D]}``."""
-        return {"descriptors": self._map(lambda data: self._describe(pipeline.decode(data)), images)}
+        return {"descriptors": self._map(lambda data: self._describe(decode(data)), images)}
 
     def serve_crops(self, images, boxes):
         """Encoded images ``[N]``, boxes ``[N, 4]`` -> ``{"descriptors": [N, D]}``."""
         return {"descriptors": self._map(
-            lambda item: self._describe(pipeline.decode(item[0]), item[1]), (images, boxes)
+            lambda item: self._describe(decode(item[0]), item[1]), (images, boxes)
         )}
 
     def serve_pixels(self, images):
         """uint8 pixels ``[N, H, W, 3]`` -> ``{"descriptors": [N, D]}``."""
         pixels = tf.cast(images, tf.float32)
-        views = pipeline.scale_views(pixels, self.image_size, self.model.config.scales)
+        views = scale_views(pixels, self.image_size, self.model.config.scales)
         return {"descriptors": self.model(list(views), training=False)}
 
     def archive(self):

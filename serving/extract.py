@@ -29,13 +29,13 @@ import concurrent.futures
 import fcntl
 import itertools
 import os
-import stat
 import sys
 import time
 
 from absl import app, flags
 
-from deep_retrieval.files import atomic_text, atomic_write
+from deep_retrieval.data.images import EXTENSIONS, file_problem
+from deep_retrieval.files import atomic_csv, atomic_text, atomic_write
 from serving import client
 
 FLAGS = flags.FLAGS
@@ -63,7 +63,6 @@ def define_flags():
     flags.DEFINE_boolean("progress", True, "Show a progress bar.")
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 STOP = ("UNAVAILABLE", "NOT_FOUND", "UNIMPLEMENTED", "UNAUTHENTICATED", "PERMISSION_DENIED")
 """The run's own trouble, the same for every image: no replica answers even
 after the retries, or the model (at the pinned version) is not served. The
@@ -104,7 +103,7 @@ def list_images(source, data_dir=None):
         for root, dirs, files in os.walk(source):
             dirs.sort()
             for name in sorted(files):
-                if name.lower().endswith(IMAGE_EXTENSIONS):
+                if name.lower().endswith(EXTENSIONS):
                     path = os.path.join(root, name)
                     out.append((printable_name(os.path.relpath(path, source)), path))
         return out
@@ -254,12 +253,10 @@ def _read(path, max_bytes):
     """The file's bytes, or the exception saying why not: only regular files
     are read (a FIFO would block, ``/dev/zero`` never ends), at most
     ``max_bytes`` (what one gRPC message can carry)."""
+    problem = file_problem(path, max_bytes, "--max_message_bytes")
+    if problem:
+        return OSError(problem)
     try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            return OSError(f"not a regular file: {path}")
-        if st.st_size > max_bytes:
-            return OSError(f"{st.st_size} bytes, more than --max_message_bytes {max_bytes}")
         with open(path, "rb") as f:
             data = f.read(max_bytes + 1)
         if len(data) > max_bytes:
@@ -331,8 +328,7 @@ class PartStore:
             atomic_write(os.path.join(self.folder, f"part-{stamp}.parquet"), frame.to_parquet)
         if errors:
             frame = pd.DataFrame(errors, columns=["image", "reason"])
-            atomic_write(os.path.join(self.folder, f"part-{stamp}.errors.csv"),
-                         lambda p: frame.to_csv(p, index=False))
+            atomic_csv(os.path.join(self.folder, f"part-{stamp}.errors.csv"), frame)
 
     def finish(self, order):
         """Merges the parts into OUTPUT (and OUTPUT.errors.csv), in input order."""
@@ -353,7 +349,7 @@ class PartStore:
         error_path = self.output + ".errors.csv"
         if errors:
             merged = pd.concat(errors, ignore_index=True)
-            atomic_write(error_path, lambda p: merged.to_csv(p, index=False))
+            atomic_csv(error_path, merged)
         elif os.path.exists(error_path):
             os.remove(error_path)
         shutil.rmtree(self.folder)

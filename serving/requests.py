@@ -11,7 +11,7 @@ import threading
 
 import grpc
 
-from deep_retrieval.data import pipeline
+from deep_retrieval.data.images import JPEG_XL, JPEG_XL_REFUSED, header_pixels
 
 
 class InvalidRequest(Exception):
@@ -73,17 +73,17 @@ def check_pixels(key, value, spec, limits):
     is not images); refuses a batch over ``limits``."""
     import tensorflow as tf
 
-    from deep_retrieval.data import MAX_PIXELS
+    from deep_retrieval.data.images import MAX_PIXELS
 
     if spec.dtype == tf.string:
         sizes = []
         for position, data in enumerate(value.reshape(-1)):
             try:
-                pixels = int(pipeline.header_pixels(data))
+                pixels = int(header_pixels(data))
             except tf.errors.InvalidArgumentError:
                 pixels = 0  # a broken header: the decoder names the image
-            if pixels == pipeline.JPEG_XL:
-                raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f"{key}[{position}]: {pipeline.JPEG_XL_REFUSED}")
+            if pixels == JPEG_XL:
+                raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f"{key}[{position}]: {JPEG_XL_REFUSED}")
             if pixels > MAX_PIXELS:
                 raise InvalidRequest(
                     grpc.StatusCode.INVALID_ARGUMENT,
@@ -122,7 +122,7 @@ class PixelBudget:
     """
 
     def __init__(self, pixels):
-        from deep_retrieval.data import MAX_PIXELS
+        from deep_retrieval.data.images import MAX_PIXELS
 
         if pixels < MAX_PIXELS:
             raise ValueError(f"--max_pixels_in_flight {pixels} is below one image's limit of {MAX_PIXELS} pixels")

@@ -44,7 +44,7 @@ import grpc
 from absl import app, flags
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
-from deep_retrieval.data import pipeline
+from deep_retrieval.data.images import decode
 from serving.model_manager import ModelManager
 from serving.requests import (
     LIMITS,
@@ -157,7 +157,7 @@ def _explain(args, specs, error, offset=0):
             continue
         for position, data in enumerate(args[key].reshape(-1), start=offset):
             try:
-                pipeline.decode(data)  # refuses decompression bombs before decoding
+                decode(data)  # refuses decompression bombs before decoding
             except tf.errors.InvalidArgumentError as e:
                 return f"{key}[{position}]: cannot decode image: {_clean(e.message)}"
     return _clean(error.message)

@@ -3,7 +3,7 @@ import pytest
 import tensorflow as tf
 
 from deep_retrieval import extraction
-from deep_retrieval.data import pipeline
+from deep_retrieval.data import images
 from tests.helpers_images import encoded
 
 
@@ -33,7 +33,7 @@ def test_batches_same_sizes_and_keeps_order(tmp_path):
     assert calls == [[(2, 20, 30, 3), (2, 10, 15, 3)], [(1, 30, 20, 3), (1, 15, 10, 3)],
                      [(1, 20, 30, 3), (1, 10, 15, 3)]]
     for i, p in enumerate(paths):
-        image = tf.image.resize(pipeline.decode(tf.io.read_file(p)), calls[1 if i == 2 else 0][0][1:3],
+        image = tf.image.resize(images.decode(tf.io.read_file(p)), calls[1 if i == 2 else 0][0][1:3],
                                 antialias=True)
         np.testing.assert_allclose(out[i], np.asarray(tf.reduce_mean(image, axis=(0, 1))), atol=1e-4)
 

@@ -22,7 +22,7 @@ import sys
 
 from absl import app, flags
 
-from deep_retrieval.files import atomic_write
+from deep_retrieval.files import atomic_csv
 
 FLAGS = flags.FLAGS
 
@@ -39,11 +39,6 @@ def define_flags():
     flags.DEFINE_boolean("progress", True, "Show a progress bar.")
     config_flags.define_dataclass_flags(CleanConfig)
     flags.adopt_module_key_flags(config_flags)
-
-
-def write_csv(frame, path):
-    """Writes a frame atomically (a temporary file renamed into place)."""
-    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def main(argv):
@@ -84,9 +79,9 @@ def run(manifest_path, data_dir, output, config, allow_outside=False, progress=T
     decisions = cleaning.decisions_frame(manifest, results)
     kept = decisions[decisions["kept"]]
     report = cleaning.report_frame(decisions)
-    write_csv(kept[["image", "label", "x0", "y0", "x1", "y1"]], output)
-    write_csv(decisions, f"{output}.decisions.csv")
-    write_csv(report, f"{output}.report.csv")
+    atomic_csv(output, kept[["image", "label", "x0", "y0", "x1", "y1"]])
+    atomic_csv(f"{output}.decisions.csv", decisions)
+    atomic_csv(f"{output}.report.csv", report)
     os.remove(journal)
     reasons = decisions.loc[~decisions["kept"], "reason"].str.replace(r"\(.*", "", regex=True)
     reasons = reasons.str.replace(r"group of \d+ images, not the kept group of \d+", "group, not the kept one",

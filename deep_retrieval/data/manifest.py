@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from deep_retrieval.data import check_image
+from deep_retrieval.data.images import FORMATS, check_image, file_problem
 
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 
@@ -51,8 +51,6 @@ class Manifest:
         return text
 
 
-DECODABLE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
-"""What ``tf.io.decode_image`` (training and serving) decodes."""
 
 
 def _image_size(path):
@@ -63,8 +61,8 @@ def _image_size(path):
     header over the pixel limit is refused before decoding.
     """
     with Image.open(path) as im:
-        if im.format not in DECODABLE_FORMATS:
-            raise ValueError(f"format {im.format} is not one of {', '.join(DECODABLE_FORMATS)}")
+        if im.format not in FORMATS:
+            raise ValueError(f"format {im.format} is not one of {', '.join(FORMATS)}")
         width, height = im.size
         check_image(im)
         im.draft("RGB", (max(1, width // 8), max(1, height // 8)))
@@ -89,7 +87,10 @@ def read_manifest(csv_path, data_dir, allow_outside=False, check_images=True):
         which is kept without a box and reported in ``box_problems``.
     """
     try:
-        df = pd.read_csv(csv_path)
+        # Image names verbatim (``NA``, ``007``, ``1e5`` are names); an empty
+        # cell is missing in every other column.
+        df = pd.read_csv(csv_path, dtype={"image": str}, keep_default_na=False,
+                         na_values={c: [""] for c in ("label", *BOX_COLUMNS)})
     except Exception as e:  # pandas raises many types
         raise ValueError(f"{csv_path}: cannot read the manifest CSV: {e}") from e
     missing = {"image", "label"} - set(df.columns)
@@ -111,8 +112,12 @@ def read_manifest(csv_path, data_dir, allow_outside=False, check_images=True):
         if not allow_outside and os.path.commonpath([root, path]) != root:
             problems.append(Problem(i, image, f"path escapes the data directory {root}"))
             continue
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             problems.append(Problem(i, image, "file not found"))
+            continue
+        unusable = file_problem(path)
+        if unusable:
+            problems.append(Problem(i, image, f"unreadable image ({unusable})"))
             continue
         width = height = np.nan
         if check_images:

@@ -130,7 +130,6 @@ def _collect(photo_dir, sets):
     return photos
 
 
-FOLDER_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
 
 def folder_photos(directory):
@@ -138,7 +137,7 @@ def folder_photos(directory):
     instance: ``(photos, problems)`` where ``problems`` lists ``(path,
     reason)`` for files that cannot be used (unreadable, over the pixel
     limit, smaller than `MIN_SIDE`)."""
-    from deep_retrieval.data import check_image
+    from deep_retrieval.data.images import EXTENSIONS, check_image
 
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: no such folder of photographs")
@@ -146,7 +145,7 @@ def folder_photos(directory):
     for root, dirs, files in os.walk(directory):
         dirs.sort()
         for name in sorted(files):
-            if not name.lower().endswith(FOLDER_SUFFIXES):
+            if not name.lower().endswith(EXTENSIONS):
                 continue
             path = os.path.join(root, name)
             try:

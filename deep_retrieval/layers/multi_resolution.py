@@ -18,7 +18,7 @@ class MultiResolution(keras.layers.Wrapper):
     are summed and L2-normalised again.
 
     Given a list of images instead, one per scale, each already resized from
-    the original (`deep_retrieval.data.pipeline.scale_views`, as DIR does),
+    the original (`deep_retrieval.data.images.scale_views`, as DIR does),
     the layer applies the wrapped layer to each as it is: resizing an
     already-resized image blurs the upsampled scales.
 

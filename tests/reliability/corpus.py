@@ -6,7 +6,9 @@ grayscale and palette expanded, 16-bit reduced to 8 bits, CMYK converted,
 EXIF orientation ignored everywhere alike, tiny images upscaled with the
 rest), and ``"error"`` for files that must be reported, per item, with the
 file and the reason (among them decompression bombs in PNG, WebP and GIF
-frames, and JPEG XL, which is refused). Names are ``str``; the non-UTF-8 one is returned as
+frames, JPEG XL, which is refused, a FIFO and a link to ``/dev/zero``).
+The names ``NA`` and ``007`` (no extension: a folder walk skips them, a CSV
+names them) and one holding a carriage return must be kept verbatim. Names are ``str``; the non-UTF-8 one is returned as
 Python decodes it from the file system (surrogate escapes).
 """
 
@@ -90,4 +92,13 @@ def make_corpus(folder, huge_side=6000):
     put("huge.jpg", _jpeg(_photo(huge_side, huge_side * 2 // 3, 10)), "ok")
     put(os.fsdecode(b"caf\xe9_latin1.jpg"), _jpeg(_photo(120, 90, 11)), "ok")
     put("plain.jpg", good, "ok")
+    # Names a CSV reader must keep verbatim, and one that would split a row.
+    put("NA", _jpeg(_photo(100, 80, 12)), "ok")
+    put("007", _jpeg(_photo(80, 100, 13)), "ok")
+    put("line\rbreak.jpg", _jpeg(_photo(90, 90, 14)), "ok")
+    # Not regular files: reading a FIFO blocks forever, /dev/zero never ends.
+    os.mkfifo(os.path.join(folder, "pipe.jpg"))
+    files["pipe.jpg"] = "error"
+    os.symlink("/dev/zero", os.path.join(folder, "zero.jpg"))
+    files["zero.jpg"] = "error"
     return files

@@ -15,7 +15,8 @@ import pytest
 import tensorflow as tf
 
 from deep_retrieval import extraction
-from deep_retrieval.data import manifest, pipeline
+from deep_retrieval.data import images, manifest, pipeline
+from deep_retrieval.files import atomic_csv
 from serving import extract as extract_lib
 from tests.reliability.corpus import make_corpus
 
@@ -44,16 +45,18 @@ def _peak_rss_mb():
 def test_training_manifest_and_loader(corpus):
     folder, files = corpus
     ok, bad = _split(files)
-    utf8_ok = [n for n in ok if n.isprintable() and "\udce9" not in n]
+    utf8_ok = [n for n in ok if "\udce9" not in n]  # NA, 007 and a carriage return kept verbatim
     rows = [(n, i // 2) for i, n in enumerate(utf8_ok)] + [(n, 99) for n in bad]
     csv = os.path.join(folder, "manifest.csv")
-    pd.DataFrame(rows, columns=["image", "label"]).to_csv(csv, index=False)
+    atomic_csv(csv, pd.DataFrame(rows, columns=["image", "label"]))  # quoted: the carriage return stays
     m = manifest.read_manifest(csv, folder)
     reasons = {p.image: p.reason for p in m.problems}
     assert set(bad) <= set(reasons)
     assert "decompression bomb" in reasons["bomb.png"]
-    for name in bad:
+    for name in set(bad) - {"zero.jpg"}:
         assert reasons[name].startswith("unreadable image"), (name, reasons[name])
+    assert "not a regular file" in reasons["pipe.jpg"]
+    assert reasons["zero.jpg"].startswith("path escapes the data directory")  # the link leads to /dev/zero
     kept = set(m.frame["image"])
     assert kept | set(reasons) == set(utf8_ok) | set(bad)
     assert set(utf8_ok) - kept <= {n for n, r in reasons.items() if "no other image" in r}
@@ -117,11 +120,12 @@ def test_extraction_client(corpus, address, tmp_path, source):
     if source == "folder":
         items = extract_lib.list_images(folder)
         items = [(n, p) for n, p in items if not n.endswith(".csv")]
-        expect_ok = {extract_lib.printable_name(n) for n in ok}
+        # A folder walk takes image extensions only (NA and 007 have none).
+        expect_ok = {extract_lib.printable_name(n) for n in ok if n.lower().endswith(images.EXTENSIONS)}
     else:
         names = [n for n in ok + bad if "\udce9" not in n]
         csv = tmp_path / "list.csv"
-        pd.DataFrame({"image": names}).to_csv(csv, index=False)
+        atomic_csv(str(csv), pd.DataFrame({"image": names}))
         items = extract_lib.list_images(str(csv), data_dir=folder)
         expect_ok = {n for n in ok if "\udce9" not in n}
     out = str(tmp_path / "d.parquet")
@@ -142,6 +146,10 @@ def test_extraction_client(corpus, address, tmp_path, source):
     for name in ("bomb.webp", "frames_bomb.gif"):
         assert "image refused" in reasons[name] and "decompression bomb" in reasons[name], (name, reasons[name])
     assert "JPEG XL is not accepted" in reasons["jpeg_xl.png"]
+    for name in ("pipe.jpg", "zero.jpg"):
+        assert "not a regular file" in reasons[name], (name, reasons[name])
+    if source == "csv":
+        assert {"NA", "007", "line\rbreak.jpg"} <= set(frame["image"])  # written and read back verbatim
 
 
 def test_cleaning_command(corpus, tmp_path):
@@ -152,13 +160,14 @@ def test_cleaning_command(corpus, tmp_path):
     ok, bad = _split(files)
     names = [n for n in ok + bad if "\udce9" not in n]
     csv = tmp_path / "noisy.csv"
-    pd.DataFrame({"image": names, "label": "x"}).to_csv(csv, index=False)
+    atomic_csv(str(csv), pd.DataFrame({"image": names, "label": "x"}))
     clean.run(str(csv), folder, str(tmp_path / "clean.csv"), CleanConfig(workers=1), progress=False)
     decisions = pd.read_csv(str(tmp_path / "clean.csv") + ".decisions.csv", keep_default_na=False)
     reasons = dict(zip(decisions["image"], decisions["reason"]))
     assert set(reasons) == set(names)
     assert "decompression bomb" in reasons["bomb.png"]
-    for name in bad:
+    for name in set(bad) - {"zero.jpg"}:
         assert reasons[name].startswith(("unreadable image", "image of")), (name, reasons[name])
+    assert reasons["zero.jpg"].startswith("path escapes the data directory")  # the link leads to /dev/zero
     for name in set(names) - set(bad):
         assert not reasons[name].startswith("unreadable"), (name, reasons[name])

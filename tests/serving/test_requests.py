@@ -8,7 +8,7 @@ from serving import requests as requests_lib
 
 
 def test_pixel_budget_queues_requests_and_drops_those_that_expire():
-    from deep_retrieval.data import MAX_PIXELS
+    from deep_retrieval.data.images import MAX_PIXELS
 
     budget = requests_lib.PixelBudget(MAX_PIXELS)
     entered = []
