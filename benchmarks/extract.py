@@ -23,12 +23,10 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import keras
+import numpy as np
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-from deep_retrieval.model import DescriptorConfig, build_descriptor_model  # noqa: E402
+from deep_retrieval.model import DescriptorConfig, build_descriptor_model
 
 SINGLE = (1.0,)
 MULTI = (1.0, 2**-0.5, 2**0.5)

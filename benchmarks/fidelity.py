@@ -24,10 +24,6 @@ Prints Easy/Medium/Hard mAP per variant and a JSON line.
 
 import argparse
 import json
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _legacy_describer(model, longest, crop_keeps_scale):

@@ -22,16 +22,12 @@
 """
 
 import argparse
-import os
 import resource
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from deep_retrieval import search  # noqa: E402
+from deep_retrieval import search
 
 
 def _rss_gb():

@@ -24,14 +24,13 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from deep_retrieval.presets import PRESETS  # noqa: E402
 from deep_retrieval.model import build_descriptor_model  # noqa: E402
+from deep_retrieval.presets import PRESETS  # noqa: E402
 from deep_retrieval.trainer import freeze_backbone_before, ranking_gradients  # noqa: E402
 
 

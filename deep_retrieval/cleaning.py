@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from deep_retrieval.data.images import check_image
 
+
 @dataclasses.dataclass
 class Features:
     """Local features of one image: ``points [n, 2]`` in original pixels,

@@ -92,7 +92,8 @@ def revisited_protocols(gnd):
 
 def oxford_protocol(gnd):
     """Original Oxford5k/Paris6k: positives good + ok, junk removed."""
-    return [{"ok": np.concatenate([_ints(g.get("good")), _ints(g.get("ok"))]), "junk": _ints(g.get("junk"))} for g in gnd]
+    return [{"ok": np.concatenate([_ints(g.get("good")), _ints(g.get("ok"))]), "junk": _ints(g.get("junk"))}
+            for g in gnd]
 
 
 def holidays_protocol(gnd, query_indices):

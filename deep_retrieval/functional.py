@@ -10,6 +10,7 @@ import math
 
 from keras import ops
 
+from deep_retrieval import boxes as boxes_lib
 from deep_retrieval import regions as regions_lib
 
 _TINY = 1e-24
@@ -202,3 +203,59 @@ def resize_bilinear(images, height, width):
     lo, hi, frac = _source_index(width, in_w)
     frac = ops.cast(frac, images.dtype)[None, None, :, None]
     return ops.take(x, lo, axis=2) * (1 - frac) + ops.take(x, hi, axis=2) * frac
+
+
+MAX_TABLE_LEVELS = 12
+"""Range-max table depth in `box_max_pool` when the map size is unknown at
+trace time (maps up to 4096 cells a side)."""
+
+
+def _range_max_table(x, axis, levels):
+    """``levels`` maps stacked on ``axis``: level ``j`` holds the max over
+    ``[i, i + 2^j)`` at position ``i`` (clamped at the end)."""
+    extent = ops.shape(x)[axis]
+    tables = [x]
+    for j in range(1, levels):
+        prev = tables[-1]
+        shifted_index = ops.minimum(ops.arange(extent) + 2 ** (j - 1), extent - 1)
+        tables.append(ops.maximum(prev, ops.take(prev, shifted_index, axis=axis)))
+    return ops.concatenate(tables, axis=axis)
+
+
+def box_max_pool(features, boxes):
+    """Exact max over the feature cells each box covers (`deep_retrieval.boxes.cell_ranges`).
+
+    Rows use a range-max (sparse) table, so each box reads two table rows
+    instead of scanning; columns are masked. Memory is
+    ``O(log2(H) * H * W * C + K * W * C)`` per image.
+
+    Args:
+        features: ``[N, H, W, C]``.
+        boxes: ``[N, K, 4]`` in cell units (need not be integers).
+
+    Returns:
+        ``[N, K, C]``.
+    """
+    _, height, width, _ = ops.shape(features)
+    x0, y0, x1, y1 = boxes_lib.cell_ranges(boxes, height, width)
+    if isinstance(height, int):
+        levels = max(1, int(math.floor(math.log2(height))) + 1)
+    else:
+        levels = MAX_TABLE_LEVELS
+    table = _range_max_table(features, 1, levels)  # [N, levels * H, W, C]
+    batch, channels = ops.shape(features)[0], ops.shape(features)[3]
+    table = ops.reshape(table, (-1, width, channels))  # [N * levels * H, W, C]
+    span = y1 - y0
+    # Exact floor(log2(span)) in integers: count the powers of two <= span.
+    powers = ops.convert_to_tensor([2 ** j for j in range(levels)], "int32")
+    level = ops.sum(ops.cast(span[..., None] >= powers, "int32"), axis=-1) - 1
+    step = ops.take(powers, level)
+    image = ops.arange(batch, dtype="int32")[:, None] * (levels * height)
+    first = image + level * height + y0
+    second = image + level * height + y1 - step
+    # Plain gathers of whole [W, C] rows (cheap, and so is their gradient).
+    rows = ops.maximum(ops.take(table, first, axis=0), ops.take(table, second, axis=0))  # [N, K, W, C]
+    cols = ops.arange(width)[None, None, :]
+    inside = ops.logical_and(cols >= x0[..., None], cols < x1[..., None])
+    neg_inf = ops.cast(float("-inf"), features.dtype)
+    return ops.max(ops.where(inside[..., None], rows, neg_inf), axis=2)

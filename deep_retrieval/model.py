@@ -12,10 +12,8 @@ import dataclasses
 import keras
 import numpy as np
 
-from deep_retrieval import backbones
-from deep_retrieval import functional
-from deep_retrieval import regions
-from deep_retrieval import rpn
+from deep_retrieval import backbones, functional, regions
+from deep_retrieval import boxes as boxes_lib
 from deep_retrieval.config import DescriptorConfig
 from deep_retrieval.layers import RMAC, ImagePreprocessing, MultiResolution
 
@@ -202,15 +200,15 @@ class DescriptorModel(keras.Model):
         if self.head.rpn is None or grid:
             cells = regions.rmac_regions(height, width, self.config.levels, self.config.include_global)
             cells = np.concatenate([cells[:, :2], cells[:, :2] + cells[:, 2:]], axis=1)
-            return [rpn.cells_to_pixels(cells, (height, width), image_size)] * fmap.shape[0]
+            return [boxes_lib.cells_to_pixels(cells, (height, width), image_size)] * fmap.shape[0]
         boxes, _, valid = self.head.rpn(fmap)
-        cells = np.stack([np.asarray(c) for c in rpn.cell_ranges(boxes, height, width)], axis=-1)
+        cells = np.stack([np.asarray(c) for c in boxes_lib.cell_ranges(boxes, height, width)], axis=-1)
         out = []
         for c, v in zip(cells, np.asarray(valid)):
             c = c[v]
             if self.config.include_global:
                 c = np.concatenate([[[0, 0, width, height]], c])
-            out.append(rpn.cells_to_pixels(c, (height, width), image_size))
+            out.append(boxes_lib.cells_to_pixels(c, (height, width), image_size))
         return out
 
     def compute_output_shape(self, input_shape):

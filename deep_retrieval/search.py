@@ -201,7 +201,8 @@ class Index:
         self.nlist = self.nlist or max(1, min(nlist, len(sample) // 39))
         self.m = self.m or m
         if len(sample) < self.nlist:
-            raise ValueError(f"IVF-PQ with {self.nlist} lists needs at least that many training vectors, got {len(sample)}")
+            raise ValueError(f"IVF-PQ with {self.nlist} lists needs at least that many training vectors, "
+                             f"got {len(sample)}")
         quantizer = faiss.IndexFlatIP(self.dim)
         index = faiss.IndexIVFPQ(quantizer, self.dim, self.nlist, self.m, 8, faiss.METRIC_INNER_PRODUCT)
         index.train(sample)
@@ -333,7 +334,8 @@ class Index:
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{path}: corrupt index (meta.json has no valid dim)") from None
         if (count, vectors_dim) != (len(ids), dim) or meta.get("count") != len(ids):
-            raise ValueError(f"{path}: corrupt index ({count} vectors of size {vectors_dim} for {len(ids)} ids of size {dim})")
+            raise ValueError(f"{path}: corrupt index ({count} vectors of size {vectors_dim} "
+                             f"for {len(ids)} ids of size {dim})")
         if expected_dim is not None and dim != int(expected_dim):
             raise ValueError(f"{path}: descriptors of size {dim}, but the model produces {expected_dim}")
         extra = {k: v for k, v in meta.items()

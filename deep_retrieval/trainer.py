@@ -33,8 +33,9 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from deep_retrieval import evaluation, extraction, functional, losses, mining, rpn, whitening
-from deep_retrieval.data import groundtruth, manifest as manifest_lib, pipeline, synthetic
+from deep_retrieval import evaluation, extraction, functional, losses, mining, rpn_targets, whitening
+from deep_retrieval.data import groundtruth, pipeline, synthetic
+from deep_retrieval.data import manifest as manifest_lib
 from deep_retrieval.data.images import scaled_shape
 from deep_retrieval.files import atomic_write
 from deep_retrieval.model import build_descriptor_model
@@ -63,11 +64,11 @@ def _is_chief(strategy):
     )
 
 
-def _worker_info(strategy):
+def _worker_index(strategy):
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.cluster_spec().as_dict():
-        return 1, 0
-    return strategy.extended._num_workers, resolver.task_id
+        return 0
+    return resolver.task_id
 
 
 @dataclasses.dataclass
@@ -113,7 +114,7 @@ class Trainer:
         self.strategy = strategy or make_strategy(config.strategy)
         self.progress = progress
         self.chief = _is_chief(self.strategy)
-        self.num_workers, self.worker_index = _worker_info(self.strategy)
+        self.worker_index = _worker_index(self.strategy)
         keras.utils.set_random_seed(config.seed)
         replicas = self.strategy.num_replicas_in_sync
         if config.batch_size % (replicas * config.accumulate_steps):
@@ -229,11 +230,11 @@ class Trainer:
             with tf.GradientTape() as tape:
                 logits, deltas, anchors = layer.raw_outputs(features)
                 keys = tf.random.stateless_uniform(tf.shape(logits), seed)
-                labels, targets = rpn.assign_targets(
+                labels, targets = rpn_targets.assign_targets(
                     anchors, gt, tf.ones(tf.shape(gt)[:1], tf.bool), keys,
                     anchors_per_image=c.rpn_anchors_per_image,
                 )
-                total, objectness, box = rpn.rpn_loss(logits, deltas, labels, targets)
+                total, objectness, box = rpn_targets.rpn_loss(logits, deltas, labels, targets)
             grads = tape.gradient(total, variables)
             positives = tf.reduce_sum(tf.cast(labels == 1, tf.float32))
             return tf.stack([total, objectness, box, positives]), grads
@@ -386,7 +387,8 @@ class Trainer:
         c = self.config
         rng = np.random.default_rng([c.seed, 13, round_index])
         n = len(self.paths)
-        pool = np.arange(n) if not c.pool_size or c.pool_size >= n else np.sort(rng.choice(n, c.pool_size, replace=False))
+        everything = not c.pool_size or c.pool_size >= n
+        pool = np.arange(n) if everything else np.sort(rng.choice(n, c.pool_size, replace=False))
         desc, failed = extraction.extract(
             self._embed_single, [self.paths[i] for i in pool], c.image_size,
             progress=self.progress and self.chief, desc=f"mining round {round_index}", strict=False,
@@ -505,7 +507,8 @@ class Trainer:
                 round_index = step // c.mine_every
                 triplets = self.mine(round_index)
                 if len(triplets) == 0:
-                    raise ValueError("mining produced no triplet: every label needs two images and other labels must exist")
+                    raise ValueError("mining produced no triplet: every label needs two images "
+                                     "and other labels must exist")
                 iterator = self.triplet_iterator(triplets, round_index)
             loss = float(self._train_step(*next(iterator)))
             step += 1
@@ -634,10 +637,19 @@ def freeze_backbone_before(backbone, name):
     )
 
 
+def _weight_names(layer):
+    """``{name within the layer: variable}``, e.g. ``conv/kernel``: the same
+    wherever the layer sits in a model."""
+    prefix = layer.path + "/"
+    if not all(v.path.startswith(prefix) for v in layer.weights):
+        raise ValueError(f"weights of {layer.path} outside its path: {[v.path for v in layer.weights]}")
+    return {v.path[len(prefix):]: v for v in layer.weights}
+
+
 def save_rpn_weights(layer, path):
     """Writes an RPN layer's weights to ``path`` (``.npz``) atomically."""
-    atomic_write(path, lambda tmp: np.savez(tmp, **{v.path.split("/rpn/", 1)[-1]: np.asarray(v)
-                                                     for v in layer.weights}), ".npz")
+    atomic_write(path, lambda tmp: np.savez(tmp, **{k: np.asarray(v) for k, v in _weight_names(layer).items()}),
+                 ".npz")
 
 
 def load_rpn_weights(layer, path):
@@ -649,12 +661,11 @@ def load_rpn_weights(layer, path):
         source = keras.models.load_model(path).head.rpn
         if source is None:
             raise ValueError(f"--rpn_checkpoint {path}: that model has no RPN (regions='grid').")
-        values = {v.path.split("/rpn/", 1)[-1]: np.asarray(v) for v in source.weights}
+        values = {k: np.asarray(v) for k, v in _weight_names(source).items()}
     else:
         with np.load(path) as data:
             values = dict(data)
-    for v in layer.weights:
-        name = v.path.split("/rpn/", 1)[-1]
+    for name, v in _weight_names(layer).items():
         if name not in values or values[name].shape != tuple(v.shape):
             raise ValueError(
                 f"--rpn_checkpoint {path}: no weight {name!r} of shape {tuple(v.shape)} "

@@ -21,6 +21,7 @@ import sys
 
 from absl import app, flags
 
+
 def define_flags():
     """Defines the command-line flags (only when run as a program)."""
     flags.DEFINE_string("model", None, "Trained descriptor model (.keras file).")

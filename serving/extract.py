@@ -49,7 +49,8 @@ def define_flags():
     flags.DEFINE_integer("model_version", None, "Model version to ask for (default: the newest when the run "
                          "starts; it is pinned for the run and recorded in the output).")
     flags.DEFINE_string("images", None, "Folder of images (walked recursively) or a CSV with an 'image' column.")
-    flags.DEFINE_string("data_dir", None, "With a CSV: folder its image paths are relative to (default: the CSV's folder).")
+    flags.DEFINE_string("data_dir", None, "With a CSV: folder its image paths are relative to "
+                        "(default: the CSV's folder).")
     flags.DEFINE_string("output", None, "Output Parquet file.")
     flags.DEFINE_integer("batch_size", 16, "Images per request at most.")
     flags.DEFINE_integer("max_request_bytes", 16 << 20, "Encoded bytes per request at most (a single larger image "
@@ -454,7 +455,8 @@ def main(argv):
         import grpc
 
         if isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.NOT_FOUND:
-            print(f"error: extraction stopped: model {FLAGS.model_name!r} version {extractor and extractor.version} is no "
+            version = extractor and extractor.version
+            print(f"error: extraction stopped: model {FLAGS.model_name!r} version {version} is no "
                   f"longer served ({(e.details() or '')[:200]}); what was extracted is kept in {FLAGS.output}.parts: "
                   "resume while that version is served, or remove the folder to start over", file=sys.stderr)
             return 2

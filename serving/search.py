@@ -60,10 +60,9 @@ def describe(data, box=None, server=None, model_name="deep_retrieval", saved_mod
     """The descriptor of encoded image bytes (cropped to ``box`` by the
     model's ``crops`` signature), through a server (asking for model
     ``version`` if given) or a SavedModel."""
+    import grpc
     import numpy as np
     import tensorflow as tf
-
-    import grpc
 
     signature = "crops" if box else "serving_default"
     if saved_model:

@@ -68,7 +68,8 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_string("host", "127.0.0.1", "Address to bind; 0.0.0.0 exposes the server on every interface.", **fv)
     flags.DEFINE_string("model_name", "deep_retrieval", "Name clients use in ModelSpec.name.", **fv)
     flags.DEFINE_string("model_base_path", None, "Folder holding numeric version subfolders (SavedModels).", **fv)
-    flags.DEFINE_integer("file_system_poll_wait_seconds", 1, "Seconds between checks for a new version (0: never).", **fv)
+    flags.DEFINE_integer("file_system_poll_wait_seconds", 1, "Seconds between checks for a new version "
+                         "(0: never).", **fv)
     flags.DEFINE_integer("grpc_max_threads", 8, "Requests served concurrently.", **fv)
     flags.DEFINE_integer("max_message_bytes", 256 << 20, "Largest request or response message accepted.", **fv)
     flags.DEFINE_integer("max_images_per_request", LIMITS.images, "Images one request may hold.", **fv)
@@ -132,7 +133,8 @@ def _run_signature(version, request, limits=LIMITS, budget=None, context=None):
     wanted = list(request.output_filter) or list(fn.structured_outputs)
     missing = [k for k in wanted if k not in fn.structured_outputs]
     if missing:
-        raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f"output tensor alias not found in signature: {bounded(missing)}")
+        raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"output tensor alias not found in signature: {bounded(missing)}")
     batch = len(next(iter(args.values())))
     parts = []
     for start, stop, pixels in chunks(sizes or [0] * batch):

@@ -97,3 +97,30 @@ def bilinear_resize(image, out_h, out_w):
             bottom = image[y1, x0] * (1 - fx) + image[y1, x1] * fx
             out[i, j] = top * (1 - fy) + bottom * fy
     return out
+
+
+def np_iou(a, b):
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+
+def np_greedy_nms(boxes, valid, threshold):
+    """Textbook greedy NMS over score-sorted boxes: a Python loop."""
+    kept = []
+    for i in range(len(boxes)):
+        if valid[i] and all(np_iou(boxes[i], boxes[j]) <= threshold for j in kept):
+            kept.append(i)
+    mask = np.zeros(len(boxes), bool)
+    mask[kept] = True
+    return mask
+
+
+
+def random_boxes(rng, n, extent=20.0):
+    xy = rng.uniform(0, extent, (n, 2))
+    wh = rng.uniform(0.5, extent / 2, (n, 2))
+    return np.concatenate([xy, xy + wh], axis=1).astype("float32")

@@ -18,7 +18,7 @@ def test_cut_at_last_convolution(name, size, cells):
 def test_resnet101_has_101_layers_worth_of_blocks():
     model, spec = backbones.build_backbone("resnet101", weights=None)
     assert model.layers[-1].name == "conv5_block3_out"
-    assert len([l for l in model.layers if l.name.startswith("conv4_block") and l.name.endswith("_out")]) == 23
+    assert len([x for x in model.layers if x.name.startswith("conv4_block") and x.name.endswith("_out")]) == 23
     assert spec.stride == 32 and spec.channels == 2048
 
 

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deep_retrieval import functional
+from deep_retrieval import functional, regions
 from tests import reference
+from tests.reference import random_boxes
 
 
 def test_l2_normalize_matches_reference_and_keeps_zero():
@@ -50,7 +51,9 @@ def test_dynamic_pooling_selects_exactly_the_grid_regions():
              reference.grid_regions(*size, 3, True)]
             for n in range(3)
         ]
-        key = lambda rows: sorted(map(tuple, rows))  # order may differ
+        def key(rows):  # order may differ
+            return sorted(map(tuple, rows))
+
         for n in range(3):
             assert key(real[n]) == key(np.asarray(want[n]))
     assert fn.experimental_get_tracing_count() == 1
@@ -62,7 +65,10 @@ def test_rmac_matches_numpy_reference_static_and_dynamic(size):
     features = rng.rand(2, *size, 16).astype("float32")
     mean = rng.randn(16).astype("float32") * 0.1
     projection = rng.randn(16, 8).astype("float32")
-    whiten = lambda x: (x - mean) @ projection
+
+    def whiten(x):
+        return (x - mean) @ projection
+
     want = np.stack([reference.rmac(f, 3, False, mean, projection) for f in features])
     got = np.asarray(functional.rmac(features, 3, False, whiten))
     np.testing.assert_allclose(got, want, atol=1e-5)
@@ -112,3 +118,53 @@ def test_scaled_size_rounds_half_up_for_ints_and_tensors():
     assert functional.scaled_size(3, 3, 0.01) == (1, 1)
     h, w = functional.scaled_size(tf.constant(800), tf.constant(600), 550 / 800)
     assert (int(h), int(w)) == (550, 413)
+
+
+def np_box_max_pool(fmap, boxes):
+    h, w, _ = fmap.shape
+    return np.stack([fmap[y:y + hh, x:x + ww].max(axis=(0, 1))
+                     for x, y, ww, hh in reference.box_cells(boxes, h, w)])
+
+
+def test_box_pooling_of_grid_boxes_equals_grid_pooling():
+    rng = np.random.RandomState(4)
+    for height, width in [(7, 10), (24, 32), (13, 13), (1, 5)]:
+        x = rng.randn(2, height, width, 6).astype("float32")
+        grid = regions.rmac_regions(height, width, 3, include_global=True)
+        boxes = np.concatenate([grid[:, :2], grid[:, :2] + grid[:, 2:]], 1).astype("float32")
+        boxes = np.broadcast_to(boxes, (2,) + boxes.shape)
+        got = np.asarray(functional.box_max_pool(x, boxes))
+        want, _ = functional.grid_max_pool(x, 3, include_global=True)
+        np.testing.assert_array_equal(got, np.asarray(want))
+
+
+
+def test_box_pooling_matches_numpy_on_fractional_boxes():
+    rng = np.random.RandomState(5)
+    x = rng.randn(2, 9, 13, 4).astype("float32")
+    boxes = np.stack([random_boxes(rng, 40, extent=14.0) - 1 for _ in range(2)])
+    got = np.asarray(functional.box_max_pool(x, boxes))
+    want = np.stack([np_box_max_pool(f, b) for f, b in zip(x, boxes)])
+    np.testing.assert_array_equal(got, want)
+
+
+
+def test_box_pooling_with_size_known_at_run_time():
+    rng = np.random.RandomState(6)
+    fn = tf.function(functional.box_max_pool, input_signature=[
+        tf.TensorSpec([None, None, None, 3]), tf.TensorSpec([None, None, 4])])
+    for h, w in [(5, 8), (17, 11)]:
+        x = rng.randn(1, h, w, 3).astype("float32")
+        boxes = random_boxes(rng, 10, extent=float(min(h, w)))[None]
+        np.testing.assert_array_equal(fn(x, boxes).numpy(), np_box_max_pool(x[0], boxes[0])[None])
+
+
+
+def test_box_pooling_gradient_reaches_the_maxima():
+    x = tf.Variable(np.arange(12, dtype="float32").reshape(1, 3, 4, 1))
+    with tf.GradientTape() as tape:
+        y = tf.reduce_sum(functional.box_max_pool(x, np.array([[[0, 0, 2, 2]]], "float32")))
+    grad = tape.gradient(y, x).numpy()[0, :, :, 0]
+    want = np.zeros((3, 4))
+    want[1, 1] = 1  # the max of rows 0-1, columns 0-1
+    np.testing.assert_array_equal(grad, want)

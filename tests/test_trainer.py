@@ -8,8 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from deep_retrieval.presets import PRESETS
+from deep_retrieval import rpn_targets
 from deep_retrieval.config import DescriptorConfig, SyntheticConfig
+from deep_retrieval.presets import PRESETS
 from deep_retrieval.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,9 +130,9 @@ def test_two_stage_rpn_training_and_rpn_checkpoint(tmp_path):
     rpn_layer = trainer.model.head.rpn
     assert not any(v is w for v in rpn_layer.weights for w in trainer.model.trainable_variables)
     # The stage-1 loss on a fixed batch falls.
-    from deep_retrieval import rpn
     frame = trainer.data.manifest.frame
     import tensorflow as tf
+
     from deep_retrieval.data import pipeline
     boxes = frame[["x0", "y0", "x1", "y1"]].to_numpy() / frame[["width", "height", "width", "height"]].to_numpy()
     images, norm_boxes, sizes = next(iter(pipeline.box_dataset(frame["path"].tolist(), boxes, 64, 8, seed=0)))
@@ -141,10 +142,10 @@ def test_two_stage_rpn_training_and_rpn_checkpoint(tmp_path):
         fmap = trainer.model.backbone(trainer.model.preprocess(images))
         h, w = fmap.shape[1:3]
         logits, deltas, anchors = rpn_layer.raw_outputs(fmap)
-        labels, targets = rpn.assign_targets(
+        labels, targets = rpn_targets.assign_targets(
             anchors, norm_boxes * np.array([w, h, w, h], "float32"), tf.ones([8], tf.bool),
             tf.random.stateless_uniform(logits.shape, [0, 0]))
-        return float(rpn.rpn_loss(logits, deltas, labels, targets)[0])
+        return float(rpn_targets.rpn_loss(logits, deltas, labels, targets)[0])
 
     before = [np.array(v) for v in rpn_layer.weights]
     loss_before = loss()

@@ -1,6 +1,6 @@
 import keras
 
-from deep_retrieval import rpn
+from deep_retrieval import functional
 
 
 @keras.saving.register_keras_serializable(package="deep_retrieval")
@@ -30,7 +30,7 @@ class BoxMaxPooling(keras.layers.Layer):
     """
 
     def call(self, features, boxes):
-        return rpn.box_max_pool(features, boxes)
+        return functional.box_max_pool(features, boxes)
 
     def compute_output_shape(self, features_shape, boxes_shape):
         return (features_shape[0], boxes_shape[1], features_shape[-1])

@@ -1,8 +1,7 @@
 import keras
 from keras import ops
 
-from deep_retrieval import functional
-from deep_retrieval import regions
+from deep_retrieval import functional, regions
 
 
 @keras.saving.register_keras_serializable(package="deep_retrieval")

@@ -80,9 +80,11 @@ def test_search_command_errors_are_one_line(exported, tmp_path):
             "--saved_model", exported["version"]]
     for extra, want in ((["--query", str(tmp_path / "q.txt"), "--top", "0"], "--top must be at least 1"),
                         (["--query", str(tmp_path / "q.txt")], "error: the query cannot be described"),
-                        (["--query", str(tmp_path / "q.txt"), "--box", "0,0,1,1"], "error: the query is not a readable image")):
+                        (["--query", str(tmp_path / "q.txt"), "--box", "0,0,1,1"],
+                         "error: the query is not a readable image")):
         result = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
-        assert result.returncode != 0 and want in result.stderr and "Traceback" not in result.stderr, result.stderr[-800:]
+        failed_cleanly = result.returncode != 0 and want in result.stderr and "Traceback" not in result.stderr
+        assert failed_cleanly, result.stderr[-800:]
     meta = tmp_path / "idx" / "meta.json"
     fields = json.loads(meta.read_text())
     del fields["dim"]
