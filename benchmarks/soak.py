@@ -15,18 +15,10 @@ time, and whether it is still alive.
 
 import argparse
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _print(title, result):
@@ -49,27 +41,12 @@ def main():
     parser.add_argument("--image_size", type=int, default=256)
     args = parser.parse_args()
 
-    import grpc
+    from _served import embedded_server, export_random_model
 
-    from deep_retrieval.config import DescriptorConfig
-    from deep_retrieval.model import build_descriptor_model
-    from export import export_saved_model
     from serving import load_test
 
-    work = tempfile.mkdtemp(prefix="soak_")
-    model = build_descriptor_model(DescriptorConfig(backbone=args.backbone, weights=None, whitening_dim=128))
-    model.save(os.path.join(work, "model.keras"))
-    base = os.path.join(work, "models", "deep_retrieval")
-    export_saved_model.export(os.path.join(work, "model.keras"), os.path.join(base, "1"), args.image_size)
-    port = _free_port()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    server = subprocess.Popen(
-        [sys.executable, "-m", "serving.server", f"--port={port}", f"--model_base_path={base}",
-         "--file_system_poll_wait_seconds=0"],
-        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    address = f"127.0.0.1:{port}"
-    try:
-        grpc.channel_ready_future(grpc.insecure_channel(address)).result(timeout=180)
+    base = export_random_model(tempfile.mkdtemp(prefix="soak_"), args.backbone, args.image_size)
+    with embedded_server(base) as (address, server):
         blobs = load_test.generated_images()
         load_test.run(address, "deep_retrieval", blobs, clients=2, requests=20, duration=60)  # warm-up
         for title, hostile in (("normal clients alone", 0), (f"with {args.hostile} hostile clients", args.hostile)):
@@ -77,9 +54,6 @@ def main():
                                    duration=args.seconds, server_pid=server.pid, hostile_clients=hostile)
             _print(title, result)
         print(f"\nserver exit code so far: {server.poll()} (None: still running)")
-    finally:
-        server.terminate()
-        server.wait(60)
 
 
 if __name__ == "__main__":

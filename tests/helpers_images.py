@@ -96,3 +96,11 @@ def jpeg_declaring(width, height):
     data[sof + 5:sof + 7] = height.to_bytes(2, "big")
     data[sof + 7:sof + 9] = width.to_bytes(2, "big")
     return bytes(data)
+
+
+def textured(height, width, seed=0):
+    """Fine detail (1-pixel noise over smooth gradients): resampling twice shows."""
+    rng = np.random.RandomState(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    smooth = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], -1)
+    return np.clip(smooth + rng.uniform(-60, 60, (height, width, 3)), 0, 255).astype(np.uint8)

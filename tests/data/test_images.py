@@ -5,14 +5,7 @@ import tensorflow as tf
 from PIL import Image
 
 from deep_retrieval.data import images
-
-
-def _textured(height, width, seed=0):
-    """Fine detail (1-pixel noise over smooth gradients): resampling twice shows."""
-    rng = np.random.RandomState(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    smooth = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], -1)
-    return np.clip(smooth + rng.uniform(-60, 60, (height, width, 3)), 0, 255).astype(np.uint8)
+from tests.helpers_images import textured
 
 
 def _pil(pixels, size):
@@ -20,7 +13,7 @@ def _pil(pixels, size):
 
 
 def test_query_crop_is_the_box_scaled_by_s_over_the_full_image():
-    pixels = _textured(300, 400)  # H x W
+    pixels = textured(300, 400)  # H x W
     box = (40, 30, 240, 180)  # a 200 x 150 box
     (view,) = images.scale_views(tf.constant(pixels, tf.float32), 200, box=box)
     # S / max(W, H) = 200 / 400: the crop becomes 100 x 75, not 200 x 150.
@@ -30,7 +23,7 @@ def test_query_crop_is_the_box_scaled_by_s_over_the_full_image():
 
 
 def test_crop_corners_round_to_the_nearest_pixel_as_pil_crop():
-    pixels = _textured(50, 60, 1)
+    pixels = textured(50, 60, 1)
     box = (10.4, 5.5, 40.6, 30.49)
     (view,) = images.scale_views(tf.constant(pixels, tf.float32), 60, box=box)
     want = np.asarray(Image.fromarray(pixels).crop((10, 6, 41, 30)), np.float32)
@@ -38,7 +31,7 @@ def test_crop_corners_round_to_the_nearest_pixel_as_pil_crop():
 
 
 def test_each_scale_is_resized_from_the_original():
-    pixels = _textured(600, 900, 2)
+    pixels = textured(600, 900, 2)
     scales = (550 / 800, 1.0, 1050 / 800)
     views = images.scale_views(tf.constant(pixels, tf.float32), 400, scales)
     assert [v.shape[:2] for v in views] == [(183, 275), (267, 400), (350, 525)]
@@ -51,7 +44,7 @@ def test_each_scale_is_resized_from_the_original():
 
 
 def test_a_nan_box_is_no_crop_and_a_batch_resizes_as_one():
-    pixels = _textured(40, 80, 3)
+    pixels = textured(40, 80, 3)
     (whole,) = images.scale_views(tf.constant(pixels, tf.float32), 40, box=[np.nan] * 4)
     (batch,) = images.scale_views(tf.constant(np.stack([pixels] * 2), tf.float32), 40)
     assert whole.shape == (20, 40, 3) and batch.shape == (2, 20, 40, 3)
@@ -67,7 +60,7 @@ def test_webp_headers_are_read_and_bombs_refused():
     sizes = []
     for kwargs in (dict(lossless=True), dict(lossless=False)):
         buf = io.BytesIO()
-        Image.fromarray(_textured(201, 300, 4)).save(buf, "WEBP", **kwargs)
+        Image.fromarray(textured(201, 300, 4)).save(buf, "WEBP", **kwargs)
         sizes.append(int(images.header_pixels(tf.constant(buf.getvalue()))))
         assert images.decode(tf.constant(buf.getvalue())).shape == (201, 300, 3)
     # VP8X (extended): 24-bit canvas width-1 and height-1 at bytes 24 and 27.
@@ -95,7 +88,7 @@ def test_gif_headers_count_every_frame():
             return im.n_frames * im.size[0] * im.size[1]
 
     for frames, (w, h) in ((1, (120, 90)), (5, (120, 90)), (1, (1500, 1000))):
-        pictures = [Image.fromarray(_textured(h, w, seed)).convert("P") for seed in range(frames)]
+        pictures = [Image.fromarray(textured(h, w, seed)).convert("P") for seed in range(frames)]
         buf = io.BytesIO()
         pictures[0].save(buf, "GIF", save_all=frames > 1, append_images=pictures[1:])
         data = buf.getvalue()

@@ -7,14 +7,7 @@ import numpy as np
 from PIL import Image
 
 from deep_retrieval.data import images, pipeline
-
-
-def _textured(height, width, seed=0):
-    """Fine detail (1-pixel noise over smooth gradients): resampling twice shows."""
-    rng = np.random.RandomState(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    smooth = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], -1)
-    return np.clip(smooth + rng.uniform(-60, 60, (height, width, 3)), 0, 255).astype(np.uint8)
+from tests.helpers_images import textured
 
 
 def _pil(pixels, size):
@@ -24,7 +17,7 @@ def _pil(pixels, size):
 def test_training_images_keep_their_aspect_ratio(tmp_path):
     paths, shapes = [], [(60, 80), (90, 45), (50, 50)]  # landscape, portrait, square
     for i, (h, w) in enumerate(shapes):
-        pixels = _textured(h, w, 10 + i)
+        pixels = textured(h, w, 10 + i)
         Image.fromarray(pixels).save(tmp_path / f"{i}.png")
         paths.append(str(tmp_path / f"{i}.png"))
     triplets = [[0, 1, 2], [1, 0, 2]]
@@ -45,7 +38,7 @@ def test_training_images_keep_their_aspect_ratio(tmp_path):
 
 def test_image_dataset_skips_fifos_devices_and_oversized_files(tmp_path):
     good = tmp_path / "good.png"
-    Image.fromarray(_textured(30, 40)).save(good)
+    Image.fromarray(textured(30, 40)).save(good)
     os.mkfifo(tmp_path / "pipe.jpg")  # reading it would block the pipeline forever
     (tmp_path / "zero.jpg").symlink_to("/dev/zero")  # reading it would never end
     paths = [str(tmp_path / "pipe.jpg"), str(good), str(tmp_path / "zero.jpg"), str(tmp_path / "missing.jpg")]

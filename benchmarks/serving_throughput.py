@@ -9,28 +9,18 @@ port, and times:
 * gRPC: the extraction client (`serving.extract`) sending the same batches
   with several requests in flight.
 
-    python benchmarks/serving.py [--images 256] [--batch_size 16] [--in_flight 4]
+    python benchmarks/serving_throughput.py [--images 256] [--batch_size 16] [--in_flight 4]
 """
 
 import argparse
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main():
@@ -42,19 +32,13 @@ def main():
     parser.add_argument("--backbone", default="tiny")
     args = parser.parse_args()
 
-    import grpc
     import tensorflow as tf
+    from _served import embedded_server, export_random_model
 
-    from deep_retrieval.config import DescriptorConfig
-    from deep_retrieval.model import build_descriptor_model
-    from export import export_saved_model
     from serving import extract as extract_lib
 
     work = tempfile.mkdtemp(prefix="serving_bench_")
-    model = build_descriptor_model(DescriptorConfig(backbone=args.backbone, weights=None, whitening_dim=128))
-    model.save(os.path.join(work, "model.keras"))
-    base = os.path.join(work, "models", "deep_retrieval")
-    export_saved_model.export(os.path.join(work, "model.keras"), os.path.join(base, "1"), args.image_size)
+    base = export_random_model(work, args.backbone, args.image_size)
 
     rng = np.random.default_rng(0)
     folder = os.path.join(work, "images")
@@ -75,16 +59,8 @@ def main():
     in_process = len(blobs) / (time.perf_counter() - t0)
     print(f"in-process: {in_process:.1f} images/s", flush=True)
 
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "serving.server", f"--port={port}", "--model_name=deep_retrieval",
-         f"--model_base_path={base}", "--file_system_poll_wait_seconds=0"],
-        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        grpc.channel_ready_future(grpc.insecure_channel(f"127.0.0.1:{port}")).result(timeout=120)
-        replicas = extract_lib.Replicas([f"127.0.0.1:{port}"], 256 << 20)
+    with embedded_server(base) as (address, _):
+        replicas = extract_lib.Replicas([address], 256 << 20)
         extractor = extract_lib.Extractor(replicas, "deep_retrieval", "serving_default", 300, 3)
         extractor.run(list(zip(["w"] * len(batches[0]), batches[0])))  # warm-up
         out = os.path.join(work, "out.parquet")
@@ -92,9 +68,6 @@ def main():
         count, failed = extract_lib.extract(items, out, extractor, args.batch_size, 64 << 20,
                                             args.in_flight, chunk_size=len(items), progress=False)
         grpc_rate = count / (time.perf_counter() - t0)
-    finally:
-        server.terminate()
-        server.wait(30)
     assert failed == 0
     print(f"gRPC (embedded server, {args.in_flight} in flight, batch {args.batch_size}): {grpc_rate:.1f} images/s")
     print(f"ratio gRPC / in-process: {grpc_rate / in_process:.2f}")

@@ -1,0 +1,48 @@
+"""What the serving benchmarks share: a descriptor model with random weights
+exported as version 1, and the embedded server on a free loopback port in
+its own process (imported by the benchmark scripts beside it)."""
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def export_random_model(work, backbone="tiny", image_size=256, whitening_dim=128):
+    """Builds, saves and exports a random-weight model under ``work``;
+    returns the model base path (holding version ``1``)."""
+    from deep_retrieval.config import DescriptorConfig
+    from deep_retrieval.model import build_descriptor_model
+    from export import export_saved_model
+
+    model = build_descriptor_model(DescriptorConfig(backbone=backbone, weights=None, whitening_dim=whitening_dim),
+                                   image_size)
+    model.save(os.path.join(work, "model.keras"))
+    base = os.path.join(work, "models", "deep_retrieval")
+    export_saved_model.export(os.path.join(work, "model.keras"), os.path.join(base, "1"))
+    return base
+
+
+@contextlib.contextmanager
+def embedded_server(base, ready_timeout=180):
+    """``python -m serving.server`` over ``base``: yields ``(address,
+    process)`` once it answers, and stops it afterwards."""
+    import grpc
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "serving.server", f"--port={port}", "--model_name=deep_retrieval",
+         f"--model_base_path={base}", "--file_system_poll_wait_seconds=0"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"127.0.0.1:{port}"
+    try:
+        grpc.channel_ready_future(grpc.insecure_channel(address)).result(timeout=ready_timeout)
+        yield address, server
+    finally:
+        server.terminate()
+        server.wait(60)
