@@ -32,6 +32,47 @@ import os
 import tempfile
 import time
 
+import numpy as np
+
+
+def score(decisions, noise, truth):
+    """Quality of a cleaning run against known noise and true boxes.
+
+    Args:
+        decisions: frame with ``image``, ``kept`` and ``x0..y1`` per input
+            image.
+        noise: the set of images that are noise (mislabeled or junk).
+        truth: ``{image: (x0, y0, x1, y1)}`` true landmark boxes of clean
+            images.
+
+    Returns:
+        A dict: ``precision`` and ``recall`` of the dropped images as noise
+        detection, ``box_iou_median`` and ``box_iou_share_05`` over kept clean
+        images with a true box, and the counts behind them.
+    """
+    dropped = set(decisions.loc[~decisions["kept"], "image"])
+    true_drops = len(dropped & noise)
+    ious = []
+    for row in decisions[decisions["kept"]].itertuples(index=False):
+        if row.image in truth and not np.isnan(row.x0):
+            a, b = (row.x0, row.y0, row.x1, row.y1), truth[row.image]
+            iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+            ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+            inter = iw * ih
+            union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+            ious.append(inter / union if union > 0 else 0.0)
+    ious = np.asarray(ious)
+    return {
+        "images": len(decisions),
+        "noise": len(noise),
+        "dropped": len(dropped),
+        "precision": true_drops / len(dropped) if dropped else float("nan"),
+        "recall": true_drops / len(noise) if noise else float("nan"),
+        "boxes_scored": len(ious),
+        "box_iou_median": float(np.median(ious)) if len(ious) else float("nan"),
+        "box_iou_share_05": float((ious >= 0.5).mean()) if len(ious) else float("nan"),
+    }
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,10 +87,9 @@ def main():
 
     import pandas as pd
 
-    from deep_retrieval import cleaning
+    from deep_retrieval.cleaning import runner
     from deep_retrieval.config import CleanConfig, SyntheticConfig
     from deep_retrieval.data import synthetic
-    from training import clean
 
     if args.source == "facades":
         # 60 procedural landmarks, 6 images each.
@@ -72,10 +112,10 @@ def main():
         config = dataclasses.replace(config, transform=args.transform)
     output = os.path.join(out_dir, "clean.csv")
     start = time.time()
-    print(clean.run(noisy, root, output, config, progress=False))
+    print(runner.run(noisy, root, output, config, progress=False))
     seconds = time.time() - start
     decisions = pd.read_csv(output + ".decisions.csv")
-    result = cleaning.score(decisions, noise, truth)
+    result = score(decisions, noise, truth)
     result.update(seconds=round(seconds, 1), images_per_s=round(len(frame) / seconds, 1),
                   source=args.source, seed=args.seed, label_noise=args.label_noise,
                   junk_noise=args.junk_noise,

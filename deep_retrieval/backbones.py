@@ -98,3 +98,19 @@ def build_backbone(name, weights=None):
     if name == "efficientnet_lite0":
         return efficientnet_lite.build(weights), SPECS[name]
     return _keras_application(name, weights), SPECS[name]
+
+
+def freeze_backbone_before(backbone, name):
+    """Freezes every backbone layer before the first one named ``name`` or
+    ``name_...``; raises ValueError listing candidates when none is."""
+    layers = backbone.layers
+    for index, layer in enumerate(layers):
+        if layer.name == name or layer.name.startswith(f"{name}_"):
+            for frozen in layers[:index]:
+                frozen.trainable = False
+            return index
+    names = [layer.name for layer in layers if layer.weights]
+    raise ValueError(
+        f"--train_from {name!r}: no layer of the {backbone.name} backbone has that name "
+        f"(layers with weights: {', '.join(names[:3])}, ..., {', '.join(names[-3:])})"
+    )

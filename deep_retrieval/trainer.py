@@ -33,88 +33,26 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from deep_retrieval import evaluation, extraction, functional, losses, mining, rpn_targets, whitening
-from deep_retrieval.data import groundtruth, pipeline, synthetic
-from deep_retrieval.data import manifest as manifest_lib
-from deep_retrieval.data.images import scaled_shape
+from deep_retrieval import evaluation, extraction, functional, mining, whitening
+from deep_retrieval.backbones import freeze_backbone_before
+from deep_retrieval.data import pipeline
+from deep_retrieval.distribution import is_chief, make_strategy, worker_index
 from deep_retrieval.files import atomic_write
 from deep_retrieval.model import build_descriptor_model
+from deep_retrieval.ranking import ranking_gradients
+from deep_retrieval.rpn_training import RPNTraining
+from deep_retrieval.training_data import common_size, resolve_data
 
 
-def make_strategy(name):
-    """``default`` (one device), ``mirrored`` (local GPUs/CPU) or
-    ``multi_worker`` (hosts described by TF_CONFIG)."""
-    if name == "default":
-        return tf.distribute.get_strategy()
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    raise ValueError(f"Unknown strategy {name!r}; use default, mirrored or multi_worker.")
-
-
-def _is_chief(strategy):
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().as_dict():
-        return True
-    return resolver.task_type in ("chief", None) or (
-        resolver.task_type == "worker"
-        and resolver.task_id == 0
-        and "chief" not in resolver.cluster_spec().as_dict()
-    )
-
-
-def _worker_index(strategy):
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().as_dict():
-        return 0
-    return resolver.task_id
-
-
-@dataclasses.dataclass
-class TrainingData:
-    """Resolved training and evaluation inputs."""
-
-    manifest: manifest_lib.Manifest
-    eval_dataset: object
-
-
-def resolve_data(config, progress=True):
-    """Reads the manifest (generating the synthetic dataset if none is given)
-    and the evaluation benchmark."""
-    manifest_path, data_dir = config.manifest, config.data_dir
-    eval_root, eval_name = config.eval_root, config.eval_dataset
-    if manifest_path and config.instances_dir:
-        raise ValueError("give --manifest or --instances_dir, not both")
-    if not manifest_path:
-        source = config.synthetic
-        if config.instances_dir:
-            source = dataclasses.replace(
-                source, source="folder", photos_dir=os.path.abspath(config.instances_dir)
-            )
-        root = synthetic.ensure_dataset(source, progress=progress)
-        manifest_path, data_dir = os.path.join(root, "train.csv"), root
-        eval_root = eval_root or root
-        eval_name = eval_name or synthetic.DATASET_NAME
-    data_dir = data_dir or os.path.dirname(os.path.abspath(manifest_path))
-    manifest = manifest_lib.read_manifest(
-        manifest_path, data_dir, allow_outside=config.allow_outside_data_dir
-    )
-    if len(manifest.frame) < 2:
-        raise ValueError(f"{manifest_path}: no usable training images ({manifest.summary()}).")
-    dataset = groundtruth.load_dataset(eval_root, eval_name) if eval_root and eval_name else None
-    return TrainingData(manifest, dataset)
-
-
-class Trainer:
+class Trainer(RPNTraining):
     """Runs `TrainConfig` end to end; see `run`."""
 
     def __init__(self, config, strategy=None, progress=True):
         self.config = config
         self.strategy = strategy or make_strategy(config.strategy)
         self.progress = progress
-        self.chief = _is_chief(self.strategy)
-        self.worker_index = _worker_index(self.strategy)
+        self.chief = is_chief(self.strategy)
+        self.worker_index = worker_index(self.strategy)
         keras.utils.set_random_seed(config.seed)
         replicas = self.strategy.num_replicas_in_sync
         if config.batch_size % (replicas * config.accumulate_steps):
@@ -127,7 +65,7 @@ class Trainer:
         self.unusable = set()  # indices that failed to decode in mining
         # Training images keep their aspect ratio: one size for all (one
         # aspect ratio) runs batches as blocks, mixed sizes triplet by triplet.
-        self.train_size = _common_size(frame, config.image_size)
+        self.train_size = common_size(frame, config.image_size)
         self.synchronized_bn = False
         # The paper order ranks with the rigid grid; the RPN comes after.
         self.rpn_after = config.descriptor.regions == "rpn" and config.rpn_order == "grid_first"
@@ -214,149 +152,7 @@ class Trainer:
         per_replica = self.strategy.run(step_fn, args=(query, positive, negative, sizes))
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
-    def _distributed_rpn_step(self, images, boxes, sizes, seed):
-        c = self.config
-        layer = self.model.head.rpn
-        variables = layer.weights
-        replicas = self.strategy.num_replicas_in_sync
-
-        def gradients(images, boxes, seed):
-            """``([total, objectness, box, positives], grads)`` of one block of
-            images of one size."""
-            features = self.model.backbone(self.model.preprocess(images), training=False)
-            features = tf.stop_gradient(features)
-            cells = tf.cast(tf.shape(features)[1:3], tf.float32)
-            gt = boxes * tf.stack([cells[1], cells[0], cells[1], cells[0]])
-            with tf.GradientTape() as tape:
-                logits, deltas, anchors = layer.raw_outputs(features)
-                keys = tf.random.stateless_uniform(tf.shape(logits), seed)
-                labels, targets = rpn_targets.assign_targets(
-                    anchors, gt, tf.ones(tf.shape(gt)[:1], tf.bool), keys,
-                    anchors_per_image=c.rpn_anchors_per_image,
-                )
-                total, objectness, box = rpn_targets.rpn_loss(logits, deltas, labels, targets)
-            grads = tape.gradient(total, variables)
-            positives = tf.reduce_sum(tf.cast(labels == 1, tf.float32))
-            return tf.stack([total, objectness, box, positives]), grads
-
-        def step_fn(images, boxes, sizes, seed):
-            if self._rpn_size is not None:  # one size: one block, of a static shape
-                stats, grads = gradients(images, boxes, seed)
-            else:  # each image on its own at its own size, losses averaged
-                def one(i):
-                    image = images[i:i + 1, :sizes[i, 0], :sizes[i, 1]]
-                    st, g = gradients(image, boxes[i:i + 1], seed + tf.stack([0, tf.cast(i, tf.int64) + 1]))
-                    return [st] + list(g)
-
-                count = images.shape[0]
-                out = _sum_loop(count, one, [tf.zeros([4])] + [tf.zeros_like(v) for v in variables], False)
-                stats = out[0] / tf.constant([count, count, count, 1.0])
-                grads = [g / count for g in out[1:]]
-            self.rpn_optimizer.apply_gradients(zip([g / replicas for g in grads], variables))
-            return stats / replicas
-
-        per_replica = self.strategy.run(step_fn, args=(images, boxes, sizes, seed))
-        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-
     # ------------------------------------------------------------ components
-
-    def train_rpn(self):
-        """Stage 1: the RPN learns the manifest's boxes, backbone frozen.
-
-        Writes ``rpn.weights.npz`` to the output folder. With
-        ``rpn_checkpoint`` set, loads those weights instead of training.
-        """
-        c = self.config
-        layer = self.model.head.rpn
-        if c.rpn_checkpoint:
-            load_rpn_weights(layer, c.rpn_checkpoint)
-            self._log(f"RPN weights loaded from {c.rpn_checkpoint}")
-            if c.rpn_refresh_steps:
-                self._rpn_input()  # refreshes need boxes: fail now, not mid-training
-            return
-        self.rpn_steps(c.rpn_steps, "RPN on the frozen backbone")
-        if self.chief:
-            path = os.path.join(c.output_dir, "rpn.weights.npz")
-            save_rpn_weights(layer, path)
-            self._log(f"RPN trained: weights saved to {path}")
-
-    def _rpn_input(self):
-        """The boxed images (iterator), the RPN optimizer and step, made once."""
-        if getattr(self, "_rpn_iterator", None) is not None:
-            return
-        c = self.config
-        frame = self.data.manifest.frame
-        has_box = self.data.manifest.has_boxes
-        if not has_box.any():
-            raise ValueError(
-                "--regions rpn needs landmark boxes to train the RPN, and the manifest has "
-                "no valid x0,y0,x1,y1 box (see python -m training.clean); or pass "
-                "--rpn_checkpoint (with --rpn_refresh_steps 0)."
-            )
-        if has_box.sum() < c.rpn_batch_size:
-            raise ValueError(
-                f"only {int(has_box.sum())} images have a box, fewer than --rpn_batch_size "
-                f"{c.rpn_batch_size}."
-            )
-        boxed = frame[has_box]
-        self._rpn_size = _common_size(boxed, c.image_size)
-        size = boxed[["width", "height", "width", "height"]].to_numpy(np.float64)
-        boxes = boxed[list(manifest_lib.BOX_COLUMNS)].to_numpy(np.float64) / size
-        self._log(
-            f"RPN training on the boxes of {len(boxed)} images "
-            f"({len(frame) - len(boxed)} images without a box do not take part)"
-        )
-        paths = boxed["path"].tolist()
-
-        def dataset_fn(context):
-            shard = None
-            if context.num_input_pipelines > 1:
-                shard = (context.num_input_pipelines, context.input_pipeline_id)
-            return pipeline.box_dataset(
-                paths, boxes, c.image_size,
-                context.get_per_replica_batch_size(c.rpn_batch_size), c.seed, shard=shard,
-                size=self._rpn_size,
-            )
-
-        with self.strategy.scope():
-            self.rpn_optimizer = keras.optimizers.Adam(c.rpn_learning_rate)
-            self.rpn_optimizer.build(self.model.head.rpn.weights)
-        self._rpn_iterator = iter(self.strategy.distribute_datasets_from_function(dataset_fn))
-        self._rpn_step = tf.function(self._distributed_rpn_step)
-        self._rpn_count = 0
-
-    def rpn_steps(self, count, desc):
-        """``count`` RPN training steps on the current (frozen) backbone."""
-        self._rpn_input()
-        c = self.config
-        bar = tqdm(total=count, desc=desc, unit="step", disable=not (self.progress and self.chief))
-        for _ in range(count):
-            seed = tf.constant([c.seed, self._rpn_count], tf.int64)
-            total, objectness, box, positives = self._rpn_step(*next(self._rpn_iterator), seed).numpy()
-            with self.writer.as_default():
-                tf.summary.scalar("rpn/loss", total, step=self._rpn_count)
-                tf.summary.scalar("rpn/objectness", objectness, step=self._rpn_count)
-                tf.summary.scalar("rpn/box", box, step=self._rpn_count)
-            self._rpn_count += 1
-            bar.set_postfix(loss=f"{total:.4f}", positives=f"{positives:.0f}")
-            bar.update()
-        bar.close()
-
-    def attach_rpn(self):
-        """The paper order's second stage: a model with the RPN takes the
-        ranked backbone and whitening, the RPN learns the boxes on those
-        frozen features (`train_rpn`), and the model pools its proposals
-        from then on."""
-        with self.strategy.scope():
-            model = build_descriptor_model(dataclasses.replace(self.config.descriptor, weights=None),
-                                           self.config.image_size)
-            model.backbone.set_weights(self.model.backbone.get_weights())
-            if model.head.pca is not None:
-                model.head.pca.set_weights(self.model.head.pca.get_weights())
-        self.model = model
-        self._compile_inference()
-        self._log("ranking with the rigid grid done: training the RPN on its features")
-        self.train_rpn()
 
     def init_whitening(self):
         """Fits the PCA-whitening layer to region descriptors of training images."""
@@ -532,143 +328,3 @@ class Trainer:
 
 
 INITIAL_MODEL = "initial.keras"
-
-
-def _common_size(frame, longest):
-    """The ``(height, width)`` every image of ``frame`` has at ``longest``
-    (`scaled_shape`), or None when they differ."""
-    sizes = {scaled_shape(h, w, longest) for h, w in zip(frame["height"], frame["width"])}
-    return sizes.pop() if len(sizes) == 1 else None
-
-
-def _sum_loop(count, body, init, unroll):
-    """``init`` plus ``body(i)`` summed over ``i < count``, one ``i`` after the
-    other: a `tf.while_loop`, or a Python loop when ``unroll`` (synchronized
-    batch norm cannot sit inside control flow)."""
-    add = lambda a, b: [x + y for x, y in zip(a, b)]  # noqa: E731
-    if unroll:
-        total = init
-        for i in range(count):
-            total = add(total, body(i))
-        return total
-    _, total = tf.while_loop(
-        lambda i, _: i < count, lambda i, t: (i + 1, add(t, body(i))), (tf.constant(0), init),
-        parallel_iterations=1,
-    )
-    return total
-
-
-def ranking_gradients(model, variables, query, positive, negative, margin, global_batch, micro_batches=1,
-                      sizes=None, unroll=False):
-    """The triplet loss of a batch and its gradients.
-
-    The batch is split into ``micro_batches`` equal parts run one after the
-    other, so only one part's activations are alive at a time; their loss
-    sums and gradients add up to the whole batch's, since the loss is a sum
-    over triplets divided by ``global_batch`` (batch-norm statistics, frozen
-    for pretrained backbones, are the one exception).
-
-    Collections of one aspect ratio give batches of one static size, run as
-    one block. Collections of mixed aspect ratios give zero-padded batches
-    (`pipeline.triplet_dataset`) with their images' true ``sizes``: each
-    triplet then runs on its own, each image at its own size (slower, never
-    squashed).
-
-    Args:
-        model: a `DescriptorModel`; variables: what to differentiate.
-        query, positive, negative: ``[B, H, W, 3]`` images.
-        margin: the ranking margin.
-        global_batch: triplets per optimizer step over all replicas.
-        micro_batches: parts of ``B`` (must divide it).
-        sizes: optional ``[B, 3, 2]`` true ``(height, width)`` of the
-            query, positive and negative images of a padded batch.
-        unroll: Python loops instead of `tf.while_loop` (synchronized
-            batch norm across replicas).
-
-    Returns:
-        ``(loss, grads)``.
-    """
-
-    def gradients(images, together):
-        # ``together``: the three streams share one size and run as one batch.
-        with tf.GradientTape() as tape:
-            if together:
-                d = tf.split(model.single_scale(tf.concat(images, 0), training=True), 3)
-            else:
-                d = [model.single_scale(image, training=True) for image in images]
-            loss = losses.triplet_ranking_loss_sum(*d, margin) / global_batch
-        grads = tape.gradient(loss, variables)
-        grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)]
-        return [loss] + grads
-
-    images = (query, positive, negative)
-    init = [tf.constant(0.0)] + [tf.zeros_like(v) for v in variables]
-    if sizes is not None:
-        def one(i):
-            return gradients([x[i:i + 1, :sizes[i, k, 0], :sizes[i, k, 1]] for k, x in enumerate(images)], False)
-
-        out = _sum_loop(query.shape[0], one, init, unroll)
-        return out[0], out[1:]
-    if micro_batches == 1:
-        out = gradients(images, True)
-        return out[0], out[1:]
-    size = query.shape[0] // micro_batches
-
-    def part(i):
-        return gradients([x[i * size:(i + 1) * size] for x in images], True)
-
-    out = _sum_loop(micro_batches, part, init, unroll)
-    return out[0], out[1:]
-
-
-def freeze_backbone_before(backbone, name):
-    """Freezes every backbone layer before the first one named ``name`` or
-    ``name_...``; raises ValueError listing candidates when none is."""
-    layers = backbone.layers
-    for index, layer in enumerate(layers):
-        if layer.name == name or layer.name.startswith(f"{name}_"):
-            for frozen in layers[:index]:
-                frozen.trainable = False
-            return index
-    names = [layer.name for layer in layers if layer.weights]
-    raise ValueError(
-        f"--train_from {name!r}: no layer of the {backbone.name} backbone has that name "
-        f"(layers with weights: {', '.join(names[:3])}, ..., {', '.join(names[-3:])})"
-    )
-
-
-def _weight_names(layer):
-    """``{name within the layer: variable}``, e.g. ``conv/kernel``: the same
-    wherever the layer sits in a model."""
-    prefix = layer.path + "/"
-    if not all(v.path.startswith(prefix) for v in layer.weights):
-        raise ValueError(f"weights of {layer.path} outside its path: {[v.path for v in layer.weights]}")
-    return {v.path[len(prefix):]: v for v in layer.weights}
-
-
-def save_rpn_weights(layer, path):
-    """Writes an RPN layer's weights to ``path`` (``.npz``) atomically."""
-    atomic_write(path, lambda tmp: np.savez(tmp, **{k: np.asarray(v) for k, v in _weight_names(layer).items()}),
-                 ".npz")
-
-
-def load_rpn_weights(layer, path):
-    """Loads RPN weights from ``rpn.weights.npz`` or from a ``.keras`` model
-    trained with ``regions="rpn"``; shapes must match."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--rpn_checkpoint {path}: no such file.")
-    if path.endswith(".keras"):
-        source = keras.models.load_model(path).head.rpn
-        if source is None:
-            raise ValueError(f"--rpn_checkpoint {path}: that model has no RPN (regions='grid').")
-        values = {k: np.asarray(v) for k, v in _weight_names(source).items()}
-    else:
-        with np.load(path) as data:
-            values = dict(data)
-    for name, v in _weight_names(layer).items():
-        if name not in values or values[name].shape != tuple(v.shape):
-            raise ValueError(
-                f"--rpn_checkpoint {path}: no weight {name!r} of shape {tuple(v.shape)} "
-                "(an RPN of another backbone or anchor set?)."
-            )
-        v.assign(values[name])

@@ -7,7 +7,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from deep_retrieval import cleaning
+from benchmarks.cleaning import score
+from deep_retrieval.cleaning import features as features_lib
+from deep_retrieval.cleaning import graph, label, runner, verification
 from deep_retrieval.config import CleanConfig
 from deep_retrieval.data import synthetic
 
@@ -25,7 +27,7 @@ def scene(seed, box=(40, 30, 296, 222), size=(360, 260)):
 def features(image):
     gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
     config = CleanConfig()
-    return cleaning.extract_features(gray, 1.0, (image.shape[1], image.shape[0]),
+    return features_lib.extract_features(gray, 1.0, (image.shape[1], image.shape[0]),
                                      config.max_features, config.contrast_threshold)
 
 
@@ -36,23 +38,23 @@ def warp(image, matrix):
 def test_verification_accepts_a_warped_copy_and_rejects_another_landmark():
     a = scene(0)
     config = CleanConfig(transform="homography")
-    same = cleaning.verify_pair(features(a), features(warp(a, H_TRUE)), config)
+    same = verification.verify_pair(features(a), features(warp(a, H_TRUE)), config)
     assert same.inliers >= config.min_inliers
     # The recovered transform maps the facade's corners where H does.
     corners = np.array([[40, 30], [296, 30], [296, 222], [40, 222]], float)
-    np.testing.assert_allclose(cleaning.transform_points(same.matrix, corners),
-                               cleaning.transform_points(H_TRUE, corners), atol=3.0)
-    other = cleaning.verify_pair(features(a), features(scene(5)), config)
+    np.testing.assert_allclose(verification.transform_points(same.matrix, corners),
+                               verification.transform_points(H_TRUE, corners), atol=3.0)
+    other = verification.verify_pair(features(a), features(scene(5)), config)
     assert other.inliers == 0
 
 
 def test_connected_components_and_selection_on_a_hand_built_graph():
     edges = [(0, 1), (1, 2), (3, 4), (6, 6)]
-    components = cleaning.connected_components(7, edges)
+    components = graph.connected_components(7, edges)
     assert components == [[0, 1, 2], [3, 4], [5], [6]]
-    assert cleaning.select_components(components) == [0, 1, 2]
-    assert cleaning.select_components(components, min_component_size=2) == [0, 1, 2, 3, 4]
-    assert cleaning.select_components(cleaning.connected_components(3, [])) == []
+    assert graph.select_components(components) == [0, 1, 2]
+    assert graph.select_components(components, min_component_size=2) == [0, 1, 2, 3, 4]
+    assert graph.select_components(graph.connected_components(3, [])) == []
 
 
 def test_box_estimate_on_a_pair_with_known_homography():
@@ -60,13 +62,13 @@ def test_box_estimate_on_a_pair_with_known_homography():
     b = warp(a, H_TRUE)
     config = CleanConfig(transform="homography")
     fa, fb = features(a), features(b)
-    v = cleaning.verify_pair(fa, fb, config)
+    v = verification.verify_pair(fa, fb, config)
     assert v.inliers >= config.min_inliers
     points = {0: {1: v.points_a}, 1: {0: v.points_b}}
     transforms = {(0, 1): v.matrix, (1, 0): np.linalg.inv(v.matrix)}
-    boxes = cleaning.estimate_boxes({0, 1}, points, transforms, [fa.size, fb.size])
+    boxes = label.estimate_boxes({0, 1}, points, transforms, [fa.size, fb.size])
     corners = np.array([[40, 30], [296, 30], [296, 222], [40, 222]], float)
-    projected = cleaning.transform_points(H_TRUE, corners)
+    projected = verification.transform_points(H_TRUE, corners)
     want_b = (*projected.min(axis=0), *projected.max(axis=0))
     for got, want in ((boxes[0], (40, 30, 296, 222)), (boxes[1], want_b)):
         assert iou(got, want) >= 0.7, (got, want)
@@ -82,8 +84,8 @@ def iou(a, b):
 
 
 def test_box_from_points_is_clipped():
-    assert cleaning.box_from_points([[-5, 2], [30, 50]], (20, 40)) == (0, 2, 20, 40)
-    assert cleaning.box_from_points(np.zeros((0, 2)), (20, 40)) is None
+    assert graph.box_from_points([[-5, 2], [30, 50]], (20, 40)) == (0, 2, 20, 40)
+    assert graph.box_from_points(np.zeros((0, 2)), (20, 40)) is None
 
 
 def _label_folder(tmp_path):
@@ -100,7 +102,7 @@ def _label_folder(tmp_path):
 
 def test_clean_label_keeps_the_verified_group(tmp_path):
     names = _label_folder(tmp_path)
-    results = cleaning.clean_label([(n, str(tmp_path / n)) for n in names], CleanConfig())
+    results = label.clean_label([(n, str(tmp_path / n)) for n in names], CleanConfig())
     by_name = {r["key"]: r for r in results}
     assert [by_name[n]["kept"] for n in names] == [True, True, True, False, False]
     assert by_name["other.jpg"]["reason"] == "no verified match with another image of the label"
@@ -109,7 +111,6 @@ def test_clean_label_keeps_the_verified_group(tmp_path):
 
 
 def test_clean_command_writes_outputs_and_resumes(tmp_path):
-    from training import clean
 
     names = _label_folder(tmp_path)
     rows = [(n, "a") for n in names] + [("../escape.jpg", "a")]
@@ -122,12 +123,12 @@ def test_clean_command_writes_outputs_and_resumes(tmp_path):
     # A previous run was killed after finishing label "b" and while writing
     # its next line: the finished label is reused, the torn line ignored.
     os.makedirs(tmp_path / "out")
-    journal = cleaning.journal_path(output, config, str(tmp_path / "noisy.csv"))
+    journal = runner.journal_path(output, config, str(tmp_path / "noisy.csv"))
     # Keys are row numbers among the manifest's valid rows (the escaping row is not one).
     fake = [dict(key=k, kept=False, reason="from the journal", box=None, inliers=0, component=1) for k in (5, 6)]
     with open(journal, "w") as f:
         f.write(json.dumps({"label": "b", "results": fake}) + "\n" + '{"label": "a", "resu')
-    summary = clean.run(str(tmp_path / "noisy.csv"), str(tmp_path), output, config, progress=False)
+    summary = runner.run(str(tmp_path / "noisy.csv"), str(tmp_path), output, config, progress=False)
     assert summary.startswith("8 images in, 3 kept with a box") and not os.path.exists(journal)
     kept = pd.read_csv(output)
     assert kept["image"].tolist() == ["good0.jpg", "good1.jpg", "good2.jpg"]
@@ -145,8 +146,8 @@ def test_parallel_workers_give_the_same_result(tmp_path):
     names = _label_folder(tmp_path)
     groups = {"x": [(i, str(tmp_path / n)) for i, n in enumerate(names)],
               "y": [(i + 10, str(tmp_path / n)) for i, n in enumerate(names[:3])]}
-    one = cleaning.clean_manifest(groups, CleanConfig(workers=1), str(tmp_path / "j1.jsonl"), progress=False)
-    two = cleaning.clean_manifest(groups, CleanConfig(workers=2), str(tmp_path / "j2.jsonl"), progress=False)
+    one = runner.clean_manifest(groups, CleanConfig(workers=1), str(tmp_path / "j1.jsonl"), progress=False)
+    two = runner.clean_manifest(groups, CleanConfig(workers=2), str(tmp_path / "j2.jsonl"), progress=False)
     assert json.dumps(one, sort_keys=True) == json.dumps(two, sort_keys=True)
 
 
@@ -155,7 +156,7 @@ def test_score_hand_worked():
         "image": ["a", "b", "c", "d"], "kept": [True, True, False, False],
         "x0": [0, 0, np.nan, np.nan], "y0": [0, 0, np.nan, np.nan],
         "x1": [10, 10, np.nan, np.nan], "y1": [10, 10, np.nan, np.nan]})
-    result = cleaning.score(decisions, noise={"c", "b"}, truth={"a": (0, 0, 10, 20)})
+    result = score(decisions, noise={"c", "b"}, truth={"a": (0, 0, 10, 20)})
     assert result["precision"] == 0.5 and result["recall"] == 0.5
     assert result["box_iou_median"] == pytest.approx(0.5) and result["boxes_scored"] == 1
 
@@ -166,11 +167,11 @@ def test_candidate_pairs_are_bounded_by_global_similarity():
 
     def feat(c):
         d = np.abs(centres[c] + 0.05 * rng.randn(30, 128)).astype(np.float32)
-        return cleaning.Features(np.zeros((30, 2), np.float32), d, (10, 10))
+        return features_lib.Features(np.zeros((30, 2), np.float32), d, (10, 10))
 
     features = [feat(i % 2) for i in range(8)]  # even: cluster 0, odd: cluster 1
-    assert len(cleaning.candidate_pairs(features, max_pairs=28, neighbors=2)) == 28  # all pairs
-    pairs = cleaning.candidate_pairs(features, max_pairs=10, neighbors=2)
+    assert len(graph.candidate_pairs(features, max_pairs=28, neighbors=2)) == 28  # all pairs
+    pairs = graph.candidate_pairs(features, max_pairs=10, neighbors=2)
     assert all(a % 2 == b % 2 for a, b in pairs)  # only within a cluster
     assert len(pairs) <= 8 * 2 and {i for p in pairs for i in p} == set(range(8))
 
@@ -191,7 +192,7 @@ def test_pairs_matched_off_the_landmark_are_dropped():
     edges = [(0, 1), (0, 2), (0, 3), (1, 2)]
     counts = {(0, 1): 40, (0, 2): 30, (0, 3): 35, (1, 2): 50}
     sizes = [(100, 100)] * 4
-    assert cleaning.consistent_edges(edges, points, counts, sizes, 0.5) == [(0, 1), (0, 2), (1, 2)]
-    assert cleaning.consistent_edges(edges, points, counts, sizes, 0.0) == edges
-    assert cleaning.box_overlap((0, 0, 10, 10), (5, 5, 20, 20)) == pytest.approx(25 / 100)
-    assert cleaning.box_overlap((0, 0, 10, 10), (2, 2, 4, 4)) == 1.0
+    assert graph.consistent_edges(edges, points, counts, sizes, 0.5) == [(0, 1), (0, 2), (1, 2)]
+    assert graph.consistent_edges(edges, points, counts, sizes, 0.0) == edges
+    assert graph.box_overlap((0, 0, 10, 10), (5, 5, 20, 20)) == pytest.approx(25 / 100)
+    assert graph.box_overlap((0, 0, 10, 10), (2, 2, 4, 4)) == 1.0

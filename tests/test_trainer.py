@@ -72,7 +72,8 @@ import json, os, sys
 import numpy as np
 sys.path.insert(0, {root!r})
 from tests.test_trainer import small_config
-from deep_retrieval.trainer import Trainer, make_strategy
+from deep_retrieval.distribution import make_strategy
+from deep_retrieval.trainer import Trainer
 index = int(sys.argv[1])
 strategy = make_strategy("multi_worker")
 cfg = small_config(sys.argv[2] + f"/w{{index}}", steps=3, strategy="multi_worker")
@@ -197,7 +198,7 @@ def test_rpn_training_needs_boxes(tmp_path):
     with pytest.raises(ValueError, match="needs landmark boxes"):
         trainer.train_rpn()
     # Given RPN weights, refreshing them still needs boxes: refused before training.
-    from deep_retrieval.trainer import save_rpn_weights
+    from deep_retrieval.rpn_training import save_rpn_weights
     save_rpn_weights(trainer.model.head.rpn, str(tmp_path / "rpn.npz"))
     for refresh, fails in ((5, True), (0, False)):
         other = Trainer(_rpn_config(tmp_path / f"r{refresh}", manifest=str(data / "m.csv"),
@@ -323,7 +324,7 @@ def test_mixed_aspect_triplets_run_one_by_one_at_their_own_sizes(tmp_path):
 
     from deep_retrieval import backbones, losses
     from deep_retrieval.model import build_descriptor_model
-    from deep_retrieval.trainer import ranking_gradients
+    from deep_retrieval.ranking import ranking_gradients
 
     weights = tmp_path / "tiny.weights.h5"
     backbones.build_backbone("tiny")[0].save_weights(weights)  # from a file: batch norm frozen

@@ -17,12 +17,9 @@ images in, kept, dropped). An interrupted run resumes where it stopped when
 run again with the same settings.
 """
 
-import os
 import sys
 
 from absl import app, flags
-
-from deep_retrieval.files import atomic_csv
 
 FLAGS = flags.FLAGS
 
@@ -47,52 +44,19 @@ def main(argv):
     for name in ("manifest", "output"):
         if not getattr(FLAGS, name):
             raise app.UsageError(f"--{name} is required")
+    from deep_retrieval.cleaning import runner
     from deep_retrieval.config import CleanConfig
     from training import config_flags
 
     try:
         config = config_flags.dataclass_from_flags(CleanConfig)
-        summary = run(FLAGS.manifest, FLAGS.data_dir, FLAGS.output, config,
-                      FLAGS.allow_outside_data_dir, FLAGS.progress)
+        summary = runner.run(FLAGS.manifest, FLAGS.data_dir, FLAGS.output, config,
+                             FLAGS.allow_outside_data_dir, FLAGS.progress)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(summary)
     return 0
-
-
-def run(manifest_path, data_dir, output, config, allow_outside=False, progress=True):
-    """Cleans ``manifest_path`` into ``output``; returns a printable summary."""
-    from deep_retrieval import cleaning
-    from deep_retrieval.data import manifest as manifest_lib
-
-    data_dir = data_dir or os.path.dirname(os.path.abspath(manifest_path))
-    manifest = manifest_lib.read_manifest(manifest_path, data_dir, allow_outside, check_images=False)
-    frame = manifest.frame
-    groups = {}
-    for i, row in enumerate(frame.itertuples(index=False)):
-        groups.setdefault(str(row.label), []).append((i, row.path))
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    journal = cleaning.journal_path(output, config, manifest_path)
-    results = cleaning.clean_manifest(groups, config, journal, progress)
-
-    decisions = cleaning.decisions_frame(manifest, results)
-    kept = decisions[decisions["kept"]]
-    report = cleaning.report_frame(decisions)
-    atomic_csv(output, kept[["image", "label", "x0", "y0", "x1", "y1"]])
-    atomic_csv(f"{output}.decisions.csv", decisions)
-    atomic_csv(f"{output}.report.csv", report)
-    os.remove(journal)
-    reasons = decisions.loc[~decisions["kept"], "reason"].str.replace(r"\(.*", "", regex=True)
-    reasons = reasons.str.replace(r"group of \d+ images, not the kept group of \d+", "group, not the kept one",
-                                  regex=True)
-    lines = [f"{len(decisions)} images in, {len(kept)} kept with a box, "
-             f"{len(decisions) - len(kept)} dropped, over {len(report)} labels "
-             f"({int((report['kept'] >= 2).sum())} keep at least 2 images)"]
-    for reason, count in reasons.value_counts().items():
-        lines.append(f"  dropped: {count:5d}  {reason.strip()}")
-    lines.append(f"wrote {output}, {output}.decisions.csv, {output}.report.csv")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

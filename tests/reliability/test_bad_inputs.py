@@ -153,15 +153,15 @@ def test_extraction_client(corpus, address, tmp_path, source):
 
 
 def test_cleaning_command(corpus, tmp_path):
+    from deep_retrieval.cleaning import runner
     from deep_retrieval.config import CleanConfig
-    from training import clean
 
     folder, files = corpus
     ok, bad = _split(files)
     names = [n for n in ok + bad if "\udce9" not in n]
     csv = tmp_path / "noisy.csv"
     atomic_csv(str(csv), pd.DataFrame({"image": names, "label": "x"}))
-    clean.run(str(csv), folder, str(tmp_path / "clean.csv"), CleanConfig(workers=1), progress=False)
+    runner.run(str(csv), folder, str(tmp_path / "clean.csv"), CleanConfig(workers=1), progress=False)
     decisions = pd.read_csv(str(tmp_path / "clean.csv") + ".decisions.csv", keep_default_na=False)
     reasons = dict(zip(decisions["image"], decisions["reason"]))
     assert set(reasons) == set(names)
