@@ -11,7 +11,7 @@ from benchmarks.cleaning import score
 from deep_retrieval.cleaning import features as features_lib
 from deep_retrieval.cleaning import graph, label, runner, verification
 from deep_retrieval.config import CleanConfig
-from deep_retrieval.data import synthetic
+from deep_retrieval.data import views
 
 H_TRUE = np.array([[0.9, 0.08, 30.0], [-0.05, 0.95, 20.0], [0.0003, -0.0002, 1.0]])
 
@@ -19,7 +19,7 @@ H_TRUE = np.array([[0.9, 0.08, 30.0], [-0.05, 0.95, 20.0], [0.0003, -0.0002, 1.0
 def scene(seed, box=(40, 30, 296, 222), size=(360, 260)):
     """A landmark facade pasted at ``box`` on a flat grey canvas."""
     canvas = np.full((size[1], size[0], 3), 128, np.uint8)
-    facade = synthetic.make_facade([seed, 1]).resize((box[2] - box[0], box[3] - box[1]))
+    facade = views.make_facade([seed, 1]).resize((box[2] - box[0], box[3] - box[1]))
     canvas[box[1]:box[3], box[0]:box[2]] = np.asarray(facade)
     return canvas
 
