@@ -17,9 +17,7 @@ def triplet_ranking_loss(query, positive, negative, margin=0.1):
     Reference:
         Gordo et al., "Deep Image Retrieval", ECCV 2016, Eq. (1).
     """
-    d_pos = ops.sum(ops.square(query - positive), axis=-1)
-    d_neg = ops.sum(ops.square(query - negative), axis=-1)
-    return ops.mean(ops.relu(margin + d_pos - d_neg))
+    return triplet_ranking_loss_sum(query, positive, negative, margin) / ops.cast(ops.shape(query)[0], "float32")
 
 
 def triplet_ranking_loss_sum(query, positive, negative, margin=0.1):

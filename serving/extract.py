@@ -160,6 +160,7 @@ class Extractor:
         request.model_spec.name = self.model_name
         if version is not None:
             request.model_spec.version.value = int(version)
+
         def ask(attempt):  # every replica; again while none answers and all seem to be starting
             found, errors = {}, []
             for address, stub in zip(self.replicas.addresses, self.replicas.stubs):

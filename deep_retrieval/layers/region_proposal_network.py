@@ -94,14 +94,16 @@ class RegionProposalNetwork(keras.layers.Layer):
 
     def raw_outputs(self, features):
         """``(logits [N, M], deltas [N, M, 4], anchors [M, 4])`` for every
-        anchor ``M = H * W * A`` (what the RPN loss is computed on)."""
+        anchor ``M = H * W * A`` (what the RPN loss is computed on), in
+        float32 whatever the dtype policy: box coding and the loss need its
+        precision."""
         features = ops.cast(features, self.compute_dtype)
         _, height, width, _ = ops.shape(features)
         hidden = self.conv(features)
         batch = ops.shape(features)[0]
         logits = ops.reshape(self.objectness(hidden), (batch, -1))
         deltas = ops.reshape(self.box_deltas(hidden), (batch, -1, 4))
-        return logits, deltas, rpn.anchors(height, width, self.shapes)
+        return ops.cast(logits, "float32"), ops.cast(deltas, "float32"), rpn.anchors(height, width, self.shapes)
 
     def call(self, features):
         _, height, width, _ = ops.shape(features)

@@ -22,5 +22,6 @@ class RegionSum(keras.layers.Layer):
     def call(self, inputs, valid=None):
         return functional.sum_regions(inputs, valid)
 
-    def compute_output_shape(self, input_shape, valid_shape=None):
-        return (input_shape[0], input_shape[2])
+    def compute_output_shape(self, inputs_shape, valid_shape=None):
+        # Named after call()'s arguments, as Keras needs for more than one.
+        return (inputs_shape[0], inputs_shape[2])

@@ -18,3 +18,10 @@ def test_matches_keras_applications(mode, tmp_path):
 def test_unknown_mode():
     with pytest.raises(ValueError, match="Unknown preprocessing mode"):
         ImagePreprocessing("bgr")
+
+
+def test_layer_contract(tmp_path):
+    """Shapes, config round trip, .keras round trip and mixed bfloat16."""
+    rng = np.random.RandomState(0)
+    inputs = rng.uniform(0, 255, (2, 5, 6, 3)).astype("float32")
+    keras_utils.run_layer_test(ImagePreprocessing, dict(mode="torch"), inputs, (2, 5, 6, 3), tmp_path)

@@ -18,3 +18,10 @@ def test_axis_and_round_trip(tmp_path):
     loaded = keras_utils.keras_round_trip(model, x, tmp_path)
     assert loaded.layers[-1].get_config()["axis"] == 1
     assert loaded.layers[-1].get_config()["epsilon"] == 1e-3
+
+
+def test_layer_contract(tmp_path):
+    """Shapes, config round trip, .keras round trip and mixed bfloat16."""
+    rng = np.random.RandomState(0)
+    inputs = rng.randn(2, 4, 3).astype("float32")
+    keras_utils.run_layer_test(L2Normalization, dict(axis=1, epsilon=1e-3), inputs, (2, 4, 3), tmp_path)

@@ -41,3 +41,10 @@ def test_a_list_of_views_is_used_as_given():
     np.testing.assert_allclose(got, np.asarray(want), atol=1e-5)
     with pytest.raises(ValueError, match="one per scale"):
         layer(views[:1])
+
+
+def test_layer_contract(tmp_path):
+    """Shapes, config round trip, .keras round trip and mixed bfloat16."""
+    rng = np.random.RandomState(0)
+    inputs = rng.rand(2, 20, 26, 3).astype("float32")
+    keras_utils.run_layer_test(MultiResolution, dict(layer=RMAC(levels=2), scales=(0.5, 1.0)), inputs, (2, 3), tmp_path)

@@ -29,3 +29,10 @@ def test_starts_as_identity_and_is_trainable():
 def test_more_units_than_channels_is_refused():
     with pytest.raises(ValueError, match="must not exceed"):
         PCAWhitening(8).build((None, 4))
+
+
+def test_layer_contract(tmp_path):
+    """Shapes, config round trip, .keras round trip and mixed bfloat16."""
+    rng = np.random.RandomState(0)
+    inputs = rng.randn(4, 7, 5).astype("float32")
+    keras_utils.run_layer_test(PCAWhitening, dict(units=3), inputs, (4, 7, 3), tmp_path)

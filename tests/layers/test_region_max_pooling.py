@@ -17,3 +17,11 @@ def test_pools_every_grid_region_exactly(tmp_path):
     loaded = keras_utils.keras_round_trip(model, x, tmp_path)
     config = loaded.layers[-1].get_config()
     assert config["levels"] == 3 and config["include_global"] is True
+
+
+def test_layer_contract(tmp_path):
+    """Shapes, config round trip, .keras round trip and mixed bfloat16."""
+    rng = np.random.RandomState(0)
+    inputs = rng.randn(2, 12, 16, 4).astype("float32")
+    keras_utils.run_layer_test(RegionMaxPooling, dict(levels=2, include_global=True), inputs,
+                               [(2, 9, 4), (9,)], tmp_path)

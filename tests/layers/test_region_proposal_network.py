@@ -46,3 +46,11 @@ def test_rejects_bad_arguments():
         RegionProposalNetwork(num_proposals=300, pre_nms_proposals=100)
     with pytest.raises(ValueError, match="nms_threshold"):
         RegionProposalNetwork(nms_threshold=0)
+
+
+def test_layer_contract(tmp_path):
+    """Shapes, config round trip, .keras round trip and mixed bfloat16."""
+    rng = np.random.RandomState(0)
+    inputs = rng.rand(2, 6, 9, 16).astype("float32")
+    keras_utils.run_layer_test(RegionProposalNetwork, dict(num_proposals=8, pre_nms_proposals=40), inputs,
+                               [(2, 8, 4), (2, 8), (2, 8)], tmp_path)

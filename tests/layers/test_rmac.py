@@ -68,3 +68,10 @@ def test_rpn_regions_match_numpy_over_the_proposals(tmp_path):
     model = keras_utils.wrap(head, (None, None, 16))
     loaded = keras_utils.keras_round_trip(model, x, tmp_path)
     assert loaded.layers[-1].rpn.num_proposals == 12
+
+
+def test_layer_contract(tmp_path):
+    """Shapes, config round trip, .keras round trip and mixed bfloat16."""
+    rng = np.random.RandomState(0)
+    inputs = rng.rand(2, 7, 10, 8).astype("float32")
+    keras_utils.run_layer_test(RMAC, dict(levels=2, whitening=4), inputs, (2, 4), tmp_path)
