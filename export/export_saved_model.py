@@ -21,6 +21,8 @@ import sys
 
 from absl import app, flags
 
+from deep_retrieval import cli
+
 
 def define_flags():
     """Defines the command-line flags (only when run as a program)."""
@@ -129,4 +131,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

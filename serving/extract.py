@@ -34,6 +34,7 @@ import time
 
 from absl import app, flags
 
+from deep_retrieval import cli
 from deep_retrieval.data.images import EXTENSIONS, file_problem
 from deep_retrieval.files import atomic_csv, atomic_text, atomic_write
 from serving import client
@@ -471,4 +472,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

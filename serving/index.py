@@ -18,6 +18,8 @@ import sys
 
 from absl import app, flags
 
+from deep_retrieval import cli
+
 FLAGS = flags.FLAGS
 
 
@@ -110,4 +112,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

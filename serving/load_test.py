@@ -25,6 +25,8 @@ import time
 
 from absl import app, flags
 
+from deep_retrieval import cli
+
 FLAGS = flags.FLAGS
 
 
@@ -287,4 +289,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

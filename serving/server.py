@@ -44,6 +44,7 @@ import grpc
 from absl import app, flags
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
+from deep_retrieval import cli
 from deep_retrieval.data.images import decode
 from serving.model_manager import ModelManager
 from serving.requests import (
@@ -346,4 +347,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

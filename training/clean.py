@@ -21,6 +21,8 @@ import sys
 
 from absl import app, flags
 
+from deep_retrieval import cli
+
 FLAGS = flags.FLAGS
 
 
@@ -61,4 +63,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -23,6 +23,7 @@ import time
 
 from absl import app, flags, logging
 
+from deep_retrieval import cli
 from training import config_flags
 
 config_flags.define_flags()
@@ -66,4 +67,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -18,6 +18,7 @@ import sys
 
 from absl import app, flags
 
+from deep_retrieval import cli
 from deep_retrieval.files import atomic_write
 
 FLAGS = flags.FLAGS
@@ -146,4 +147,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)
