@@ -1,7 +1,7 @@
 """Training-step speed, and peak memory per micro-batch size.
 
 Times the compiled step (three streams, triplet loss, gradients, optimizer
-update: `trainer.ranking_gradients`, the trainer's own) on random images of
+update: `ranking.ranking_gradients`, the trainer's own) on random images of
 the preset's training size, so data loading is not included. Defaults: the
 tiny and demo presets (the demo's frozen layers included), each as one
 block (one aspect ratio) and triplet by triplet (mixed landscape and

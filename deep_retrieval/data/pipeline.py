@@ -67,7 +67,7 @@ def triplet_dataset(
     Every image keeps its aspect ratio, its longest side ``longest`` (as at
     test time); a batch is zero-padded to its largest image, and ``sizes``
     ``[B, 3, 2]`` holds each image's true ``(height, width)``
-    (see `trainer.ranking_gradients`). Images of one aspect ratio give
+    (see `ranking.ranking_gradients`). Images of one aspect ratio give
     batches without padding.
 
     Args:
