@@ -1,7 +1,8 @@
 """Training-step speed, and peak memory per micro-batch size.
 
-Times the compiled step (three streams, triplet loss, gradients, optimizer
-update: `ranking.ranking_gradients`, the trainer's own) on random images of
+Times the optimizer step that ``fit`` runs (`ranking.RankingModel`'s
+compiled train step: three streams, triplet loss, gradients, update; the
+micro-batches of gradient accumulation one call each) on random images of
 the preset's training size, so data loading is not included. Defaults: the
 tiny and demo presets (the demo's frozen layers included), each as one
 block (one aspect ratio) and triplet by triplet (mixed landscape and
@@ -32,36 +33,31 @@ import tensorflow as tf  # noqa: E402
 from deep_retrieval.backbones import freeze_backbone_before  # noqa: E402
 from deep_retrieval.model import build_descriptor_model  # noqa: E402
 from deep_retrieval.presets import PRESETS  # noqa: E402
-from deep_retrieval.ranking import ranking_gradients  # noqa: E402
+from deep_retrieval.ranking import STREAMS, RankingModel  # noqa: E402
 
 
 def time_step(descriptor, image_size, batch, steps, warmup, train_from="", micro_batches=1, per_triplet=False):
     model = build_descriptor_model(descriptor)
     if train_from:
         freeze_backbone_before(model.backbone, train_from)
-    optimizer = keras.optimizers.Adam(1e-5)
+    micro = batch if per_triplet else micro_batches
+    ranking = RankingModel(model, 0.1, batch // micro)
+    ranking.compile(optimizer=keras.optimizers.Adam(1e-5, gradient_accumulation_steps=micro if micro > 1 else None),
+                    jit_compile=False)
     height, width = int(round(image_size * 3 / 4)), int(image_size)  # a 4:3 landscape photo
-
-    @tf.function
-    def step(q, p, n, sizes):
-        variables = model.trainable_variables
-        loss, grads = ranking_gradients(model, variables, q, p, n, 0.1, batch, micro_batches,
-                                        sizes if per_triplet else None)
-        optimizer.apply_gradients(zip(grads, variables))
-        return loss
-
-    images = [tf.random.uniform((batch, height, width, 3), 0, 255) for _ in range(3)]
-    # Per triplet: the same 4:3 images, landscape and portrait mixed (padded).
-    sizes = [[height, width] if (i + k) % 2 else [width, height] for i in range(batch) for k in range(3)]
-    sizes = tf.constant(sizes, tf.int32, shape=(batch, 3, 2))
     if per_triplet:
-        side = max(height, width)
-        images = [tf.random.uniform((batch, side, side, 3), 0, 255) for _ in range(3)]
-    images.append(sizes)
+        # One triplet per call, landscape and portrait images mixed.
+        shape = lambda i, k: (1, height, width, 3) if (i + k) % 2 else (1, width, height, 3)  # noqa: E731
+        calls = [{name: tf.random.uniform(shape(i, k), 0, 255) for k, name in enumerate(STREAMS)}
+                 for i in range(batch)]
+    else:
+        part = batch // micro
+        calls = [{name: tf.random.uniform((part, height, width, 3), 0, 255) for name in STREAMS}] * micro
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        float(step(*images))
+        for inputs in calls:
+            ranking.train_on_batch(inputs)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     times.sort()

@@ -10,8 +10,16 @@ from deep_retrieval.data.images import diagnose
 
 
 def compiled_fn(fn):
-    """``fn`` compiled with `tf.function`, generalising over image sizes."""
-    return tf.function(fn, reduce_retracing=True)
+    """``fn`` compiled with `tf.function`, generalising over image sizes.
+
+    Under another Keras backend (JAX) it runs eagerly on numpy copies of
+    the inputs, so it always sees the model's current weights.
+    """
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        return tf.function(fn, reduce_retracing=True)
+    return lambda *args: fn(*tf.nest.map_structure(np.asarray, args))
 
 
 def compiled(model):

@@ -135,27 +135,6 @@ def sum_regions(regions, valid=None):
     return ops.sum(regions, axis=1)
 
 
-def rmac(features, levels=3, include_global=False, whiten=None, epsilon=1e-6):
-    """R-MAC: ``L2(sum_r L2(whiten(L2(max over region r))))``.
-
-    Args:
-        features: ``[N, H, W, C]`` feature map.
-        levels: grid scales.
-        include_global: also pool the whole map as a region.
-        whiten: optional callable ``[N, R, C] -> [N, R, D]`` (PCA-whitening),
-            followed by a second per-region L2. Skipped when None.
-        epsilon: added to every norm.
-
-    Returns:
-        ``[N, C]`` (or ``[N, D]``) L2-normalised descriptors.
-    """
-    pooled, valid = grid_max_pool(features, levels, include_global)
-    x = l2_normalize(mask_invalid_regions(pooled, valid), epsilon=epsilon)
-    if whiten is not None:
-        x = l2_normalize(whiten(x), epsilon=epsilon)
-    return l2_normalize(sum_regions(x, valid), epsilon=epsilon)
-
-
 def scaled_size(height, width, scale):
     """``(round(height * scale), round(width * scale))``, at least 1 each.
 

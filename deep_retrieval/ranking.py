@@ -1,74 +1,88 @@
-"""The ranking step of DIR training: gradients of the triplet ranking loss
-over a batch of (query, positive, negative) images, as one block, in
-micro-batches, or one triplet at a time at its own size.
+"""The three-stream siamese network of DIR training (Gordo et al., ECCV 2016,
+Section 4.1): one descriptor model, shared by the query, positive and
+negative streams, trained with the triplet ranking loss.
 
-TensorFlow only (``tf.GradientTape``).
+`RankingModel` is an ordinary `keras.Model`: it overrides `compute_loss`
+only, so Keras's own ``train_step`` runs it on every backend (TensorFlow,
+with or without `tf.distribute`, and JAX), and ``fit`` drives it.
 """
 
-import tensorflow as tf
+import keras
+from keras import ops
 
 from deep_retrieval import losses
-from deep_retrieval.distribution import sum_loop
+
+STREAMS = ("query", "positive", "negative")
 
 
-def ranking_gradients(model, variables, query, positive, negative, margin, global_batch, micro_batches=1,
-                      sizes=None, unroll=False):
-    """The triplet loss of a batch and its gradients.
-
-    The batch is split into ``micro_batches`` equal parts run one after the
-    other, so only one part's activations are alive at a time; their loss
-    sums and gradients add up to the whole batch's, since the loss is a sum
-    over triplets divided by ``global_batch`` (batch-norm statistics, frozen
-    for pretrained backbones, are the one exception).
-
-    Collections of one aspect ratio give batches of one static size, run as
-    one block. Collections of mixed aspect ratios give zero-padded batches
-    (`pipeline.triplet_dataset`) with their images' true ``sizes``: each
-    triplet then runs on its own, each image at its own size (slower, never
-    squashed).
+class RankingModel(keras.Model):
+    """Query, positive and negative images through one descriptor model.
 
     Args:
-        model: a `DescriptorModel`; variables: what to differentiate.
-        query, positive, negative: ``[B, H, W, 3]`` images.
-        margin: the ranking margin.
-        global_batch: triplets per optimizer step over all replicas.
-        micro_batches: parts of ``B`` (must divide it).
-        sizes: optional ``[B, 3, 2]`` true ``(height, width)`` of the
-            query, positive and negative images of a padded batch.
-        unroll: Python loops instead of `tf.while_loop` (synchronized
-            batch norm across replicas).
+        descriptor: the `DescriptorModel` being trained (its descriptor at
+            the input's own scale, `DescriptorModel.single_scale`).
+        margin: the ranking margin ``m``.
+        triplets_per_step: triplets in one call over all replicas; the loss
+            is the sum of their hinges divided by it, so the gradients that
+            replicas sum (and that Keras's gradient accumulation averages)
+            are those of the mean over the whole batch.
+        weight_decay: Caffe-style L2 decay ``lambda``: adds
+            ``lambda / 2 * ||w||^2`` of the trainable weights to the loss,
+            i.e. ``lambda * w`` to every gradient (0: none).
+        replicas: replicas whose gradients are summed (the decay term is
+            divided by it, so it is counted once).
+        vector_logs: step logs as ``[1]`` tensors, for TensorFlow's
+            `MultiWorkerMirroredStrategy`: Keras 3 averages logs over workers
+            along an axis a scalar lacks (tensorflow/tensorflow#72388).
 
-    Returns:
-        ``(loss, grads)``.
+    Call arguments:
+        inputs: the triplets' images: ``[B, 3, H, W, 3]`` (query, positive
+            and negative stacked, one size; the three run as one batch), or a
+            dict of ``[B, H, W, 3]`` images under ``"query"``, ``"positive"``
+            and ``"negative"`` (each stream at its own size).
+
+    Returns ``[B, 3, D]``: the query, positive and negative descriptors.
+
+    Example:
+
+    >>> ranking = RankingModel(descriptor_model, margin=0.1, triplets_per_step=8)
+    >>> ranking.compile(optimizer=keras.optimizers.Adam(1e-6))
+    >>> ranking.fit(triplets, epochs=rounds, callbacks=[...])
     """
 
-    def gradients(images, together):
-        # ``together``: the three streams share one size and run as one batch.
-        with tf.GradientTape() as tape:
-            if together:
-                d = tf.split(model.single_scale(tf.concat(images, 0), training=True), 3)
-            else:
-                d = [model.single_scale(image, training=True) for image in images]
-            loss = losses.triplet_ranking_loss_sum(*d, margin) / global_batch
-        grads = tape.gradient(loss, variables)
-        grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)]
-        return [loss] + grads
+    def __init__(self, descriptor, margin, triplets_per_step, weight_decay=0.0, replicas=1, vector_logs=False,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.vector_logs = vector_logs
+        self.descriptor = descriptor
+        self.margin = margin
+        self.triplets_per_step = triplets_per_step
+        self.weight_decay = weight_decay
+        self.replicas = replicas
+        # Every weight belongs to the (built) descriptor model.
+        self.built = True
 
-    images = (query, positive, negative)
-    init = [tf.constant(0.0)] + [tf.zeros_like(v) for v in variables]
-    if sizes is not None:
-        def one(i):
-            return gradients([x[i:i + 1, :sizes[i, k, 0], :sizes[i, k, 1]] for k, x in enumerate(images)], False)
+    def call(self, inputs, training=None):
+        if isinstance(inputs, dict):
+            images = [inputs[name] for name in STREAMS]
+            return ops.stack([self.descriptor.single_scale(x, training=training) for x in images], axis=1)
+        # Stream-major, so that the three streams' images sit in three blocks.
+        images = ops.reshape(ops.swapaxes(inputs, 0, 1), (-1,) + tuple(inputs.shape[2:]))
+        descriptors = self.descriptor.single_scale(images, training=training)
+        return ops.stack(ops.split(descriptors, 3, axis=0), axis=1)
 
-        out = sum_loop(query.shape[0], one, init, unroll)
-        return out[0], out[1:]
-    if micro_batches == 1:
-        out = gradients(images, True)
-        return out[0], out[1:]
-    size = query.shape[0] // micro_batches
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """The triplet ranking loss of the call (Eq. 1), summed over its
+        triplets and divided by ``triplets_per_step``, plus the L2 decay."""
+        query, positive, negative = (y_pred[:, k] for k in range(3))
+        loss = losses.triplet_ranking_loss_sum(query, positive, negative, self.margin) / self.triplets_per_step
+        if self.weight_decay:
+            squares = sum(ops.sum(ops.square(v)) for v in self.trainable_variables)
+            loss = loss + 0.5 * self.weight_decay * squares / self.replicas
+        return loss
 
-    def part(i):
-        return gradients([x[i * size:(i + 1) * size] for x in images], True)
-
-    out = sum_loop(micro_batches, part, init, unroll)
-    return out[0], out[1:]
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        logs = super().compute_metrics(x, y, y_pred, sample_weight)
+        if self.vector_logs:
+            logs = {name: ops.reshape(value, (1,)) for name, value in logs.items()}
+        return logs

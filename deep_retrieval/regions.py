@@ -137,20 +137,17 @@ class DynamicGridLevel:
 
     Windows are enumerated over a fixed number of candidates so that shapes are
     static: ``xs``/``ys`` hold ``level + MAX_EXTRA_WINDOWS`` candidate offsets
-    each, of which the first ``count_x``/``count_y`` are real (``x_valid``,
-    ``y_valid``). ``side`` is a scalar tensor; ``level_valid`` is False when the
-    side is zero. ``pairs`` lists, as ``[level * (level + 6), 2]`` int32 indices
+    each, of which only the first (the level's window count) are real.
+    ``side`` is a scalar tensor. ``pairs`` lists, as
+    ``[level * (level + MAX_EXTRA_WINDOWS), 2]`` int32 indices
     ``(y_candidate, x_candidate)``, the candidate pairs that can be real for
     this map's orientation, and ``pair_valid`` says which of them are (none
     when the side is zero).
     """
 
-    level: int
     side: object
     xs: object
     ys: object
-    x_valid: object
-    y_valid: object
     pairs: object
     pair_valid: object
 
@@ -209,15 +206,6 @@ def dynamic_rmac_grid(height, width, levels=3):
         )
         pair_valid = ops.logical_and(pair_valid, side > 0)
         grid.append(
-            DynamicGridLevel(
-                level=level,
-                side=side,
-                xs=xs,
-                ys=ys,
-                x_valid=x_valid,
-                y_valid=y_valid,
-                pairs=pairs,
-                pair_valid=pair_valid,
-            )
+            DynamicGridLevel(side=side, xs=xs, ys=ys, pairs=pairs, pair_valid=pair_valid)
         )
     return grid

@@ -25,7 +25,9 @@ from deep_retrieval.training_data import common_size
 
 class RPNTraining:
     """The RPN stages of `deep_retrieval.trainer.Trainer` (a mixin: it uses
-    the trainer's configuration, strategy, model, data and log)."""
+    the trainer's configuration, strategy, model, data and log). Its own
+    loop, not ``fit``: the targets are assigned per batch from the boxes,
+    on features the backbone computes frozen."""
 
     def _distributed_rpn_step(self, images, boxes, sizes, seed):
         c = self.config
@@ -133,6 +135,8 @@ class RPNTraining:
             self.rpn_optimizer = keras.optimizers.Adam(c.rpn_learning_rate)
             self.rpn_optimizer.build(self.model.head.rpn.weights)
         self._rpn_iterator = iter(self.strategy.distribute_datasets_from_function(dataset_fn))
+        self._rpn_writer = (tf.summary.create_file_writer(os.path.join(c.output_dir, "tensorboard", "rpn"))
+                            if self.chief else tf.summary.create_noop_writer())
         self._rpn_step = tf.function(self._distributed_rpn_step)
         self._rpn_count = 0
 
@@ -144,7 +148,7 @@ class RPNTraining:
         for _ in range(count):
             seed = tf.constant([c.seed, self._rpn_count], tf.int64)
             total, objectness, box, positives = self._rpn_step(*next(self._rpn_iterator), seed).numpy()
-            with self.writer.as_default():
+            with self._rpn_writer.as_default():
                 tf.summary.scalar("rpn/loss", total, step=self._rpn_count)
                 tf.summary.scalar("rpn/objectness", objectness, step=self._rpn_count)
                 tf.summary.scalar("rpn/box", box, step=self._rpn_count)

@@ -1,8 +1,11 @@
-"""DIR ranking training: the three-stream siamese model under tf.distribute.
+"""DIR ranking training, the Keras way: ``fit`` of the three-stream siamese
+`RankingModel`, one epoch per mining round.
 
 One descriptor model embeds query, positive and negative images (shared
 weights); the loss is the triplet ranking loss; negatives are re-mined with
-the current model every ``mine_every`` steps. Before ranking training the
+the current model every ``mine_every`` steps (`callbacks.Mining`), and
+`callbacks.Backup` (Keras's ``BackupAndRestore``) and ``TensorBoard`` keep
+the run's state and logs. Before ranking training the
 PCA-whitening layer is fitted to region descriptors of training images, and
 that model (pretrained backbone plus whitening) is saved as
 ``initial.keras``. A pretrained backbone's batch-norm statistics stay
@@ -19,9 +22,12 @@ RPN is re-fitted to the current backbone at every mining round and at the
 end, for a backbone trained from scratch, whose features move far from
 those the RPN first saw.
 
-TensorFlow only (tf.data, tf.distribute, tf.train.Checkpoint).
+The input is tf.data. Under the TensorFlow backend the run can span
+devices and workers with `tf.distribute`; under the JAX backend it runs on
+one device (the RPN stages need TensorFlow).
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -33,28 +39,40 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from deep_retrieval import evaluation, extraction, functional, mining, whitening
+from deep_retrieval import callbacks, evaluation, extraction, functional, mining, whitening
 from deep_retrieval.backbones import freeze_backbone_before
 from deep_retrieval.data import pipeline
+from deep_retrieval.data.images import diagnose
 from deep_retrieval.distribution import is_chief, make_strategy, worker_index
-from deep_retrieval.files import atomic_write
+from deep_retrieval.files import atomic_text, atomic_write
 from deep_retrieval.model import build_descriptor_model
-from deep_retrieval.ranking import ranking_gradients
+from deep_retrieval.ranking import STREAMS, RankingModel
 from deep_retrieval.rpn_training import RPNTraining
 from deep_retrieval.training_data import common_size, resolve_data
 
 
 class Trainer(RPNTraining):
-    """Runs `TrainConfig` end to end; see `run`."""
+    """Runs `TrainConfig` end to end; see `run`.
+
+    Attributes:
+        model: the `DescriptorModel` being trained.
+        ranking: the `RankingModel` around it that ``fit`` trains.
+    """
 
     def __init__(self, config, strategy=None, progress=True):
         self.config = config
-        self.strategy = strategy or make_strategy(config.strategy)
+        self.tensorflow = keras.backend.backend() == "tensorflow"
+        if not self.tensorflow and (strategy is not None or config.strategy != "default"):
+            raise ValueError(f"--strategy {config.strategy} is tf.distribute: it needs the TensorFlow backend "
+                             f"(this is {keras.backend.backend()})")
+        if not self.tensorflow and config.descriptor.regions == "rpn":
+            raise ValueError("training the RPN needs the TensorFlow backend")
+        self.strategy = (strategy or make_strategy(config.strategy)) if self.tensorflow else None
         self.progress = progress
-        self.chief = is_chief(self.strategy)
-        self.worker_index = worker_index(self.strategy)
+        self.chief = is_chief(self.strategy) if self.tensorflow else True
+        self.worker_index = worker_index(self.strategy) if self.tensorflow else 0
         keras.utils.set_random_seed(config.seed)
-        replicas = self.strategy.num_replicas_in_sync
+        replicas = self.strategy.num_replicas_in_sync if self.tensorflow else 1
         if config.batch_size % (replicas * config.accumulate_steps):
             raise ValueError(f"--batch_size {config.batch_size} must split into {replicas} replica(s) x "
                              f"{config.accumulate_steps} micro-batch(es) (--accumulate_steps)")
@@ -64,13 +82,18 @@ class Trainer(RPNTraining):
         self.labels = frame["label"].to_numpy()
         self.unusable = set()  # indices that failed to decode in mining
         # Training images keep their aspect ratio: one size for all (one
-        # aspect ratio) runs batches as blocks, mixed sizes triplet by triplet.
+        # aspect ratio) runs batches as blocks, mixed sizes triplet by
+        # triplet, each image at its own size, gradients accumulated.
         self.train_size = common_size(frame, config.image_size)
-        self.synchronized_bn = False
+        per_replica = config.batch_size // replicas
+        self.micro_steps = per_replica if self.train_size is None else config.accumulate_steps
+        if self.tensorflow and config.strategy != "default" and (self.micro_steps > 1 or self.train_size is None):
+            raise ValueError("gradient accumulation (--accumulate_steps, or a collection of mixed image sizes) "
+                             "runs on one replica: use --strategy default")
         # The paper order ranks with the rigid grid; the RPN comes after.
         self.rpn_after = config.descriptor.regions == "rpn" and config.rpn_order == "grid_first"
         ranking = dataclasses.replace(config.descriptor, regions="grid") if self.rpn_after else config.descriptor
-        with self.strategy.scope():
+        with self._scope():
             self.model = build_descriptor_model(ranking, config.image_size)
             for layer in self.model.backbone.layers:
                 if isinstance(layer, keras.layers.BatchNormalization):
@@ -79,37 +102,38 @@ class Trainer(RPNTraining):
                         # reference code (triplet batches are small and
                         # correlated).
                         layer.trainable = False
-                    elif self.strategy.num_replicas_in_sync > 1:
+                    elif replicas > 1:
                         # From scratch they keep learning, from the statistics
                         # of the global batch so that replicas stay equal.
                         layer.synchronized = True
-                        self.synchronized_bn = True
             if config.train_from:
                 freeze_backbone_before(self.model.backbone, config.train_from)
             if self.model.head.rpn is not None:
                 # Ranking leaves the RPN as its first stage trained it.
                 self.model.head.rpn.trainable = False
-            self.optimizer = self._optimizer()
-            self.optimizer.build(self.model.trainable_variables)
-            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-        self.checkpoint = tf.train.Checkpoint(
-            model=self.model, optimizer=self.optimizer, step=self.step
-        )
-        os.makedirs(config.output_dir, exist_ok=True)
-        if self.chief:
-            with open(os.path.join(config.output_dir, "config.json"), "w") as f:
-                json.dump(dataclasses.asdict(config), f, indent=1, default=str)
-        ckpt_dir = os.path.join(config.output_dir, "checkpoints")
+            self.ranking = RankingModel(
+                self.model, config.margin, config.batch_size // self.micro_steps,
+                weight_decay=config.weight_decay if config.weight_decay_mode == "l2" else 0.0,
+                replicas=replicas,
+                vector_logs=self.tensorflow and isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy),
+            )
+            self.ranking.compile(optimizer=self._optimizer(), jit_compile=False if self.tensorflow else "auto")
+            self.ranking.optimizer.build(self.ranking.trainable_variables)
+        backup_dir = os.path.join(config.output_dir, "checkpoints")
         if not self.chief:
-            ckpt_dir = tempfile.mkdtemp(prefix=f"worker{self.worker_index}_ckpt_")
-        self.manager = tf.train.CheckpointManager(self.checkpoint, ckpt_dir, max_to_keep=3)
-        self.writer = (
-            tf.summary.create_file_writer(os.path.join(config.output_dir, "tensorboard"))
-            if self.chief
-            else tf.summary.create_noop_writer()
-        )
-        self._train_step = tf.function(self._distributed_step)
+            backup_dir = tempfile.mkdtemp(prefix=f"worker{self.worker_index}_backup_")
+        self.backup = callbacks.Backup(backup_dir, config)
+        self._round = self.round_index = None  # (triplets, seed) of the current mining round, its index
+        self._served = []  # the round each input pass read
         self._compile_inference()
+
+    def _scope(self):
+        return self.strategy.scope() if self.tensorflow else contextlib.nullcontext()
+
+    @property
+    def step(self):
+        """Optimizer steps taken."""
+        return int(keras.ops.convert_to_numpy(self.ranking.optimizer.iterations))
 
     @property
     def mixed_sizes(self):
@@ -126,31 +150,13 @@ class Trainer(RPNTraining):
 
     def _optimizer(self):
         c = self.config
-        decoupled = (c.weight_decay or None) if c.weight_decay_mode == "decoupled" else None
+        options = dict(weight_decay=(c.weight_decay or None) if c.weight_decay_mode == "decoupled" else None,
+                       gradient_accumulation_steps=self.micro_steps if self.micro_steps > 1 else None)
         if c.optimizer == "adam":
-            return keras.optimizers.Adam(c.learning_rate, weight_decay=decoupled)
+            return keras.optimizers.Adam(c.learning_rate, **options)
         if c.optimizer == "sgd":
-            return keras.optimizers.SGD(c.learning_rate, momentum=c.momentum, weight_decay=decoupled)
+            return keras.optimizers.SGD(c.learning_rate, momentum=c.momentum, **options)
         raise ValueError(f"Unknown optimizer {c.optimizer!r}; use adam or sgd.")
-
-    # ----------------------------------------------------------------- steps
-
-    def _distributed_step(self, query, positive, negative, sizes):
-        c = self.config
-
-        def step_fn(q, p, n, s):
-            variables = self.model.trainable_variables
-            loss, grads = ranking_gradients(
-                self.model, variables, q, p, n, c.margin, c.batch_size, c.accumulate_steps,
-                s if self.mixed_sizes else None, unroll=self.synchronized_bn,
-            )
-            if c.weight_decay and c.weight_decay_mode == "l2":
-                grads = [g + c.weight_decay * v for g, v in zip(grads, variables)]
-            self.optimizer.apply_gradients(zip(grads, variables))
-            return loss
-
-        per_replica = self.strategy.run(step_fn, args=(query, positive, negative, sizes))
-        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
     # ------------------------------------------------------------ components
 
@@ -198,8 +204,6 @@ class Trainer(RPNTraining):
             self._log(f"mining round {round_index}: {len(failed)} image(s) failed to decode and are left out "
                       f"of training ({len(self.unusable)} in all so far){': ' + names if new else ''}"
                       f"{' ...' if len(new) > 5 else ''}")
-        with self.writer.as_default():
-            tf.summary.scalar("data/unusable_images", len(self.unusable), step=round_index)
         keep = np.setdiff1d(np.arange(len(pool)), failed)
         pool, desc = pool[keep], desc[keep]
         labels = self.labels[pool]
@@ -207,25 +211,65 @@ class Trainer(RPNTraining):
         negatives = np.where(negatives >= 0, pool[np.maximum(negatives, 0)], -1)
         return mining.sample_triplets(self.labels, negatives, rng, queries=pool, exclude=self.unusable)
 
-    def triplet_iterator(self, triplets, round_index):
-        """An endless iterator of distributed triplet batches for one round."""
+    def start_round(self, round_index):
+        """Mines the triplets of mining round ``round_index`` (`callbacks.Mining`)."""
         c = self.config
-        seed = c.seed * 100003 + round_index
+        if round_index and self.model.head.rpn is not None and c.rpn_refresh_steps:
+            self.rpn_steps(c.rpn_refresh_steps, f"RPN refresh at step {round_index * c.mine_every}")
+        triplets = self.mine(round_index)
+        if len(triplets) == 0:
+            raise ValueError("mining produced no triplet: every label needs two images "
+                             "and other labels must exist")
+        self._round = (np.asarray(triplets, np.int64), np.int64(c.seed * 100003 + round_index))
+        self.round_index = round_index
+
+    def _serve_round(self):
+        """The current round's ``(triplets, seed)``, for the input pipeline;
+        records which round each pipeline pass read (see `check_round`)."""
+        self._served.append(self.round_index)
+        return self._round
+
+    def check_round(self, round_index):
+        """Raises if the input read during round ``round_index`` was not
+        that round's triplets (a pipeline that ran ahead of mining)."""
+        if self._served[-1:] != [round_index]:
+            raise RuntimeError(f"mining round {round_index} trained on the triplets of rounds {self._served}")
+
+    def triplet_input(self):
+        """The input of ``fit``: per round, ``mine_every`` optimizer steps
+        of triplet batches read from the current round's triplets (each
+        epoch re-reads them, after `start_round`)."""
+        c = self.config
+        count = c.mine_every * self.micro_steps
 
         def dataset_fn(context):
-            shard = None
-            if context.num_input_pipelines > 1:
-                shard = (context.num_input_pipelines, context.input_pipeline_id)
-            return pipeline.triplet_dataset(
-                self.paths, triplets, c.image_size,
-                context.get_per_replica_batch_size(c.batch_size), seed, shard=shard, repeat=True,
-                size=self.train_size,
-            )
+            shard, batch = None, c.batch_size
+            if context is not None:
+                batch = context.get_per_replica_batch_size(c.batch_size)
+                if context.num_input_pipelines > 1:
+                    shard = (context.num_input_pipelines, context.input_pipeline_id)
 
-        return iter(self.strategy.distribute_datasets_from_function(dataset_fn))
+            def one_round(_):
+                triplets, seed = tf.py_function(self._serve_round, [], (tf.int64, tf.int64))
+                return pipeline.triplet_dataset(
+                    self.paths, tf.ensure_shape(triplets, [None, 3]), c.image_size, batch // self.micro_steps,
+                    tf.ensure_shape(seed, []), shard=shard, repeat=True, size=self.train_size,
+                )
+
+            ds = tf.data.Dataset.from_tensors(0).flat_map(one_round).take(count)
+            if self.train_size is not None:
+                # One size: the streams stacked in one tensor (a dict input
+                # cannot pass Keras's first-batch check under tf.distribute).
+                ds = ds.map(lambda x: tf.stack([x[k] for k in STREAMS], axis=1))
+            return ds.apply(tf.data.experimental.assert_cardinality(count))
+
+        if self.tensorflow:
+            return self.strategy.distribute_datasets_from_function(dataset_fn)
+        return dataset_fn(None)
 
     def evaluate(self, step):
-        """Scores the held-out benchmark; appends to metrics.jsonl (chief)."""
+        """Scores the held-out benchmark; appends to metrics.jsonl and returns
+        that record (chief)."""
         if self.data.eval_dataset is None or not self.chief:
             return None
         start = time.time()
@@ -236,12 +280,8 @@ class Trainer(RPNTraining):
                 record[f"{protocol}_{key.replace('@', '')}"] = round(float(value), 3)
         with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
-        with self.writer.as_default():
-            for key, value in record.items():
-                if key not in ("step", "time"):
-                    tf.summary.scalar(f"eval/{key}", value, step=int(step))
         self._log(f"evaluation at step {step}:\n{evaluation.format_table(results)}")
-        return results
+        return record
 
     def save_model(self, name="model.keras"):
         """Writes ``name`` (model.keras) in the output folder atomically (chief only)."""
@@ -256,18 +296,25 @@ class Trainer(RPNTraining):
     # ------------------------------------------------------------------ run
 
     def restore_or_start(self):
-        """Restores the latest checkpoint when resuming; refuses to overwrite."""
-        latest = self.manager.latest_checkpoint
-        if self.chief and not self.config.resume and latest:
+        """Restores the backup when resuming; refuses to overwrite a run."""
+        c = self.config
+        if self.chief and not c.resume and self.backup.latest:
             raise ValueError(
-                f"{self.config.output_dir} already holds checkpoints ({latest}); pass "
-                "--resume to continue that run or choose another --output_dir."
+                f"{c.output_dir} already holds a run ({self.backup.backup_dir}); pass "
+                "--resume to continue it or choose another --output_dir."
             )
-        if self.config.resume and latest:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
-            self._log(f"resumed from {latest} at step {int(self.step.numpy())}")
+        if c.resume and self.backup.latest:
+            previous = os.path.join(c.output_dir, "config.json")
+            if os.path.exists(previous):
+                with open(previous) as f:
+                    before = json.load(f).get("mine_every")
+                if before not in (None, c.mine_every):
+                    raise ValueError(f"--resume needs the run's --mine_every {before} (a backup counts "
+                                     f"mining rounds), not {c.mine_every}.")
+            self.backup.restore(self.ranking)
+            self._log(f"resumed from {self.backup.latest} at step {self.step}")
             return True
-        if self.config.resume:
+        if c.resume:
             self._log("no checkpoint to resume from: starting a new run")
         return False
 
@@ -282,6 +329,10 @@ class Trainer(RPNTraining):
             if len(problems) > 20:
                 self._log(f"  ... and {len(problems) - 20} more")
         resumed = self.restore_or_start()
+        os.makedirs(c.output_dir, exist_ok=True)
+        if self.chief:
+            atomic_text(os.path.join(c.output_dir, "config.json"),
+                        json.dumps(dataclasses.asdict(c), indent=1, default=str))
         if not resumed:
             if self.model.head.rpn is not None:
                 self.train_rpn()
@@ -290,41 +341,39 @@ class Trainer(RPNTraining):
             # fitted whitening), so what training buys can be measured.
             self.save_model(INITIAL_MODEL)
             self.evaluate(0)
-            self.manager.save(checkpoint_number=0)
-        step = int(self.step.numpy())
-        bar = tqdm(total=c.steps, initial=step, desc="training", unit="step",
-                   disable=not (self.progress and self.chief))
-        iterator = None
-        while step < c.steps:
-            if iterator is None or step % c.mine_every == 0:
-                if step and self.model.head.rpn is not None and c.rpn_refresh_steps:
-                    self.rpn_steps(c.rpn_refresh_steps, f"RPN refresh at step {step}")
-                # A resumed run re-mines with the restored weights.
-                round_index = step // c.mine_every
-                triplets = self.mine(round_index)
-                if len(triplets) == 0:
-                    raise ValueError("mining produced no triplet: every label needs two images "
-                                     "and other labels must exist")
-                iterator = self.triplet_iterator(triplets, round_index)
-            loss = float(self._train_step(*next(iterator)))
-            step += 1
-            self.step.assign(step)
-            with self.writer.as_default():
-                tf.summary.scalar("train/loss", loss, step=step)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            bar.update()
-            if step % c.checkpoint_every == 0 or step == c.steps:
-                self.manager.save(checkpoint_number=step)
-            if c.eval_every and step % c.eval_every == 0 and step != c.steps:
-                self.evaluate(step)
-        bar.close()
+        fit_callbacks = [callbacks.Mining(self), self.backup, callbacks.Evaluation(self),
+                         callbacks.Progress(c.steps, self.step, self.micro_steps, self.progress and self.chief)]
+        if self.chief:
+            fit_callbacks.append(keras.callbacks.TensorBoard(os.path.join(c.output_dir, "tensorboard"),
+                                                             update_freq=self.micro_steps))
+        if self.step < c.steps:
+            # Mined before fit starts: input pipelines may open before the
+            # first epoch begins.
+            self.start_round(self.step // c.mine_every)
+        try:
+            self.ranking.fit(self.triplet_input(), epochs=c.steps // c.mine_every, callbacks=fit_callbacks,
+                             shuffle=False, verbose=0)
+        except tf.errors.InvalidArgumentError as e:
+            raise self._unreadable(e) from e
         if self.rpn_after:
             self.attach_rpn()
         elif self.model.head.rpn is not None and c.rpn_refresh_steps:
             self.rpn_steps(c.rpn_refresh_steps, "RPN refresh (final)")
-        self.evaluate(step)
-        self.writer.flush()
+        self.evaluate(self.step)
         return self.save_model()
+
+    def _unreadable(self, error):
+        """The error for a training image that no longer decodes (mining
+        read it at the start of the round): which files, and what to do."""
+        used = sorted({int(i) for i in np.unique(self._round[0]) if i >= 0}) if self._round else []
+        bad = [f"{self.paths[i]}: {problem}" for i in used if (problem := diagnose(self.paths[i]))]
+        if not bad:
+            return error
+        return ValueError(
+            f"{len(bad)} training image(s) stopped decoding during the run: {'; '.join(bad[:5])}"
+            f"{' ...' if len(bad) > 5 else ''}. The backup in {self.backup.backup_dir} keeps the run: "
+            "fix or remove the files and continue it with --resume."
+        )
 
 
 INITIAL_MODEL = "initial.keras"

@@ -59,39 +59,6 @@ def test_dynamic_pooling_selects_exactly_the_grid_regions():
     assert fn.experimental_get_tracing_count() == 1
 
 
-@pytest.mark.parametrize("size", [(7, 10), (24, 32), (32, 24), (5, 5)])
-def test_rmac_matches_numpy_reference_static_and_dynamic(size):
-    rng = np.random.RandomState(3)
-    features = rng.rand(2, *size, 16).astype("float32")
-    mean = rng.randn(16).astype("float32") * 0.1
-    projection = rng.randn(16, 8).astype("float32")
-
-    def whiten(x):
-        return (x - mean) @ projection
-
-    want = np.stack([reference.rmac(f, 3, False, mean, projection) for f in features])
-    got = np.asarray(functional.rmac(features, 3, False, whiten))
-    np.testing.assert_allclose(got, want, atol=1e-5)
-    dyn = tf.function(
-        lambda f: functional.rmac(f, 3, False, whiten),
-        input_signature=[tf.TensorSpec([None, None, None, 16], tf.float32)],
-    )
-    np.testing.assert_allclose(dyn(features).numpy(), want, atol=1e-5)
-
-
-def test_dynamic_rmac_has_finite_gradients():
-    features = tf.random.uniform((1, 7, 10, 4))
-    fn = tf.function(
-        lambda f: functional.rmac(f, 3, True),
-        input_signature=[tf.TensorSpec([None, None, None, 4], tf.float32)],
-    )
-    with tf.GradientTape() as tape:
-        tape.watch(features)
-        loss = tf.reduce_sum(fn(features) * tf.range(4, dtype=tf.float32))
-    grad = tape.gradient(loss, features).numpy()
-    assert np.all(np.isfinite(grad)) and np.any(grad != 0)
-
-
 @pytest.mark.parametrize("out_size", [(9, 24), (26, 34), (13, 17), (1, 1), (40, 5)])
 def test_resize_bilinear_matches_loop_reference_and_tf(out_size):
     image = np.random.RandomState(4).rand(1, 13, 17, 3).astype("float32")

@@ -11,6 +11,7 @@ import pytest
 from deep_retrieval import rpn_targets
 from deep_retrieval.config import DescriptorConfig, SyntheticConfig
 from deep_retrieval.presets import PRESETS
+from deep_retrieval.ranking import STREAMS
 from deep_retrieval.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,8 +34,8 @@ def small_config(output_dir, **overrides):
 
 def _state(trainer):
     return (
-        int(trainer.optimizer.iterations),
-        [np.array(v) for v in trainer.optimizer.variables],
+        int(trainer.ranking.optimizer.iterations),
+        [np.array(v) for v in trainer.ranking.optimizer.variables],
         [np.array(w) for w in trainer.model.get_weights()],
     )
 
@@ -42,7 +43,7 @@ def _state(trainer):
 def test_resume_continues_step_and_optimizer_state(tmp_path):
     first = Trainer(small_config(tmp_path / "run"), progress=False)
     path = first.run()
-    assert os.path.exists(path) and int(first.step.numpy()) == 2
+    assert os.path.exists(path) and first.step == 2
     iterations, opt_vars, weights = _state(first)
     assert iterations == 2
 
@@ -51,7 +52,7 @@ def test_resume_continues_step_and_optimizer_state(tmp_path):
 
     second = Trainer(small_config(tmp_path / "run", steps=4, resume=True), progress=False)
     assert second.restore_or_start()
-    assert int(second.step.numpy()) == 2
+    assert second.step == 2
     it2, opt2, w2 = _state(second)
     assert it2 == iterations
     for a, b in zip(opt2, opt_vars):
@@ -59,12 +60,19 @@ def test_resume_continues_step_and_optimizer_state(tmp_path):
     for a, b in zip(w2, weights):
         np.testing.assert_array_equal(a, b)
     second.run()
-    assert int(second.step.numpy()) == 4 and int(second.optimizer.iterations) == 4
+    assert second.step == 4
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         steps = [json.loads(line)["step"] for line in f]
     assert steps == [0, 2, 4]
     record = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
     assert {"easy_map", "medium_map", "hard_map"} <= set(record)
+    # Exact: the same as four steps without the interruption.
+    whole = Trainer(small_config(tmp_path / "whole", steps=4), progress=False)
+    whole.run()
+    for a, b in zip(whole.model.get_weights(), second.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="--mine_every 2"):
+        Trainer(small_config(tmp_path / "run", steps=8, mine_every=4, resume=True), progress=False).run()
 
 
 _WORKER = """
@@ -76,11 +84,11 @@ from deep_retrieval.distribution import make_strategy
 from deep_retrieval.trainer import Trainer
 index = int(sys.argv[1])
 strategy = make_strategy("multi_worker")
-cfg = small_config(sys.argv[2] + f"/w{{index}}", steps=3, strategy="multi_worker")
+cfg = small_config(sys.argv[2] + f"/w{{index}}", steps=3, mine_every=1, strategy="multi_worker")
 trainer = Trainer(cfg, strategy=strategy, progress=False)
 trainer.run()
 np.savez(sys.argv[2] + f"/weights{{index}}.npz", *[np.array(w) for w in trainer.model.get_weights()])
-print("done", index, int(trainer.step.numpy()))
+print("done", index, trainer.step)
 """
 
 
@@ -283,16 +291,16 @@ def _one_step(cfg, images):
     trainer = Trainer(cfg, progress=False)
     keras.utils.set_random_seed(0)
     before = [np.array(v) for v in trainer.model.trainable_variables]
-    sizes = tf.constant([[list(images[0].shape[1:3])] * 3] * images[0].shape[0], tf.int32)
-    trainer._train_step(*images, sizes)
+    part = len(images[0]) // trainer.micro_steps
+    for i in range(trainer.micro_steps):  # micro-batches, as fit feeds them
+        trainer.ranking.train_on_batch({k: tf.constant(x[i * part:(i + 1) * part]) for k, x in zip(STREAMS, images)})
     return before, [np.array(v) for v in trainer.model.trainable_variables]
 
 
 def _triplet_batch(batch):
-    import tensorflow as tf
 
     rng = np.random.RandomState(1)
-    return [tf.constant(rng.uniform(0, 255, (batch, 48, 64, 3)).astype("float32")) for _ in range(3)]
+    return [rng.uniform(0, 255, (batch, 48, 64, 3)).astype("float32") for _ in range(3)]
 
 
 def test_accumulated_micro_batches_give_the_full_batch_update(tmp_path):
@@ -320,41 +328,45 @@ def test_l2_weight_decay_is_caffe_style(tmp_path):
 
 
 def test_mixed_aspect_triplets_run_one_by_one_at_their_own_sizes(tmp_path):
+    import keras
     import tensorflow as tf
 
-    from deep_retrieval import backbones, losses
+    from deep_retrieval import backbones
     from deep_retrieval.model import build_descriptor_model
-    from deep_retrieval.ranking import ranking_gradients
+    from deep_retrieval.ranking import RankingModel
 
     weights = tmp_path / "tiny.weights.h5"
     backbones.build_backbone("tiny")[0].save_weights(weights)  # from a file: batch norm frozen
     model = build_descriptor_model(DescriptorConfig(backbone="tiny", weights=str(weights), whitening_dim=8,
                                                     scales=(1.0,)))
     for layer in model.backbone.layers:
-        layer.trainable = not isinstance(layer, __import__("keras").layers.BatchNormalization)
+        layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
     variables = model.trainable_variables
     rng = np.random.RandomState(2)
-    sizes = np.array([[[48, 64], [64, 32], [40, 40]], [[64, 48], [48, 64], [32, 64]]], np.int32)
-    padded = [np.full((2, 64, 64, 3), 255.0, np.float32) for _ in range(3)]  # padding that must not count
-    for i in range(2):
-        for k in range(3):
-            h, w = sizes[i, k]
-            padded[k][i, :h, :w] = rng.uniform(0, 255, (h, w, 3))
-    loss, grads = ranking_gradients(model, variables, *map(tf.constant, padded), 0.1, 2,
-                                    sizes=tf.constant(sizes))
-    want_loss, want = 0.0, [np.zeros(v.shape) for v in variables]
-    for i in range(2):
+    sizes = [[(48, 64), (64, 32), (40, 40)], [(64, 48), (48, 64), (32, 64)]]
+    triplets = [[rng.uniform(0, 255, (1, h, w, 3)).astype("float32") for h, w in triplet] for triplet in sizes]
+    # Reference: each triplet's hinge at its own sizes, by hand.
+    want, total = [np.zeros(v.shape) for v in variables], 0.0
+    for triplet in triplets:
         with tf.GradientTape() as tape:
-            d = [model.single_scale(padded[k][i:i + 1, :sizes[i, k, 0], :sizes[i, k, 1]], training=True)
-                 for k in range(3)]
-            one = losses.triplet_ranking_loss_sum(*d, 0.1) / 2
-        want_loss += float(one)
-        want = [a + np.asarray(g) for a, g in zip(want, tape.gradient(one, variables))]
-    assert float(loss) == pytest.approx(want_loss, rel=1e-5) and want_loss > 0
-    for g, w in zip(grads, want):
-        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=1e-6)
-    block, _ = ranking_gradients(model, variables, *map(tf.constant, padded), 0.1, 2)
-    assert abs(float(block) - want_loss) > 1e-4  # the padded block is another input
+            q, p, n = [model.single_scale(tf.constant(x), training=True) for x in triplet]
+            hinge = tf.nn.relu(0.1 + tf.reduce_sum((q - p) ** 2) - tf.reduce_sum((q - n) ** 2))
+        total += float(hinge)
+        want = [a + np.asarray(g) / 2 for a, g in zip(want, tape.gradient(hinge, variables))]
+    # The trainer's setting for a batch of two mixed-size triplets: one
+    # triplet per call, two calls accumulated into one SGD update.
+    ranking = RankingModel(model, 0.1, triplets_per_step=1)
+    ranking.compile(optimizer=keras.optimizers.SGD(0.1, gradient_accumulation_steps=2), jit_compile=False)
+    w0 = [np.array(v) for v in variables]
+    ranking.train_on_batch(dict(zip(STREAMS, triplets[0])))
+    for v, w in zip(variables, w0):
+        np.testing.assert_array_equal(np.array(v), w)  # accumulated, not applied yet
+    ranking.train_on_batch(dict(zip(STREAMS, triplets[1])))
+    assert total > 0
+    moved = max(np.abs(np.array(v) - w).max() for v, w in zip(variables, w0))
+    assert moved > 1e-5
+    for v, w, g in zip(variables, w0, want):
+        np.testing.assert_allclose(np.array(v), w - 0.1 * g, rtol=1e-4, atol=1e-6)
 
 
 def test_trainer_detects_mixed_aspect_collections(tmp_path):
@@ -388,7 +400,7 @@ def test_paper_order_ranks_with_the_grid_then_learns_the_rpn_on_frozen_features(
     trainer = Trainer(cfg, progress=False)
     assert trainer.model.head.rpn is None  # the ranking pools the rigid grid
     trainer.run()
-    ranked = trainer.checkpoint.model  # the grid model the ranking trained
+    ranked = trainer.ranking.descriptor  # the grid model the ranking trained
     final = keras.models.load_model(tmp_path / "run" / "model.keras")
     assert final.head.rpn is not None and trainer._rpn_count == 5
     for a, b in zip(final.backbone.get_weights(), ranked.backbone.get_weights()):
@@ -402,3 +414,57 @@ def test_paper_order_ranks_with_the_grid_then_learns_the_rpn_on_frozen_features(
     assert initial.head.rpn is None
     with pytest.raises(ValueError, match="needs `rpn_order='rpn_first'`"):
         small_config(tmp_path / "x", rpn_order="grid_first")  # the tiny preset refreshes its RPN
+
+
+_JAX = """
+import dataclasses, os, pathlib, sys
+os.environ["KERAS_BACKEND"] = "jax"
+sys.path.insert(0, {root!r})
+import keras
+import numpy as np
+from deep_retrieval.ranking import STREAMS
+from deep_retrieval.trainer import Trainer
+from tests.test_trainer import _frozen_bn_config
+assert keras.backend.backend() == "jax"
+tmp = pathlib.Path(sys.argv[1])
+cfg = dataclasses.replace(_frozen_bn_config(tmp, batch_size=2, weight_decay=0.0), output_dir=str(tmp / "jax"))
+trainer = Trainer(cfg, progress=False)
+data = np.load(tmp / "start.npz")
+trainer.model.set_weights([data[f"w{{i}}"] for i in range(len(trainer.model.weights))])
+trainer.ranking.train_on_batch({{k: data[k] for k in STREAMS}})
+np.savez(tmp / "jax_step.npz", *[np.asarray(v) for v in trainer.model.trainable_variables])
+path = trainer.run()
+model = keras.models.load_model(path)
+print("trained", trainer.step, model.image_size, type(model.backbone.weights[0].value).__module__)
+"""
+
+
+def test_ranking_training_runs_on_the_jax_backend(tmp_path):
+    """One SGD step of the ranking model on JAX equals a hand-written
+    TensorFlow step from the same weights, and a whole run completes."""
+    import tensorflow as tf
+
+    cfg = _frozen_bn_config(tmp_path, batch_size=2, weight_decay=0.0)
+    model = Trainer(cfg, progress=False).model
+    images = _triplet_batch(2)
+    np.savez(tmp_path / "start.npz", **{f"w{i}": np.array(w) for i, w in enumerate(model.get_weights())},
+             **dict(zip(STREAMS, images)))
+    variables = model.trainable_variables
+    with tf.GradientTape() as tape:
+        q, p, n = [model.single_scale(tf.constant(x), training=True) for x in images]
+        hinges = tf.nn.relu(0.1 + tf.reduce_sum((q - p) ** 2, -1) - tf.reduce_sum((q - n) ** 2, -1))
+        loss = tf.reduce_sum(hinges) / 2
+    assert float(loss) > 0
+    want = [np.array(v) - 0.1 * np.asarray(g) for v, g in zip(variables, tape.gradient(loss, variables))]
+    env = {**os.environ, "PYTHONPATH": ROOT, "KERAS_BACKEND": "jax"}
+    done = subprocess.run([sys.executable, "-c", _JAX.format(root=ROOT), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "trained 3 64 jax" in done.stdout  # the step above, then the run's two
+    got = np.load(tmp_path / "jax_step.npz")
+    assert len(got.files) == len(want)
+    moved = max(np.abs(w - np.array(v)).max() for w, v in zip(want, variables))
+    assert moved > 1e-4
+    for key, w in zip(got.files, want):
+        np.testing.assert_allclose(got[key], w, rtol=1e-4, atol=1e-5)
+    assert os.path.exists(tmp_path / "jax" / "checkpoints" / "latest.weights.h5")

@@ -2,12 +2,11 @@
 
 Every field of `TrainConfig` (and of its nested `DescriptorConfig` and
 `SyntheticConfig`, the latter prefixed ``synthetic_``) becomes a flag whose
-help text is the field's documentation. A flag left unset takes the value of
+help text is the field's documentation (`config.setting`). A flag left unset takes the value of
 the chosen ``--preset``.
 """
 
 import dataclasses
-import re
 import typing
 
 from absl import flags
@@ -20,21 +19,8 @@ NONE_WORDS = ("", "none", "null")
 
 
 def _field_docs(cls):
-    """``{field: text}`` from the ``Attributes:`` section of a docstring."""
-    doc = cls.__doc__ or ""
-    if "Attributes:" not in doc:
-        return {}
-    docs, current = {}, None
-    for line in doc.split("Attributes:", 1)[1].splitlines():
-        m = re.match(r"^\s{8}([\w, ]+):\s*(.*)$", line)
-        if m:
-            current = [n.strip() for n in m.group(1).split(",")]
-            for name in current:
-                docs[name] = m.group(2)
-        elif current and line.strip():
-            for name in current:
-                docs[name] += " " + line.strip()
-    return docs
+    """``{field: help}`` from each field's ``metadata["help"]`` (`config.setting`)."""
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(cls) if "help" in f.metadata}
 
 
 def _kind(tp):
@@ -129,7 +115,7 @@ def config_from_flags(values=None):
 
 def define_dataclass_flags(cls, flag_values=flags.FLAGS):
     """One flag per field of a flat dataclass, defaulting to the field's
-    default; the help text is the field's documentation."""
+    default; the help text is the field's documentation (`config.setting`)."""
     docs = _field_docs(cls)
     defaults = cls()
     for name, tp in _fields(cls):

@@ -8,6 +8,7 @@ import tensorflow as tf
 from deep_retrieval.data.images import _scaled_size, decode, file_problem, scale_views
 
 
+@tf.autograph.experimental.do_not_convert
 def path_tensor(paths):
     """File paths as a string tensor of their file-system bytes (so names
     that are not valid UTF-8 work too)."""
@@ -62,55 +63,59 @@ def augment(image, longest, seed):
 def triplet_dataset(
     paths, triplets, longest, batch_size, seed, augment_images=True, shard=None, repeat=False, size=None
 ):
-    """Batches of ``(query, positive, negative, sizes)``.
+    """Batches of ``{"query", "positive", "negative"}`` images, the input of
+    `deep_retrieval.ranking.RankingModel`.
 
     Every image keeps its aspect ratio, its longest side ``longest`` (as at
-    test time); a batch is zero-padded to its largest image, and ``sizes``
-    ``[B, 3, 2]`` holds each image's true ``(height, width)``
-    (see `ranking.ranking_gradients`). Images of one aspect ratio give
-    batches without padding.
+    test time). Images of one aspect ratio (``size`` given) batch as blocks
+    of that static shape; otherwise each batch is one triplet whose three
+    images keep their own sizes (never padded or squashed).
 
     Args:
         paths: image path of each training index.
-        triplets: ``[m, 3]`` indices (from `deep_retrieval.mining`).
+        triplets: ``[m, 3]`` indices (from `deep_retrieval.mining`), an
+            array or an int64 tensor.
         longest: longest side of the training images.
-        batch_size: triplets per batch (per input pipeline).
-        seed: int; with it, order and augmentation are deterministic.
+        batch_size: triplets per batch (per input pipeline); 1 without
+            ``size``.
+        seed: int or int64 scalar tensor; with it, order and augmentation
+            are deterministic.
         augment_images: random crop and photometric jitter.
         shard: optional ``(num_shards, index)`` for multi-worker input.
         repeat: cycle through the triplets forever (fresh augmentation each
             pass).
         size: ``(height, width)`` when every image has that size at
-            ``longest`` (one aspect ratio): batches then have that static
-            shape (compiled for it, faster) and no padding.
+            ``longest``.
     """
+    if size is None and batch_size != 1:
+        raise ValueError(f"images of mixed sizes batch one triplet at a time, not {batch_size}")
     paths = path_tensor(paths)
-    ds = tf.data.Dataset.from_tensor_slices(tf.constant(triplets, tf.int64))
+    triplets = tf.convert_to_tensor(triplets, tf.int64)
+    seed = tf.cast(seed, tf.int64)
+    # One order per seed (stateless), the same on every pass.
+    order = tf.argsort(tf.random.stateless_uniform(tf.shape(triplets)[:1], tf.stack([seed, seed + 1])))
+    ds = tf.data.Dataset.from_tensor_slices(tf.gather(triplets, order))
     if shard is not None:
         ds = ds.shard(*shard)
-    ds = ds.shuffle(len(triplets), seed=seed, reshuffle_each_iteration=False)
     if repeat:
         ds = ds.repeat()
     ds = ds.enumerate()
 
     def load(i, triplet):
-        images = []
-        for k in range(3):
+        images = {}
+        for k, name in enumerate(("query", "positive", "negative")):
             image = decode(tf.io.read_file(tf.gather(paths, triplet[k])))
             if augment_images:
-                image = augment(image, longest, tf.stack([tf.constant(seed, tf.int64), i * 3 + k]))
+                image = augment(image, longest, tf.stack([seed, i * 3 + k]))
             else:
                 (image,) = scale_views(image, longest)
-            images.append(image if size is None else tf.ensure_shape(image, tuple(size) + (3,)))
-        return (*images, tf.stack([tf.shape(im)[:2] for im in images]))
+            images[name] = image if size is None else tf.ensure_shape(image, tuple(size) + (3,))
+        return images
 
+    # No ignore_errors: a file that stopped decoding since mining read it
+    # stops the run with its name (`Trainer.run`), backups kept.
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    # read_manifest decodes every image up front and mining leaves out those
-    # that fail later; should one still fail (changed on disk since), its
-    # triplet is skipped with a logged warning rather than the run lost.
-    ds = ds.ignore_errors(log_warning=True)
-    shapes = ([None, None, 3] if size is None else list(size) + [3],) * 3 + ([3, 2],)
-    return ds.padded_batch(batch_size, shapes, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
 def box_dataset(paths, boxes, longest, batch_size, seed, shard=None, size=None):

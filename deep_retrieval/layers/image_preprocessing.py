@@ -32,6 +32,7 @@ class ImagePreprocessing(keras.layers.Layer):
 
     def __init__(self, mode="caffe", **kwargs):
         super().__init__(**kwargs)
+        self.built = True  # no weights to create
         if mode not in MODES:
             raise ValueError(f"Unknown preprocessing mode {mode!r}; expected one of {MODES}.")
         self.mode = mode

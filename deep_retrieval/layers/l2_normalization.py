@@ -26,6 +26,7 @@ class L2Normalization(keras.layers.Layer):
 
     def __init__(self, axis=-1, epsilon=1e-6, **kwargs):
         super().__init__(**kwargs)
+        self.built = True  # no weights to create
         self.axis = axis
         self.epsilon = epsilon
 

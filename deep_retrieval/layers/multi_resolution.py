@@ -47,6 +47,7 @@ class MultiResolution(keras.layers.Wrapper):
         if not scales or min(scales) <= 0:
             raise ValueError(f"`scales` must be positive numbers, got {scales}.")
         self.scales = scales
+        self.built = layer.built  # nothing of its own to create
 
     def build(self, input_shape):
         if not self.layer.built:

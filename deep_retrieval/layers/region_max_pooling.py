@@ -38,6 +38,7 @@ class RegionMaxPooling(keras.layers.Layer):
 
     def __init__(self, levels=3, include_global=False, **kwargs):
         super().__init__(**kwargs)
+        self.built = True  # no weights to create
         self.levels = levels
         self.include_global = include_global
 

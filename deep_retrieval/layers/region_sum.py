@@ -19,6 +19,10 @@ class RegionSum(keras.layers.Layer):
         Tolias, Sicre, Jégou, ICLR 2016 (R-MAC aggregation).
     """
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.built = True  # no weights to create
+
     def call(self, inputs, valid=None):
         return functional.sum_regions(inputs, valid)
 

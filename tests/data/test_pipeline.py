@@ -4,6 +4,7 @@ files are skipped without being opened."""
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from deep_retrieval.data import images, pipeline
@@ -21,18 +22,19 @@ def test_training_images_keep_their_aspect_ratio(tmp_path):
         Image.fromarray(pixels).save(tmp_path / f"{i}.png")
         paths.append(str(tmp_path / f"{i}.png"))
     triplets = [[0, 1, 2], [1, 0, 2]]
-    ds = pipeline.triplet_dataset(paths, triplets, 40, batch_size=2, seed=0, augment_images=False)
-    q, p, n, sizes = next(iter(ds))
-    order = [0, 1] if sizes[0, 0, 0] == 30 else [1, 0]  # the batch is shuffled
-    assert sizes.numpy()[order].tolist() == [[[30, 40], [40, 20], [40, 40]],
-                                             [[40, 20], [30, 40], [40, 40]]]  # longest side 40, never squashed
-    assert q.shape == p.shape == (2, 40, 40, 3)  # zero-padded to the batch's largest
-    portrait = q[order[1]].numpy()
+    ds = pipeline.triplet_dataset(paths, triplets, 40, batch_size=1, seed=0, augment_images=False)
+    batches = list(ds)
+    got = sorted(tuple(tuple(b[k].shape[1:3]) for k in ("query", "positive", "negative")) for b in batches)
+    # One triplet a batch, each image at its own size: longest side 40, never squashed or padded.
+    assert got == [((30, 40), (40, 20), (40, 40)), ((40, 20), (30, 40), (40, 40))]
+    portrait = next(b["query"][0].numpy() for b in batches if b["query"].shape[1:3] == (40, 20))
     want = _pil(np.asarray(Image.open(paths[1])), (20, 40))
-    assert np.abs(portrait[:40, :20] - want).mean() < 1.5
-    assert not portrait[:, 20:].any()
-    augmented = next(iter(pipeline.triplet_dataset(paths, triplets, 40, batch_size=2, seed=0)))
-    assert sorted(augmented[3].numpy().tolist()) == sorted(sizes.numpy().tolist())  # crops zoomed back
+    assert np.abs(portrait - want).mean() < 1.5
+    augmented = list(pipeline.triplet_dataset(paths, triplets, 40, batch_size=1, seed=0))
+    assert sorted(tuple(tuple(b[k].shape[1:3]) for k in ("query", "positive", "negative"))
+                  for b in augmented) == got  # crops zoomed back to the test-time size
+    with pytest.raises(ValueError, match="one triplet at a time"):
+        pipeline.triplet_dataset(paths, triplets, 40, batch_size=2, seed=0)
     assert [images.scaled_shape(h, w, 40) for h, w in shapes] == [(30, 40), (40, 20), (40, 40)]
 
 

@@ -1,5 +1,6 @@
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from deep_retrieval.layers import RMAC
@@ -28,6 +29,31 @@ def test_with_whitening_matches_numpy_and_round_trips(tmp_path):
     model = keras_utils.wrap(head, (None, None, 16))
     loaded = keras_utils.keras_round_trip(model, x, tmp_path)
     assert loaded.layers[-1].get_config()["whitening"] == 8
+
+
+@pytest.mark.parametrize("size", [(7, 10), (24, 32), (32, 24), (5, 5)])
+def test_matches_numpy_with_sizes_static_and_known_at_run_time(size):
+    rng = np.random.RandomState(3)
+    features = rng.rand(2, *size, 16).astype("float32")
+    mean, proj = rng.randn(16).astype("float32") * 0.1, rng.randn(16, 8).astype("float32")
+    head = RMAC(levels=3, whitening=8)
+    head.build((None, None, None, 16))
+    head.pca.set_pca(mean, proj)
+    want = np.stack([reference.rmac(f, 3, False, mean, proj) for f in features])
+    np.testing.assert_allclose(np.asarray(head(features)), want, atol=1e-5)
+    dynamic = tf.function(head, input_signature=[tf.TensorSpec([None, None, None, 16], tf.float32)])
+    np.testing.assert_allclose(dynamic(features).numpy(), want, atol=1e-5)
+
+
+def test_gradients_are_finite_with_sizes_known_at_run_time():
+    features = tf.random.uniform((1, 7, 10, 4))
+    head = RMAC(levels=3, include_global=True)
+    fn = tf.function(head, input_signature=[tf.TensorSpec([None, None, None, 4], tf.float32)])
+    with tf.GradientTape() as tape:
+        tape.watch(features)
+        loss = tf.reduce_sum(fn(features) * tf.range(4, dtype=tf.float32))
+    grad = tape.gradient(loss, features).numpy()
+    assert np.all(np.isfinite(grad)) and np.any(grad != 0)
 
 
 def test_one_traced_graph_for_all_sizes():

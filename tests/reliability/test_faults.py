@@ -1,6 +1,7 @@
 """kill -9 in the middle of training, extraction and index building, and a
 server restarted under a running client: nothing corrupt, nothing lost."""
 
+import json
 import os
 import signal
 import socket
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import h5py
 import numpy as np
 import pandas as pd
 import tensorflow as tf
@@ -48,36 +50,40 @@ def _kill(process):
     process.wait()
 
 
-def _checkpoint_steps(folder):
-    state = tf.train.get_checkpoint_state(folder)
-    if state is None:
-        return []
-    return [int(p.rsplit("-", 1)[1]) for p in state.all_model_checkpoint_paths]
+def _backup_steps(folder):
+    """The steps of the backups in ``folder`` (one mining round a step here),
+    and the one ``latest`` names."""
+    steps = sorted(int(name.split("-")[1]) for name in os.listdir(folder)
+                   if name.startswith("round-") and not name.endswith(".partial")) if os.path.isdir(folder) else []
+    latest = None
+    if os.path.exists(os.path.join(folder, "latest")):
+        latest = int(open(os.path.join(folder, "latest")).read().split("-")[1])
+    return steps, latest
 
 
 def test_kill_during_training_then_resume(tmp_path):
+    import keras
+
     out = str(tmp_path / "run")
-    ckpt = os.path.join(out, "checkpoints")
-    first = subprocess.Popen(
-        _python("training.train", "--output_dir", out, "--steps", "1000", "--checkpoint_every", "1",
-                *SMALL_TRAINING),
-        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for(lambda: max(_checkpoint_steps(ckpt), default=0) >= 3, first, what="step 3")
+    backups = os.path.join(out, "checkpoints")
+    args = [*SMALL_TRAINING, "--mine_every", "1", "--checkpoint_every", "1"]
+    first = subprocess.Popen(_python("training.train", "--output_dir", out, "--steps", "1000", *args),
+                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(lambda: (_backup_steps(backups)[1] or 0) >= 3, first, what="step 3")
     _kill(first)
-    steps = _checkpoint_steps(ckpt)
-    assert steps and max(steps) >= 3
-    for step in steps:  # every checkpoint the index lists is complete and readable
-        reader = tf.train.load_checkpoint(os.path.join(ckpt, f"ckpt-{step}"))
-        assert int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")) == step
-    latest = max(steps)
-    second = subprocess.run(
-        _python("training.train", "--output_dir", out, "--steps", str(latest + 2), "--resume",
-                "--checkpoint_every", "1", *SMALL_TRAINING),
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    steps, latest = _backup_steps(backups)
+    assert latest >= 3 and latest in steps
+    for step in steps:  # every complete backup loads: weights, and the epoch fit resumes at
+        folder = os.path.join(backups, f"round-{step:06d}")
+        assert json.load(open(os.path.join(folder, "training_metadata.json")))["epoch"] == step
+        with h5py.File(os.path.join(folder, "latest.weights.h5")) as f:
+            assert len(f.keys())
+    second = subprocess.run(_python("training.train", "--output_dir", out, "--steps", str(latest + 2), "--resume",
+                                    *args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert f"ckpt-{latest} at step {latest}" in second.stdout + second.stderr
-    assert max(_checkpoint_steps(ckpt)) == latest + 2
-    assert os.path.exists(os.path.join(out, "model.keras"))
+    assert f"round-{latest:06d} at step {latest}" in second.stdout + second.stderr
+    assert _backup_steps(backups)[1] == latest + 2
+    assert keras.models.load_model(os.path.join(out, "model.keras")).image_size == 64
 
 
 def _photos(folder, count):
