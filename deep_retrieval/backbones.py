@@ -5,7 +5,7 @@ import os
 
 import keras
 
-from deep_retrieval import efficientnet_lite
+from deep_retrieval import efficientnet_lite, torchvision_resnet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +29,11 @@ SPECS = {
     "vgg16": BackboneSpec("caffe", 16, 512),
     "efficientnet_lite0": BackboneSpec("torch", 32, 1280),
     "tiny": BackboneSpec("tf", 16, 128),
+    # torchvision's layout (cirtorch, dirtorch): weights come with the
+    # imported checkpoint (export.import_checkpoint).
+    "torchvision_resnet50": BackboneSpec("torch", 32, 2048),
+    "torchvision_resnet101": BackboneSpec("torch", 32, 2048),
+    "torchvision_resnet152": BackboneSpec("torch", 32, 2048),
 }
 
 
@@ -97,6 +102,14 @@ def build_backbone(name, weights=None):
         return _tiny(weights), SPECS[name]
     if name == "efficientnet_lite0":
         return efficientnet_lite.build(weights), SPECS[name]
+    if name.startswith("torchvision_"):
+        if weights == "imagenet":
+            raise ValueError(f"The {name} backbone takes its weights from an imported checkpoint "
+                             "(python -m export.import_checkpoint), not 'imagenet'.")
+        trunk = torchvision_resnet.build(name[len("torchvision_"):])
+        if weights is not None:
+            trunk.load_weights(weights)
+        return trunk, SPECS[name]
     return _keras_application(name, weights), SPECS[name]
 
 

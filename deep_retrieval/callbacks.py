@@ -34,11 +34,11 @@ class Mining(keras.callbacks.Callback):
         self.trainer = trainer
 
     def on_epoch_begin(self, epoch, logs=None):
-        if epoch != self.trainer.round_index:
+        if epoch != self.trainer.rounds.index:
             self.trainer.start_round(epoch)
 
     def on_epoch_end(self, epoch, logs=None):
-        self.trainer.check_round(epoch)
+        self.trainer.rounds.check(epoch)
 
 
 class Evaluation(keras.callbacks.Callback):

@@ -178,7 +178,7 @@ def _as_array(raw, storage_type, numel, source, key):
     return np.frombuffer(raw, storage_type.dtype.newbyteorder("<")).astype(storage_type.dtype)
 
 
-def _load_zip(path):
+def _load_zip(path, extra):
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
         pickles = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
@@ -195,10 +195,10 @@ def _load_zip(path):
                 raise CheckpointError(f"{path}: storage {key} is missing from the archive")
             return _as_array(archive.read(name), storage_type, numel, path, key)
 
-        return CheckpointUnpickler(io.BytesIO(archive.read(pickles[0])), storage, path).load()
+        return CheckpointUnpickler(io.BytesIO(archive.read(pickles[0])), storage, path, extra).load()
 
 
-def _load_legacy(path, data):
+def _load_legacy(path, data, extra):
     stream = io.BytesIO(data)
 
     def plain():
@@ -224,7 +224,7 @@ def _load_legacy(path, data):
 
     # First pass: which storages the object needs (no tensor is built).
     obj_start = stream.tell()
-    CheckpointUnpickler(stream, storage, path, build_tensors=False).load()
+    CheckpointUnpickler(stream, storage, path, extra, build_tensors=False).load()
     keys = plain()
     arrays = {}
     for key in keys:
@@ -242,14 +242,16 @@ def _load_legacy(path, data):
         raise CheckpointError(f"{path}: storages {sorted(missing)[:5]} are missing")
     # Second pass over the object's pickle, now with the arrays.
     stream.seek(obj_start)
-    return CheckpointUnpickler(stream, lambda t, key, n: arrays[key], path).load()
+    return CheckpointUnpickler(stream, lambda t, key, n: arrays[key], path, extra).load()
 
 
-def load(path):
+def load(path, extra_globals=None):
     """Reads a ``torch.save`` file; tensors come back as numpy arrays.
 
     Args:
         path: the checkpoint file (legacy or zip format).
+        extra_globals: further globals to resolve (see `CheckpointUnpickler`;
+            `pickled_data.globals_for` gives numpy arrays and plain objects).
 
     Returns:
         The saved object (usually a dict of name -> ndarray).
@@ -262,9 +264,9 @@ def load(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         if zipfile.is_zipfile(path):
-            return _load_zip(path)
+            return _load_zip(path, extra_globals)
         with open(path, "rb") as f:
-            return _load_legacy(path, f.read())
+            return _load_legacy(path, f.read(), extra_globals)
     except CheckpointError:
         raise
     except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, struct.error, KeyError,

@@ -34,7 +34,8 @@ class DescriptorConfig:
     """What defines a DIR descriptor model."""
 
     backbone: str = setting("resnet101",
-        '"resnet101", "resnet50", "vgg16" or "tiny" (a small CNN for tests and the CPU demo).')
+        '"resnet101", "resnet50", "vgg16", "efficientnet_lite0", "tiny" (a small CNN for tests and the CPU '
+        'demo), or "torchvision_resnet50/101/152" (torchvision\'s layout, for imported PyTorch models).')
     weights: Optional[str] = setting("imagenet",
         '"imagenet" (downloaded by Keras), a local weights file for the backbone, or None (random initialisation).')
     levels: int = setting(3, "R-MAC grid scales L.")
@@ -54,6 +55,19 @@ class DescriptorConfig:
         "RPN anchor sides as a share of the feature map's short side.")
     anchor_ratios: Tuple[float, ...] = setting(DEFAULT_ANCHOR_RATIOS, "RPN anchor aspect ratios (width / height).")
     rpn_channels: int = setting(256, "width of the RPN's 3x3 convolution.")
+    pooling: str = setting("rmac", '"rmac" (DIR\'s R-MAC head) or "gem" (GeM pooling, the head of cirtorch '
+                           'and dirtorch models, see export.import_checkpoint).')
+    gem_p: float = setting(3.0, "GeM's initial power (pooling gem).")
+    normalize_pooled: bool = setting(True, "pooling gem: L2-normalise the pooled vector before fc (cirtorch).")
+    fc_dim: Optional[int] = setting(None, "pooling gem: output size of the fully-connected layer after GeM "
+                                    "(learned whitening); None for none.")
+    multiscale_power: float = setting(1.0, "combination of the scales: 1 sums the L2 descriptors (DIR); p "
+                                      "takes their generalised mean of power p (cirtorch, dirtorch).")
+    multiscale_epsilon: float = setting(0.0, "with multiscale_power: |v| is clamped to at least this in both "
+                                        "powers (dirtorch's 1e-6; 0 for cirtorch).")
+    post_whitening_dim: Optional[int] = setting(None, "size of a whitening P(x - m) applied after the scales "
+                                                "are combined, then L2 (cirtorch's Lw, dirtorch's PCA); None "
+                                                "for none.")
 
     def __post_init__(self):
         self.scales = tuple(float(s) for s in self.scales)
@@ -72,6 +86,12 @@ class DescriptorConfig:
             raise ValueError(f"`levels` must be >= 1, got {self.levels}.")
         if not self.scales or min(self.scales) <= 0:
             raise ValueError(f"`scales` must be positive, got {self.scales}.")
+        if self.pooling not in ("rmac", "gem"):
+            raise ValueError(f"`pooling` must be 'rmac' or 'gem', got {self.pooling!r}.")
+        if self.pooling == "gem" and (self.regions != "grid" or self.whitening_dim is not None):
+            raise ValueError("GeM pools the whole map: `regions` and `whitening_dim` are R-MAC's (use fc_dim).")
+        if self.multiscale_power <= 0:
+            raise ValueError(f"`multiscale_power` must be positive, got {self.multiscale_power}.")
         if self.whitening_dim is not None and self.whitening_dim < 1:
             raise ValueError(
                 f"`whitening_dim` must be positive or None, got {self.whitening_dim}."

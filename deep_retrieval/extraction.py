@@ -1,5 +1,7 @@
 """Descriptor extraction for lists of image files (TensorFlow input pipeline)."""
 
+import os
+
 import numpy as np
 import tensorflow as tf
 from PIL import Image
@@ -216,3 +218,29 @@ def proposal_recall(model, paths, boxes, longest, tops=(16, 64, 256), iou_thresh
     result["grid_regions"] = grid_count
     result["images"] = len(targets)
     return result
+
+
+def describer(model_path, image_size=None, progress=True):
+    """`evaluate_model`'s ``describe`` for a model file of either kind
+    (``image_size``: the longest side for a ``.keras`` model, default the
+    one it carries; a SavedModel has its own inside its graph)."""
+    import keras
+
+    from deep_retrieval.model import image_size_of  # also registers the classes
+
+    if os.path.isdir(model_path):
+        if image_size:
+            raise ValueError(f"{model_path} is a SavedModel: it resizes images inside its graph, "
+                             "--image_size does not apply")
+        return saved_model_describer(model_path, progress=progress)
+    if not os.path.isfile(model_path):
+        raise ValueError(f"{model_path}: no such model file or SavedModel folder")
+    try:
+        model = keras.models.load_model(model_path)
+    except Exception as e:
+        raise ValueError(f"{model_path}: cannot load the model: {e}") from e
+    try:
+        image_size = image_size_of(model, image_size)
+    except ValueError as e:
+        raise ValueError(f"{model_path}: {e}") from None
+    return model_describer(model, image_size, progress=progress)

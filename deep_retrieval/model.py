@@ -3,8 +3,9 @@
     images [N, H, W, 3] (RGB, 0..255)
       -> backbone preprocessing
       -> for each scale: resize -> backbone -> R-MAC head (grid or RPN regions, L2,
-         PCA-whitening, L2, sum, L2)
-      -> sum over scales -> L2
+         PCA-whitening, L2, sum, L2), or GeM head (GeM, L2, fc, L2)
+      -> sum over scales (or their generalised mean) -> L2
+      -> [post-hoc whitening -> L2]
 """
 
 import dataclasses
@@ -15,7 +16,7 @@ import numpy as np
 from deep_retrieval import backbones, functional, regions
 from deep_retrieval import boxes as boxes_lib
 from deep_retrieval.config import DescriptorConfig
-from deep_retrieval.layers import RMAC, ImagePreprocessing, MultiResolution
+from deep_retrieval.layers import RMAC, GeM, ImagePreprocessing, L2Normalization, MultiResolution, PCAWhitening
 
 __all__ = ["DescriptorConfig", "DescriptorModel", "build_descriptor_model"]
 
@@ -27,7 +28,9 @@ class DescriptorModel(keras.Model):
     Args:
         backbone, weights, levels, include_global, scales, whitening_dim,
         regions, proposals, pre_nms_proposals, nms_threshold, anchor_scales,
-        anchor_ratios, rpn_channels: the fields of `DescriptorConfig`.
+        anchor_ratios, rpn_channels, pooling, gem_p, normalize_pooled, fc_dim,
+        multiscale_power, multiscale_epsilon, post_whitening_dim: the fields of
+        `DescriptorConfig`.
         image_size: the longest image side (pixels) the model was trained
             for and describes images at, saved with it as part of its input
             contract (as KerasHub's image converters carry theirs); scales
@@ -45,8 +48,10 @@ class DescriptorModel(keras.Model):
 
     Attributes:
         backbone: the convolutional trunk (a Keras model).
-        head: the `RMAC` layer.
+        head: the `RMAC` or `GeM` layer.
         network: backbone followed by head (one scale).
+        post_whitening: the `PCAWhitening` after the scales are combined,
+            or None.
     """
 
     def __init__(
@@ -64,6 +69,13 @@ class DescriptorModel(keras.Model):
         anchor_scales=DescriptorConfig.anchor_scales,
         anchor_ratios=DescriptorConfig.anchor_ratios,
         rpn_channels=DescriptorConfig.rpn_channels,
+        pooling=DescriptorConfig.pooling,
+        gem_p=DescriptorConfig.gem_p,
+        normalize_pooled=DescriptorConfig.normalize_pooled,
+        fc_dim=DescriptorConfig.fc_dim,
+        multiscale_power=DescriptorConfig.multiscale_power,
+        multiscale_epsilon=DescriptorConfig.multiscale_epsilon,
+        post_whitening_dim=DescriptorConfig.post_whitening_dim,
         image_size=None,
         **kwargs,
     ):
@@ -83,6 +95,13 @@ class DescriptorModel(keras.Model):
             anchor_scales=anchor_scales,
             anchor_ratios=anchor_ratios,
             rpn_channels=rpn_channels,
+            pooling=pooling,
+            gem_p=gem_p,
+            normalize_pooled=normalize_pooled,
+            fc_dim=fc_dim,
+            multiscale_power=multiscale_power,
+            multiscale_epsilon=multiscale_epsilon,
+            post_whitening_dim=post_whitening_dim,
         )
         c = self.config
         self.backbone, self.spec = backbones.build_backbone(backbone, weights)
@@ -97,24 +116,33 @@ class DescriptorModel(keras.Model):
                 anchor_ratios=c.anchor_ratios,
                 channels=c.rpn_channels,
             )
-        self.head = RMAC(
-            levels=levels,
-            include_global=include_global,
-            whitening=whitening_dim,
-            regions=c.regions,
-            rpn=rpn,
-            name="rmac",
-        )
+        if c.pooling == "gem":
+            self.head = GeM(c.gem_p, c.normalize_pooled, c.fc_dim, name="gem")
+        else:
+            self.head = RMAC(
+                levels=levels,
+                include_global=include_global,
+                whitening=whitening_dim,
+                regions=c.regions,
+                rpn=rpn,
+                name="rmac",
+            )
         self.network = keras.Sequential(
             [keras.Input((None, None, 3)), self.backbone, self.head], name="network"
         )
         self.multi_resolution = MultiResolution(
-            self.network, self.config.scales, name="multi_resolution"
+            self.network, self.config.scales, c.multiscale_power, c.multiscale_epsilon, name="multi_resolution"
         )
+        self.post_whitening = None
+        if c.post_whitening_dim is not None:
+            self.post_whitening = PCAWhitening(c.post_whitening_dim, name="post_whitening")
+            self.post_whitening.build((None, self.network.compute_output_shape((None, None, None, 3))[-1]))
+            self.post_normalize = L2Normalization(name="post_l2_normalization")
 
     @property
     def descriptor_size(self):
-        return self.config.whitening_dim or self.spec.channels
+        c = self.config
+        return c.post_whitening_dim or c.fc_dim or c.whitening_dim or self.spec.channels
 
     @property
     def min_image_size(self):
@@ -163,20 +191,27 @@ class DescriptorModel(keras.Model):
             for view in images:
                 self._check_input(view, smallest=self.spec.stride)
             views = [self.preprocess(view) for view in images]
-            return self.multi_resolution(views, training=training)
+            return self._whiten(self.multi_resolution(views, training=training))
         self._check_input(images)
-        return self.multi_resolution(self.preprocess(images), training=training)
+        return self._whiten(self.multi_resolution(self.preprocess(images), training=training))
 
     def single_scale(self, images, training=None):
         """The descriptor at the input's own scale (what ranking training uses)."""
         self._check_input(images)
-        return self.network(self.preprocess(images), training=training)
+        return self._whiten(self.network(self.preprocess(images), training=training))
+
+    def _whiten(self, descriptors):
+        if self.post_whitening is None:
+            return descriptors
+        return self.post_normalize(self.post_whitening(descriptors))
 
     def pooled_regions(self, images):
         """The regions R-MAC pools at the input's own scale, in input pixels.
 
         Eager only. Returns `regions_of_map` of the images' feature maps.
         """
+        if self.config.pooling != "rmac":
+            raise ValueError(f"a {self.config.pooling} model pools the whole map: it has no regions")
         self._check_input(images)
         return self.regions_of_map(self.backbone(self.preprocess(images)), images.shape[1:3])
 

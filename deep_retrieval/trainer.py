@@ -46,7 +46,8 @@ from deep_retrieval.data.images import diagnose
 from deep_retrieval.distribution import is_chief, make_strategy, worker_index
 from deep_retrieval.files import atomic_text, atomic_write
 from deep_retrieval.model import build_descriptor_model
-from deep_retrieval.ranking import STREAMS, RankingModel
+from deep_retrieval.ranking import RankingModel
+from deep_retrieval.rounds import TripletRounds
 from deep_retrieval.rpn_training import RPNTraining
 from deep_retrieval.training_data import common_size, resolve_data
 
@@ -123,8 +124,8 @@ class Trainer(RPNTraining):
         if not self.chief:
             backup_dir = tempfile.mkdtemp(prefix=f"worker{self.worker_index}_backup_")
         self.backup = callbacks.Backup(backup_dir, config)
-        self._round = self.round_index = None  # (triplets, seed) of the current mining round, its index
-        self._served = []  # the round each input pass read
+        self.rounds = TripletRounds(self.paths, config.image_size, config.batch_size, self.micro_steps,
+                                    config.mine_every, config.seed, self.train_size)
         self._compile_inference()
 
     def _scope(self):
@@ -220,52 +221,7 @@ class Trainer(RPNTraining):
         if len(triplets) == 0:
             raise ValueError("mining produced no triplet: every label needs two images "
                              "and other labels must exist")
-        self._round = (np.asarray(triplets, np.int64), np.int64(c.seed * 100003 + round_index))
-        self.round_index = round_index
-
-    def _serve_round(self):
-        """The current round's ``(triplets, seed)``, for the input pipeline;
-        records which round each pipeline pass read (see `check_round`)."""
-        self._served.append(self.round_index)
-        return self._round
-
-    def check_round(self, round_index):
-        """Raises if the input read during round ``round_index`` was not
-        that round's triplets (a pipeline that ran ahead of mining)."""
-        if self._served[-1:] != [round_index]:
-            raise RuntimeError(f"mining round {round_index} trained on the triplets of rounds {self._served}")
-
-    def triplet_input(self):
-        """The input of ``fit``: per round, ``mine_every`` optimizer steps
-        of triplet batches read from the current round's triplets (each
-        epoch re-reads them, after `start_round`)."""
-        c = self.config
-        count = c.mine_every * self.micro_steps
-
-        def dataset_fn(context):
-            shard, batch = None, c.batch_size
-            if context is not None:
-                batch = context.get_per_replica_batch_size(c.batch_size)
-                if context.num_input_pipelines > 1:
-                    shard = (context.num_input_pipelines, context.input_pipeline_id)
-
-            def one_round(_):
-                triplets, seed = tf.py_function(self._serve_round, [], (tf.int64, tf.int64))
-                return pipeline.triplet_dataset(
-                    self.paths, tf.ensure_shape(triplets, [None, 3]), c.image_size, batch // self.micro_steps,
-                    tf.ensure_shape(seed, []), shard=shard, repeat=True, size=self.train_size,
-                )
-
-            ds = tf.data.Dataset.from_tensors(0).flat_map(one_round).take(count)
-            if self.train_size is not None:
-                # One size: the streams stacked in one tensor (a dict input
-                # cannot pass Keras's first-batch check under tf.distribute).
-                ds = ds.map(lambda x: tf.stack([x[k] for k in STREAMS], axis=1))
-            return ds.apply(tf.data.experimental.assert_cardinality(count))
-
-        if self.tensorflow:
-            return self.strategy.distribute_datasets_from_function(dataset_fn)
-        return dataset_fn(None)
+        self.rounds.start(round_index, triplets)
 
     def evaluate(self, step):
         """Scores the held-out benchmark; appends to metrics.jsonl and returns
@@ -351,8 +307,8 @@ class Trainer(RPNTraining):
             # first epoch begins.
             self.start_round(self.step // c.mine_every)
         try:
-            self.ranking.fit(self.triplet_input(), epochs=c.steps // c.mine_every, callbacks=fit_callbacks,
-                             shuffle=False, verbose=0)
+            self.ranking.fit(self.rounds.dataset(self.strategy), epochs=c.steps // c.mine_every,
+                             callbacks=fit_callbacks, shuffle=False, verbose=0)
         except tf.errors.InvalidArgumentError as e:
             raise self._unreadable(e) from e
         if self.rpn_after:
@@ -365,7 +321,7 @@ class Trainer(RPNTraining):
     def _unreadable(self, error):
         """The error for a training image that no longer decodes (mining
         read it at the start of the round): which files, and what to do."""
-        used = sorted({int(i) for i in np.unique(self._round[0]) if i >= 0}) if self._round else []
+        used = self.rounds.images()
         bad = [f"{self.paths[i]}: {problem}" for i in used if (problem := diagnose(self.paths[i]))]
         if not bad:
             return error

@@ -7,7 +7,7 @@ Writes the SavedModel (signatures ``serving_default``, ``crops`` and ``pixels``,
 `export.descriptor_module`), ``assets.extra/tf_serving_warmup_requests`` (a
 few PredictionLog records TF Serving replays at load with
 ``--enable_model_warmup``) and ``assets.extra/model_info.json`` (descriptor
-size, scales, backbone, regions, image size, training run id). The export is
+size, scales, backbone, regions, pooling, image size, training run id). The export is
 written beside the target and renamed into place, so a serving process never
 sees a half-written version.
 """
@@ -102,6 +102,8 @@ def export(model_path, output_dir, image_size=None, model_name="deep_retrieval",
         "whitening_dim": model.config.whitening_dim,
         "regions": model.config.regions,
         "proposals": model.config.proposals if model.config.regions == "rpn" else None,
+        "pooling": model.config.pooling,
+        "multiscale_power": model.config.multiscale_power,
         "image_size": int(image_size),
         "training_run_id": run_id,
         "source": os.path.abspath(model_path),

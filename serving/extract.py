@@ -22,7 +22,7 @@ unchanged.
   The final Parquet file is written atomically, then the parts are removed.
 * The model version is pinned when the run starts (``--model_version``, or
   the newest then) and recorded in the Parquet file's schema metadata
-  (`read_run_info`); a run or resume never mixes two versions.
+  (`deep_retrieval.descriptor_files.read_run_info`); a run or resume never mixes two versions.
 """
 
 import concurrent.futures
@@ -36,6 +36,7 @@ from absl import app, flags
 
 from deep_retrieval import cli
 from deep_retrieval.data.images import EXTENSIONS, file_problem
+from deep_retrieval.descriptor_files import write_descriptors
 from deep_retrieval.files import atomic_csv, atomic_text, atomic_write
 from serving import client
 
@@ -72,7 +73,6 @@ run stops (a rerun resumes). Every other error is the request's own: its
 batch is split until the failing images are alone, and each one costs one
 row of the errors file, never the run."""
 
-METADATA_KEY = b"deep_retrieval"
 """Key of the run's record (model name, version, signature; JSON) in the
 output Parquet file's schema metadata."""
 
@@ -348,7 +348,7 @@ class PartStore:
         order_key = result["image"].map(rank)
         result = result.iloc[order_key.argsort(kind="stable")].reset_index(drop=True)
         info = self.run_info()
-        atomic_write(self.output, lambda p: _write_parquet(result, p, info))
+        atomic_write(self.output, lambda p: write_descriptors(result, p, info))
         error_path = self.output + ".errors.csv"
         if errors:
             merged = pd.concat(errors, ignore_index=True)
@@ -357,30 +357,6 @@ class PartStore:
             os.remove(error_path)
         shutil.rmtree(self.folder)
         return len(result), (len(merged) if errors else 0)
-
-
-def _write_parquet(frame, path, info):
-    """``frame`` as Parquet, with the run's record in the schema metadata."""
-    import json
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    if info:
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), METADATA_KEY: json.dumps(info)})
-    pq.write_table(table, path)
-
-
-def read_run_info(path):
-    """The run record (model name, version, signature) of an extraction
-    output, or None for a file without one."""
-    import json
-
-    import pyarrow.parquet as pq
-
-    metadata = pq.read_schema(path).metadata or {}
-    return json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else None
 
 
 def extract(items, output, extractor, batch_size=16, max_request_bytes=16 << 20, in_flight=4,

@@ -4,7 +4,8 @@ import sys
 import pytest
 
 COMMANDS = ["training.evaluate", "training.clean", "training.visualize_proposals", "export.export_saved_model",
-            "serving.server", "serving.extract", "serving.index", "serving.search", "serving.load_test"]
+            "export.import_checkpoint", "serving.server", "serving.extract", "serving.index", "serving.search",
+            "serving.load_test"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

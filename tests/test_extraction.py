@@ -84,3 +84,8 @@ def test_saved_model_describer_names_the_file_that_fails(exported, tmp_path):
         describe([paths[0], str(bad)])
     with pytest.raises(ValueError, match="missing.jpg: cannot read"):
         describe([str(tmp_path / "missing.jpg")])
+
+
+def test_describer_of_a_missing_model_names_it(tmp_path):
+    with pytest.raises(ValueError, match="nope.keras: no such model file or SavedModel folder"):
+        extraction.describer(str(tmp_path / "nope.keras"))

@@ -467,4 +467,4 @@ def test_ranking_training_runs_on_the_jax_backend(tmp_path):
     assert moved > 1e-4
     for key, w in zip(got.files, want):
         np.testing.assert_allclose(got[key], w, rtol=1e-4, atol=1e-5)
-    assert os.path.exists(tmp_path / "jax" / "checkpoints" / "latest.weights.h5")
+    assert os.path.exists(tmp_path / "jax" / "checkpoints" / "round-000001" / "latest.weights.h5")

@@ -51,33 +51,6 @@ def define_flags():
     flags.DEFINE_boolean("progress", True, "Show progress bars.")
 
 
-def descriptor_fn(model_path, image_size=None, progress=True):
-    """`extraction.evaluate_model`'s ``describe`` for either model kind
-    (``image_size``: the longest side for a ``.keras`` model, default the
-    one it carries; a SavedModel has its own inside its graph)."""
-    import keras
-
-    from deep_retrieval import extraction
-    from deep_retrieval.model import image_size_of  # also registers the classes
-
-    if os.path.isdir(model_path):
-        if image_size:
-            raise ValueError(f"{model_path} is a SavedModel: it resizes images inside its graph, "
-                             "--image_size does not apply")
-        return extraction.saved_model_describer(model_path, progress=progress)
-    if not os.path.isfile(model_path):
-        raise ValueError(f"{model_path}: no such model file or SavedModel folder")
-    try:
-        model = keras.models.load_model(model_path)
-    except Exception as e:
-        raise ValueError(f"{model_path}: cannot load the model: {e}") from e
-    try:
-        image_size = image_size_of(model, image_size)
-    except ValueError as e:
-        raise ValueError(f"{model_path}: {e}") from None
-    return extraction.model_describer(model, image_size, progress=progress)
-
-
 def off_the_shelf(backbone, weights="imagenet", image_size=None, progress=True):
     """The untrained model: ``backbone`` and plain multi-resolution R-MAC."""
     from deep_retrieval import extraction
@@ -98,7 +71,7 @@ def run(data_root, dataset, model_path, image_size=None, qe=0, qe_alpha=3.0, dba
 
     data = groundtruth.load_dataset(data_root, dataset)
     if model_path:
-        describe = descriptor_fn(model_path, image_size, progress)
+        describe = extraction.describer(model_path, image_size, progress)
     else:
         describe = off_the_shelf(backbone, weights, image_size or _demo_image_size(), progress)
     return extraction.evaluate_model(describe, data, qe, qe_alpha, dba, rerank)

@@ -1,6 +1,8 @@
 """Keras 3 layers of the DIR descriptor (all `keras.ops`, every backend)."""
 
 from deep_retrieval.layers.box_max_pooling import BoxMaxPooling
+from deep_retrieval.layers.gem import GeM
+from deep_retrieval.layers.gem_pooling import GeMPooling
 from deep_retrieval.layers.image_preprocessing import ImagePreprocessing
 from deep_retrieval.layers.l2_normalization import L2Normalization
 from deep_retrieval.layers.multi_resolution import PAPER_SCALES, MultiResolution
@@ -12,6 +14,8 @@ from deep_retrieval.layers.rmac import RMAC
 
 __all__ = [
     "BoxMaxPooling",
+    "GeM",
+    "GeMPooling",
     "ImagePreprocessing",
     "L2Normalization",
     "MultiResolution",

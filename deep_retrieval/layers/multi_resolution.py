@@ -9,13 +9,21 @@ def _one_shape(shape):
     return shape[0] if shape and isinstance(shape[0], (list, tuple)) else shape
 
 
+def _signed_power(x, p, epsilon):
+    return keras.ops.sign(x) * keras.ops.power(keras.ops.maximum(keras.ops.abs(x), epsilon), p)
+
+
 @keras.saving.register_keras_serializable(package="deep_retrieval")
 class MultiResolution(keras.layers.Wrapper):
     """Runs a descriptor network at several image scales and sums the results.
 
     Each scale resizes the input images (bilinear, half-pixel centres), applies
     the wrapped layer, and the per-scale (already L2-normalised) descriptors
-    are summed and L2-normalised again.
+    are summed and L2-normalised again (DIR). With ``power`` p other than 1
+    they are combined as a generalised mean instead,
+    ``L2(g(mean_s g(v_s, p), 1/p))`` with ``g(v, p) = sign(v) max(|v|, eps)^p``:
+    cirtorch's rule for GeM models (p = GeM's power, eps = 0) and dirtorch's
+    (p = 3, eps = 1e-6, which also lifts small means before the root).
 
     Given a list of images instead, one per scale, each already resized from
     the original (`deep_retrieval.data.images.scale_views`, as DIR does),
@@ -26,6 +34,8 @@ class MultiResolution(keras.layers.Wrapper):
         layer: a layer or model mapping ``[N, H, W, 3]`` images to ``[N, D]``
             descriptors.
         scales: relative image scales; ``1.0`` keeps the input as it is.
+        power: the power of the combination (1: the sum).
+        epsilon: the clamp ``eps`` of the generalised mean.
 
     Call arguments:
         inputs: ``[N, H, W, 3]`` images (after preprocessing), or a list of
@@ -41,8 +51,9 @@ class MultiResolution(keras.layers.Wrapper):
         image retrieval", IJCV 2017, Section 5 (multi-resolution).
     """
 
-    def __init__(self, layer, scales=PAPER_SCALES, **kwargs):
+    def __init__(self, layer, scales=PAPER_SCALES, power=1.0, epsilon=0.0, **kwargs):
         super().__init__(layer, **kwargs)
+        self.power, self.epsilon = float(power), float(epsilon)
         scales = tuple(float(s) for s in scales)
         if not scales or min(scales) <= 0:
             raise ValueError(f"`scales` must be positive numbers, got {scales}.")
@@ -69,7 +80,11 @@ class MultiResolution(keras.layers.Wrapper):
         total = None
         for x in views:
             d = self.layer(x, training=training)
+            if self.power != 1:
+                d = _signed_power(d, self.power, self.epsilon)
             total = d if total is None else total + d
+        if self.power != 1:
+            total = _signed_power(total / len(views), 1.0 / self.power, self.epsilon)
         return functional.l2_normalize(total)
 
     def compute_output_shape(self, input_shape):
@@ -77,5 +92,5 @@ class MultiResolution(keras.layers.Wrapper):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"scales": list(self.scales)})
+        config.update({"scales": list(self.scales), "power": self.power, "epsilon": self.epsilon})
         return config

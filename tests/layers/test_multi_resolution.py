@@ -48,3 +48,21 @@ def test_layer_contract(tmp_path):
     rng = np.random.RandomState(0)
     inputs = rng.rand(2, 20, 26, 3).astype("float32")
     keras_utils.run_layer_test(MultiResolution, dict(layer=RMAC(levels=2), scales=(0.5, 1.0)), inputs, (2, 3), tmp_path)
+
+
+def test_generalised_mean_over_scales_matches_numpy():
+    """cirtorch's rule (eps 0) and dirtorch's (eps 1e-6 clamps both powers)."""
+    import keras
+
+    from deep_retrieval.layers import MultiResolution
+
+    rng = np.random.RandomState(5)
+    table = rng.randn(3, 6).astype("float32")
+    table[1, 2] = 1e-9  # a tiny component: the clamps tell the two rules apart
+    views = [np.full((1, 4 + k, 4, 3), k, "float32") for k in range(3)]
+    layer = keras.layers.Lambda(lambda x: keras.ops.take(table, keras.ops.cast(x[:, 0, 0, 0], "int32"), axis=0))
+    for eps in (0.0, 1e-6):
+        got = np.asarray(MultiResolution(layer, scales=(1.0, 0.5, 0.25), power=3.0, epsilon=eps)(views))
+        g = lambda v, p: np.sign(v) * np.maximum(np.abs(v), eps) ** p  # noqa: E731
+        mean = g(np.mean([g(table[k].astype(np.float64), 3.0) for k in range(3)], 0), 1 / 3.0)
+        np.testing.assert_allclose(got[0], mean / np.linalg.norm(mean), atol=1e-5)

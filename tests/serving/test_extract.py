@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
+from deep_retrieval import descriptor_files
 from serving import extract as extract_lib
 from tests.helpers_images import encoded, reference_descriptors
 
@@ -265,7 +266,7 @@ def test_the_model_version_is_pinned_recorded_and_never_mixed(tmp_path):
     count, failed = extract_lib.extract(paths, out, extract_lib.Extractor(_FakeReplicas(lambda b: None, 1), "m",
                                                                           "serving_default", 5, 1), progress=False)
     assert (count, failed) == (6, 0)
-    assert extract_lib.read_run_info(out)["model_version"] == 1
+    assert descriptor_files.read_run_info(out)["model_version"] == 1
     # A version or signature the replicas do not serve is refused before any work.
     with pytest.raises(ValueError, match="no replica serves model 'm' version 7"):
         extract_lib.Extractor(_FakeReplicas(None), "m", "serving_default", 5, 1, version=7).pin()

@@ -4,34 +4,13 @@ import pytest
 from PIL import Image
 
 from deep_retrieval import search
-from serving import index as index_cmd
+from deep_retrieval.descriptor_files import build_index
 from serving import search as search_cmd
 from tests.helpers_images import encoded, reference_descriptors
 
 
 def _parquet(path, names, vectors):
     pd.DataFrame({"image": names, "descriptor": list(vectors.astype(np.float32))}).to_parquet(path)
-
-
-def test_build_append_and_refuse(tmp_path):
-    rng = np.random.default_rng(0)
-    vectors = rng.normal(size=(30, 8)).astype(np.float32)
-    _parquet(tmp_path / "a.parquet", [f"a{i}" for i in range(20)], vectors[:20])
-    _parquet(tmp_path / "b.parquet", [f"a{i}" for i in range(10, 30)], vectors[10:])
-    out = str(tmp_path / "idx")
-    built = index_cmd.build(str(tmp_path / "a.parquet"), out, images_root=str(tmp_path))
-    assert built.kind == "exact" and len(built) == 20
-    grown = index_cmd.build(str(tmp_path / "b.parquet"), out, append=True)
-    assert len(grown) == 30 and len(set(grown.ids)) == 30  # a10..a19 not added twice
-    loaded = search.Index.load(out)
-    assert loaded.metadata["images_root"] == str(tmp_path)
-    _, ids = loaded.search(vectors[25], 1)
-    assert ids[0][0] == "a25"
-    _parquet(tmp_path / "c.parquet", ["x"], np.zeros((1, 4)))
-    with pytest.raises(ValueError, match="size 8, but the model produces 4"):
-        index_cmd.build(str(tmp_path / "c.parquet"), out, append=True)
-    with pytest.raises(ValueError, match="cannot read Parquet"):
-        index_cmd.build(str(tmp_path / "missing.parquet"), out)
 
 
 def test_query_with_box_saved_model_and_picture(exported, tmp_path):
@@ -43,7 +22,7 @@ def test_query_with_box_saved_model_and_picture(exported, tmp_path):
     names = sorted(blobs)
     vectors = reference_descriptors(exported["model"], [blobs[n] for n in names], exported["image_size"])
     _parquet(tmp_path / "d.parquet", names, vectors)
-    index = index_cmd.build(str(tmp_path / "d.parquet"), str(tmp_path / "idx"), images_root=str(root))
+    index = build_index(str(tmp_path / "d.parquet"), str(tmp_path / "idx"), images_root=str(root))
 
     query = str(root / "3.jpg")
     data = blobs["3.jpg"]
@@ -74,7 +53,7 @@ def test_search_command_errors_are_one_line(exported, tmp_path):
 
     vectors = np.random.default_rng(1).normal(size=(3, 32)).astype(np.float32)
     _parquet(tmp_path / "d.parquet", ["a", "b", "c"], vectors)
-    index_cmd.build(str(tmp_path / "d.parquet"), str(tmp_path / "idx"))
+    build_index(str(tmp_path / "d.parquet"), str(tmp_path / "idx"))
     (tmp_path / "q.txt").write_text("not an image")
     base = [sys.executable, "-m", "serving.search", "--index", str(tmp_path / "idx"),
             "--saved_model", exported["version"]]
@@ -96,7 +75,7 @@ def test_search_command_errors_are_one_line(exported, tmp_path):
 def test_repeated_rows_are_indexed_once_with_a_warning(tmp_path, capsys):
     vectors = np.random.default_rng(2).normal(size=(4, 8)).astype(np.float32)
     _parquet(tmp_path / "d.parquet", ["a", "b", "a", "c"], vectors)
-    index = index_cmd.build(str(tmp_path / "d.parquet"), str(tmp_path / "idx"))
+    index = build_index(str(tmp_path / "d.parquet"), str(tmp_path / "idx"))
     assert index.ids == ["a", "b", "c"]
     np.testing.assert_allclose(index.descriptors[0], vectors[0] / np.linalg.norm(vectors[0]), rtol=1e-5)
     assert "1 repeated image row(s) skipped" in capsys.readouterr().err
@@ -105,22 +84,22 @@ def test_repeated_rows_are_indexed_once_with_a_warning(tmp_path, capsys):
 def test_the_index_keeps_the_extraction_version_and_queries_ask_for_it(address, exported, tmp_path):
     import pandas as pd
 
-    from serving import extract as extract_lib
+    from deep_retrieval.descriptor_files import write_descriptors
 
     def written(name, version, vectors):
         path = str(tmp_path / name)
         frame = pd.DataFrame({"image": [f"{name}{i}" for i in range(len(vectors))], "descriptor": list(vectors)})
-        extract_lib._write_parquet(frame, path, {"model_name": "deep_retrieval", "model_version": version,
+        write_descriptors(frame, path, {"model_name": "deep_retrieval", "model_version": version,
                                                  "signature_name": "serving_default"})
         return path
 
     rng = np.random.default_rng(3)
     out = str(tmp_path / "idx")
-    index = index_cmd.build(written("a", 1, rng.normal(size=(4, 32)).astype(np.float32)), out)
+    index = build_index(written("a", 1, rng.normal(size=(4, 32)).astype(np.float32)), out)
     assert search.Index.load(out).metadata["extraction"]["model_version"] == 1 == index.metadata["extraction"][
         "model_version"]
     with pytest.raises(ValueError, match="one index holds one model's descriptors"):
-        index_cmd.build(written("b", 2, rng.normal(size=(2, 32)).astype(np.float32)), out, append=True)
+        build_index(written("b", 2, rng.normal(size=(2, 32)).astype(np.float32)), out, append=True)
     data = encoded(60, 80, 5)
     served = search_cmd.describe(data, server=address, version=1)  # the exported model is version 1
     assert served.shape == (32,)

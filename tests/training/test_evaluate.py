@@ -45,11 +45,6 @@ def test_saved_model_and_qe_dba(exported):
     assert 0 <= expanded["medium"]["map"] <= 100
 
 
-def test_missing_model(tmp_path):
-    with pytest.raises(ValueError, match="no such model"):
-        evaluate.descriptor_fn(str(tmp_path / "nope.keras"))
-
-
 def test_off_the_shelf_is_the_untrained_backbone_with_plain_rmac():
     import keras
 

@@ -1,0 +1,58 @@
+"""Imports a published PyTorch retrieval network (cirtorch or dirtorch) as a
+descriptor model: evaluate it with `training.evaluate`, export it with
+`export.export_saved_model`, serve it with `serving.server`.
+
+    python -m export.import_checkpoint --checkpoint retrievalSfM120k-resnet101-gem-b80fb85.pth \
+        --output models/cirtorch-gem.keras
+    python -m export.import_checkpoint --checkpoint Resnet101-AP-GeM.pt --output models/dir-ap-gem.keras
+
+The layout is recognised from the file (see `deep_retrieval.pytorch_models`);
+the file is read without torch and without running anything it names. The
+model is written atomically.
+"""
+
+import json
+import sys
+
+from absl import app, flags
+
+from deep_retrieval import cli
+
+
+def define_flags():
+    """Defines the command-line flags (only when run as a program)."""
+    flags.DEFINE_string("checkpoint", None, "The cirtorch (.pth) or dirtorch (.pt) checkpoint.")
+    flags.DEFINE_string("output", None, "The descriptor model to write (.keras).")
+    flags.DEFINE_integer("image_size", 1024, "Longest image side the model describes images at (both "
+                         "families evaluate Oxford and Paris at 1024).")
+    flags.DEFINE_list("scales", None, "Relative scales (default: cirtorch's 1,0.7071,0.5; dirtorch's 1).")
+    flags.DEFINE_string("whitening", None, "Post-hoc whitening to apply when the file holds several "
+                        "(cirtorch meta['Lw'] keys such as retrieval-SfM-120k, dirtorch pca keys such as "
+                        "Landmarks_clean); 'none' for none. Default: the only one.")
+
+
+def main(argv):
+    del argv
+    values = flags.FLAGS
+    if not values.checkpoint or not values.output:
+        raise app.UsageError("--checkpoint and --output are required")
+    if not values.output.endswith(".keras"):
+        raise app.UsageError("--output must end in .keras")
+    from deep_retrieval import pytorch_models  # heavy imports after --help
+    from deep_retrieval.files import atomic_write
+
+    try:
+        scales = tuple(float(s) for s in values.scales) if values.scales else None
+        model, summary = pytorch_models.import_checkpoint(values.checkpoint, values.image_size, scales,
+                                                          values.whitening)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    atomic_write(values.output, model.save, ".keras")
+    print(f"{values.output}: {json.dumps(summary)}, descriptor size {model.descriptor_size}")
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)
