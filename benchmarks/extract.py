@@ -2,14 +2,17 @@
 
 Random-weight ResNet-101 (or --backbone) on an already decoded image of
 --width x --height, one image per call, single scale and three scales
-(1, 1/sqrt(2), sqrt(2)). With --reference PATH, the PyTorch reference
-(`torch_rmac_reference.py`) runs in the same invocation, right after, on the
-same image size, and the ratio of images/s is printed.
+(1, 1/sqrt(2), sqrt(2)), with the backbone in float32 and in bfloat16
+(`DescriptorConfig.dtype`, `--dtype`). With --reference PATH, the PyTorch
+reference (`torch_rmac_reference.py`) runs in the same invocation, right
+after, on the same image size, in float32 and in its fastest plain form
+(``--channels-last --bf16``); the ratios of images/s are printed, and the
+share of the bfloat16 GEMM ceiling (``--gemm_gflops``) for ResNet-101.
 
     python benchmarks/extract.py --reference ../shared/bench/torch_rmac_reference.py
 
-Works on the TensorFlow and JAX backends (KERAS_BACKEND); on JAX, --dtype
-bfloat16 runs the backbone under mixed precision, --batch > 1 times batches.
+Works on the TensorFlow and JAX backends (KERAS_BACKEND); --batch > 1 times
+batches.
 ``--regions rpn`` times the model with the region proposal network (its
 proposals, NMS and box pooling are then part of the head).
 """
@@ -112,16 +115,23 @@ def time_model(model, scales, images, warmup, batch):
     }
 
 
-def run_reference(path, args):
+def run_reference(path, args, fast):
+    """The PyTorch reference, float32 (``fast`` False) or channels-last with
+    bfloat16 autocast, PyTorch's fastest plain configuration."""
+    out = f"/tmp/torch_rmac_reference_{'bf16' if fast else 'f32'}.json"
     cmd = [sys.executable, path, "--images", str(args.images), "--warmup", str(args.warmup),
-           "--long-side", str(args.width), "--aspect", str(args.width / args.height),
-           "--json", "/tmp/torch_rmac_reference.json"]
+           "--long-side", str(args.width), "--aspect", str(args.width / args.height), "--json", out]
+    if fast:
+        cmd += ["--channels-last", "--bf16"]
     if args.device:
         cmd += ["--device", args.device]
     print("reference:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
-    with open("/tmp/torch_rmac_reference.json") as f:
+    with open(out) as f:
         return json.load(f)
+
+
+RESNET101_GFLOP = 244.0  # ResNet-101 trunk on a 1024x768 image (2 x 122 G multiply-adds)
 
 
 def main():
@@ -132,9 +142,13 @@ def main():
     parser.add_argument("--images", type=int, default=5, help="timed calls per setting")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--reference", default="", help="path of torch_rmac_reference.py")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "both"], default="both",
+                        help="the descriptor model's DescriptorConfig.dtype")
+    parser.add_argument("--reference", default="", help="path of torch_rmac_reference.py (run in its float32 and "
+                        "--channels-last --bf16 forms)")
     parser.add_argument("--device", default="", help="--device for the reference (cuda on a GPU)")
+    parser.add_argument("--gemm_gflops", type=float, default=834.0,
+                        help="the bfloat16 GEMM rate of this machine (TF's 4096^3 GEMM), for the ceiling")
     parser.add_argument("--json", default="", help="write all figures here")
     parser.add_argument("--skip_multi", action="store_true")
     parser.add_argument("--regions", choices=["grid", "rpn"], default="grid")
@@ -143,33 +157,45 @@ def main():
 
     global IMAGE_SHAPE
     IMAGE_SHAPE = (args.height, args.width, 3)
-    if args.dtype == "bfloat16":
-        keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    model = build_descriptor_model(
-        DescriptorConfig(backbone=args.backbone, weights=None, levels=3, include_global=True,
-                         regions=args.regions, proposals=args.proposals)
-    )
-    info = {"backend": keras.backend.backend(), "backbone": args.backbone, "dtype": args.dtype,
+    dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
+    info = {"backend": keras.backend.backend(), "backbone": args.backbone, "dtypes": dtypes,
             "regions": args.regions, "proposals": args.proposals if args.regions == "rpn" else None,
             "batch": args.batch, "image": [args.height, args.width], "cpu_count": os.cpu_count()}
     print(json.dumps(info), flush=True)
-    results = {"info": info, "single_scale": time_model(model, SINGLE, args.images, args.warmup, args.batch)}
-    if not args.skip_multi:
-        results["multi_scale"] = time_model(model, MULTI, args.images, args.warmup, args.batch)
+    results = {"info": info}
+    for dtype in dtypes:
+        model = build_descriptor_model(
+            DescriptorConfig(backbone=args.backbone, weights=None, levels=3, include_global=True,
+                             regions=args.regions, proposals=args.proposals, dtype=dtype)
+        )
+        results[dtype] = {"single_scale": time_model(model, SINGLE, args.images, args.warmup, args.batch)}
+        if not args.skip_multi:
+            results[dtype]["multi_scale"] = time_model(model, MULTI, args.images, args.warmup, args.batch)
     results["peak_rss_mb"] = _peak_rss_mb()
+    references = {}
     if args.reference:
-        results["reference"] = run_reference(args.reference, args)
-    for key in ("single_scale", "multi_scale"):
-        if key not in results:
-            continue
-        r = results[key]
-        line = (f"{key}: {r['images_per_s']:.3f} images/s ({r['seconds_per_call']:.3f} s/call), "
-                f"R-MAC head {r['head_share'] * 100:.2f}% ({r['head_ms']:.1f} ms)")
-        if "reference" in results and key in results["reference"]:
-            ref = results["reference"][key]
-            line += (f"; reference {ref['images_per_s']:.3f} images/s, R-MAC {ref['rmac_share'] * 100:.2f}%"
-                     f"; ratio {r['images_per_s'] / ref['images_per_s']:.2f}x")
-        print(line)
+        references = {"torch float32": run_reference(args.reference, args, False),
+                      "torch channels-last bf16": run_reference(args.reference, args, True)}
+        results["reference"] = references
+    ceiling = None
+    if args.backbone == "resnet101":
+        ceiling = args.gemm_gflops / (RESNET101_GFLOP * args.width * args.height / (1024 * 768))
+    for dtype in dtypes:
+        for key in ("single_scale", "multi_scale"):
+            if key not in results[dtype]:
+                continue
+            r = results[dtype][key]
+            line = (f"{dtype} {key}: {r['images_per_s']:.3f} images/s ({r['seconds_per_call']:.3f} s/call), "
+                    f"R-MAC head {r['head_share'] * 100:.2f}% ({r['head_ms']:.1f} ms)")
+            for name, ref in references.items():
+                if key in ref:
+                    line += f"; {r['images_per_s'] / ref[key]['images_per_s']:.2f}x {name}"
+            if ceiling and key == "single_scale":
+                line += f"; {r['images_per_s'] / ceiling * 100:.0f}% of the bf16 GEMM ceiling ({ceiling:.2f}/s)"
+            print(line)
+    for name, ref in references.items():
+        print(f"{name}: " + ", ".join(f"{k} {ref[k]['images_per_s']:.3f} images/s"
+                                      for k in ("single_scale", "multi_scale") if k in ref))
     print(f"peak RSS {results['peak_rss_mb']:.0f} MB (this process, all settings)")
     if args.json:
         with open(args.json, "w") as f:

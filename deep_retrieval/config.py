@@ -65,6 +65,9 @@ class DescriptorConfig:
                                       "takes their generalised mean of power p (cirtorch, dirtorch).")
     multiscale_epsilon: float = setting(0.0, "with multiscale_power: |v| is clamped to at least this in both "
                                         "powers (dirtorch's 1e-6; 0 for cirtorch).")
+    dtype: str = setting("float32", '"float32", or "bfloat16": the backbone computes in bfloat16 (Keras\'s '
+                         'mixed_bfloat16 policy, weights kept in float32) while the head, normalisations, whitening '
+                         'and sums stay in float32; the descriptor is float32.')
     post_whitening_dim: Optional[int] = setting(None, "size of a whitening P(x - m) applied after the scales "
                                                 "are combined, then L2 (cirtorch's Lw, dirtorch's PCA); None "
                                                 "for none.")
@@ -90,6 +93,8 @@ class DescriptorConfig:
             raise ValueError(f"`pooling` must be 'rmac' or 'gem', got {self.pooling!r}.")
         if self.pooling == "gem" and (self.regions != "grid" or self.whitening_dim is not None):
             raise ValueError("GeM pools the whole map: `regions` and `whitening_dim` are R-MAC's (use fc_dim).")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"`dtype` must be 'float32' or 'bfloat16', got {self.dtype!r}.")
         if self.multiscale_power <= 0:
             raise ValueError(f"`multiscale_power` must be positive, got {self.multiscale_power}.")
         if self.whitening_dim is not None and self.whitening_dim < 1:

@@ -220,18 +220,20 @@ def proposal_recall(model, paths, boxes, longest, tops=(16, 64, 256), iou_thresh
     return result
 
 
-def describer(model_path, image_size=None, progress=True):
+def describer(model_path, image_size=None, progress=True, dtype=None):
     """`evaluate_model`'s ``describe`` for a model file of either kind
     (``image_size``: the longest side for a ``.keras`` model, default the
-    one it carries; a SavedModel has its own inside its graph)."""
+    one it carries; a SavedModel has its own inside its graph; ``dtype``:
+    run a ``.keras`` model in ``"float32"`` or ``"bfloat16"``, default its
+    own)."""
     import keras
 
-    from deep_retrieval.model import image_size_of  # also registers the classes
+    from deep_retrieval.model import image_size_of, with_dtype  # also registers the classes
 
     if os.path.isdir(model_path):
-        if image_size:
-            raise ValueError(f"{model_path} is a SavedModel: it resizes images inside its graph, "
-                             "--image_size does not apply")
+        if image_size or dtype:
+            raise ValueError(f"{model_path} is a SavedModel: it resizes images and has its dtype inside its "
+                             "graph, --image_size and --dtype do not apply")
         return saved_model_describer(model_path, progress=progress)
     if not os.path.isfile(model_path):
         raise ValueError(f"{model_path}: no such model file or SavedModel folder")
@@ -243,4 +245,4 @@ def describer(model_path, image_size=None, progress=True):
         image_size = image_size_of(model, image_size)
     except ValueError as e:
         raise ValueError(f"{model_path}: {e}") from None
-    return model_describer(model, image_size, progress=progress)
+    return model_describer(with_dtype(model, dtype), image_size, progress=progress)

@@ -8,6 +8,7 @@
       -> [post-hoc whitening -> L2]
 """
 
+import contextlib
 import dataclasses
 
 import keras
@@ -21,6 +22,17 @@ from deep_retrieval.layers import RMAC, GeM, ImagePreprocessing, L2Normalization
 __all__ = ["DescriptorConfig", "DescriptorModel", "build_descriptor_model"]
 
 
+@contextlib.contextmanager
+def _policy(name):
+    """Layers built inside take the dtype policy ``name``."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 @keras.saving.register_keras_serializable(package="deep_retrieval")
 class DescriptorModel(keras.Model):
     """Multi-resolution R-MAC descriptor model (see the module docstring).
@@ -29,7 +41,8 @@ class DescriptorModel(keras.Model):
         backbone, weights, levels, include_global, scales, whitening_dim,
         regions, proposals, pre_nms_proposals, nms_threshold, anchor_scales,
         anchor_ratios, rpn_channels, pooling, gem_p, normalize_pooled, fc_dim,
-        multiscale_power, multiscale_epsilon, post_whitening_dim: the fields of
+        multiscale_power, multiscale_epsilon, dtype, post_whitening_dim: the
+        fields of
         `DescriptorConfig`.
         image_size: the longest image side (pixels) the model was trained
             for and describes images at, saved with it as part of its input
@@ -75,6 +88,7 @@ class DescriptorModel(keras.Model):
         fc_dim=DescriptorConfig.fc_dim,
         multiscale_power=DescriptorConfig.multiscale_power,
         multiscale_epsilon=DescriptorConfig.multiscale_epsilon,
+        dtype=DescriptorConfig.dtype,
         post_whitening_dim=DescriptorConfig.post_whitening_dim,
         image_size=None,
         **kwargs,
@@ -101,10 +115,12 @@ class DescriptorModel(keras.Model):
             fc_dim=fc_dim,
             multiscale_power=multiscale_power,
             multiscale_epsilon=multiscale_epsilon,
+            dtype=dtype,
             post_whitening_dim=post_whitening_dim,
         )
         c = self.config
-        self.backbone, self.spec = backbones.build_backbone(backbone, weights)
+        with _policy("mixed_bfloat16" if c.dtype == "bfloat16" else keras.config.dtype_policy().name):
+            self.backbone, self.spec = backbones.build_backbone(backbone, weights)
         self.preprocess = ImagePreprocessing(self.spec.preprocessing, name="preprocessing")
         rpn = None
         if c.regions == "rpn":
@@ -269,6 +285,16 @@ def build_descriptor_model(config=None, image_size=None):
     model = DescriptorModel(**dataclasses.asdict(config), image_size=image_size, name="descriptor_model")
     model.build((None, None, None, 3))
     return model
+
+
+def with_dtype(model, dtype):
+    """``model`` itself when it already computes in ``dtype`` (`DescriptorConfig.dtype`),
+    else the same model rebuilt for it, with the same weights."""
+    if dtype is None or dtype == model.config.dtype:
+        return model
+    other = build_descriptor_model(dataclasses.replace(model.config, dtype=dtype, weights=None), model.image_size)
+    other.set_weights(model.get_weights())
+    return other
 
 
 def image_size_of(model, image_size=None):

@@ -17,12 +17,21 @@ Three signatures over one Keras descriptor model:
 * ``pixels``: ``images`` DT_UINT8 ``[-1, -1, -1, 3]`` for callers that decode
   themselves (one size per batch, at the original resolution) ->
   ``descriptors``.
+
+``serving_default`` and ``crops`` decode and resize every image first, then
+group the images whose views have the same shapes at every scale (photos of
+one aspect ratio) and run each group through the network as one batch of at
+most `MAX_BATCH` images: a request of same-size photos costs one backbone
+call per scale, not one per image.
 """
 
 import keras
 import tensorflow as tf
 
 from deep_retrieval.data.images import decode, scale_views
+
+MAX_BATCH = 16
+"""Images per network call inside a request (bounds activation memory)."""
 
 
 class DescriptorModule:
@@ -38,25 +47,53 @@ class DescriptorModule:
         self.image_size = int(image_size)
         self.descriptor_size = int(model.descriptor_size)
 
-    def _describe(self, image, box=None):
-        """One decoded image (and optional box) -> its ``[D]`` descriptor."""
-        views = scale_views(image, self.image_size, self.model.config.scales, box)
-        return self.model([v[None] for v in views], training=False)[0]
+    def _describe_batched(self, images, boxes=None):
+        """Encoded images ``[N]`` (and boxes ``[N, 4]``) -> ``[N, D]``, the
+        images grouped by the shapes of their views (see the module).
 
-    def _map(self, fn, elems):
-        return tf.map_fn(
-            fn, elems, fn_output_signature=tf.TensorSpec([self.descriptor_size], tf.float32)
-        )
+        Explicit `tf.while_loop`s: Keras traces endpoints without AutoGraph.
+        """
+        scales = self.model.config.scales
+        count = tf.shape(images)[0]
+
+        def prepare(i, views, keys):
+            box = None if boxes is None else boxes[i]
+            scaled = scale_views(decode(images[i]), self.image_size, scales, box)
+            views = [ta.write(i, v) for ta, v in zip(views, scaled)]
+            return i + 1, views, keys.write(i, tf.concat([tf.shape(v)[:2] for v in scaled], 0))
+
+        views = [tf.TensorArray(tf.float32, size=count, infer_shape=False, element_shape=[None, None, 3])
+                 for _ in scales]
+        keys = tf.TensorArray(tf.int32, size=count, element_shape=[2 * len(scales)])
+        _, views, keys = tf.while_loop(lambda i, *_: i < count, prepare, (0, views, keys))
+        shapes, group = tf.raw_ops.UniqueV2(x=tf.reshape(keys.stack(), [count, 2 * len(scales)]), axis=[0])
+        # Chunks of at most MAX_BATCH images of one group: (group, start) pairs.
+        members = tf.argsort(group, stable=True)
+        sizes = tf.math.bincount(group, minlength=tf.shape(shapes)[0], dtype=tf.int32)
+        offsets = tf.cumsum(sizes, exclusive=True)
+
+        def run(chunk, out):
+            # The chunk-th chunk over the groups taken in order.
+            per_group = (sizes + MAX_BATCH - 1) // MAX_BATCH
+            g = tf.searchsorted(tf.cumsum(per_group), [chunk], side="right")[0]
+            k = chunk - (tf.cumsum(per_group, exclusive=True)[g])
+            start = offsets[g] + k * MAX_BATCH
+            part = members[start:tf.minimum(start + MAX_BATCH, offsets[g] + sizes[g])]
+            batch = [ta.gather(part) for ta in views]
+            return chunk + 1, tf.tensor_scatter_nd_update(out, part[:, None], self.model(batch, training=False))
+
+        chunks = tf.reduce_sum((sizes + MAX_BATCH - 1) // MAX_BATCH)
+        out = tf.zeros([count, self.descriptor_size], tf.float32)
+        _, out = tf.while_loop(lambda c, _: c < chunks, run, (0, out))
+        return out
 
     def serve(self, images):
         """Encoded images ``[N]`` -> ``{"descriptors": [N, D]}``."""
-        return {"descriptors": self._map(lambda data: self._describe(decode(data)), images)}
+        return {"descriptors": self._describe_batched(images)}
 
     def serve_crops(self, images, boxes):
         """Encoded images ``[N]``, boxes ``[N, 4]`` -> ``{"descriptors": [N, D]}``."""
-        return {"descriptors": self._map(
-            lambda item: self._describe(decode(item[0]), item[1]), (images, boxes)
-        )}
+        return {"descriptors": self._describe_batched(images, boxes)}
 
     def serve_pixels(self, images):
         """uint8 pixels ``[N, H, W, 3]`` -> ``{"descriptors": [N, D]}``."""

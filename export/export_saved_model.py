@@ -34,6 +34,9 @@ def define_flags():
     flags.DEFINE_string("run_id", None, "Training run id recorded in model_info.json (default: a hash "
                         "of the .keras file).")
     flags.DEFINE_boolean("overwrite", False, "Replace an existing export at --output_dir.")
+    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Precision of the exported backbone (default: "
+                      "the model's own; bfloat16 keeps the head, whitening and sums in float32, descriptors "
+                      "float32).")
 
 
 WARMUP_SIZES = ((480, 640), (640, 480), (64, 64))
@@ -60,13 +63,15 @@ def warmup_records(model_name, sizes=WARMUP_SIZES):
     return records
 
 
-def export(model_path, output_dir, image_size=None, model_name="deep_retrieval", run_id=None, overwrite=False):
+def export(model_path, output_dir, image_size=None, model_name="deep_retrieval", run_id=None, overwrite=False,
+           dtype=None):
     """Exports ``model_path`` to ``output_dir`` for images of longest side
-    ``image_size`` (default: the model's own); returns the model info dict."""
+    ``image_size`` (default: the model's own), its backbone in ``dtype``
+    (default: the model's own); returns the model info dict."""
     import keras
     import tensorflow as tf
 
-    from deep_retrieval.model import image_size_of  # also registers the classes
+    from deep_retrieval.model import image_size_of, with_dtype  # also registers the classes
     from export.descriptor_module import DescriptorModule
 
     if not os.path.isfile(model_path):
@@ -84,6 +89,7 @@ def export(model_path, output_dir, image_size=None, model_name="deep_retrieval",
     if run_id is None:
         with open(model_path, "rb") as f:
             run_id = hashlib.sha1(f.read()).hexdigest()[:12]
+    model = with_dtype(model, dtype)
     module = DescriptorModule(model, image_size)
     tmp = output_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -103,6 +109,7 @@ def export(model_path, output_dir, image_size=None, model_name="deep_retrieval",
         "regions": model.config.regions,
         "proposals": model.config.proposals if model.config.regions == "rpn" else None,
         "pooling": model.config.pooling,
+        "dtype": model.config.dtype,
         "multiscale_power": model.config.multiscale_power,
         "image_size": int(image_size),
         "training_run_id": run_id,
@@ -123,7 +130,7 @@ def main(argv):
         raise app.UsageError("--model and --output_dir are required")
     try:
         info = export(flags.FLAGS.model, flags.FLAGS.output_dir, flags.FLAGS.image_size, flags.FLAGS.model_name,
-                      flags.FLAGS.run_id, flags.FLAGS.overwrite)
+                      flags.FLAGS.run_id, flags.FLAGS.overwrite, flags.FLAGS.dtype)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -126,3 +126,27 @@ def test_a_saved_model_reloads_with_its_image_size(tmp_path):
     assert unsized.image_size is None
     with pytest.raises(ValueError, match="pass --image_size"):
         image_size_of(unsized)
+
+
+def test_bfloat16_backbone_float32_head_and_descriptor(tmp_path):
+    import keras
+
+    from deep_retrieval.model import with_dtype
+
+    config = DescriptorConfig(backbone="tiny", weights=None, whitening_dim=16, scales=(1.0, 0.5))
+    f32 = build_descriptor_model(config, image_size=64)
+    bf16 = with_dtype(f32, "bfloat16")
+    assert with_dtype(f32, "float32") is f32 and bf16.config.dtype == "bfloat16"
+    convs = [layer for layer in bf16.backbone.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert {layer.compute_dtype for layer in convs} == {"bfloat16"}
+    assert {v.dtype for v in bf16.weights} == {"float32"}  # weights stay float32
+    assert bf16.head.compute_dtype == "float32" and keras.config.dtype_policy().name == "float32"
+    x = np.random.RandomState(0).uniform(0, 255, (3, 64, 48, 3)).astype("float32")
+    a, b = np.asarray(f32(x)), np.asarray(bf16(x))
+    assert b.dtype == np.float32
+    cosine = np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() >= 0.99 and np.abs(a - b).max() > 1e-6
+    bf16.save(tmp_path / "bf16.keras")
+    loaded = keras.models.load_model(tmp_path / "bf16.keras")
+    assert loaded.config.dtype == "bfloat16"
+    np.testing.assert_allclose(np.asarray(loaded(x)), b, atol=1e-6)

@@ -42,6 +42,8 @@ def define_flags():
     flags.DEFINE_integer("image_size", None, "Longest image side of a .keras model (default: the one it "
                          "carries; a SavedModel resizes inside its graph); with --backbone, default the "
                          "demo preset's.")
+    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Run a .keras model's backbone in this precision "
+                      "(default: the model's own; bfloat16 keeps the head, whitening and sums in float32).")
     flags.DEFINE_integer("qe", 0, "αQE: expand each query with its top-k results (0: off).")
     flags.DEFINE_float("qe_alpha", 3.0, "αQE exponent.")
     flags.DEFINE_integer("dba", 0, "Database-side augmentation with the top-k neighbours (0: off).")
@@ -61,7 +63,7 @@ def off_the_shelf(backbone, weights="imagenet", image_size=None, progress=True):
 
 
 def run(data_root, dataset, model_path, image_size=None, qe=0, qe_alpha=3.0, dba=0, progress=True,
-        backbone=None, weights="imagenet", rerank=False):
+        backbone=None, weights="imagenet", rerank=False, dtype=None):
     """Extracts, ranks and scores; returns `evaluation.evaluate`'s dict (percent).
 
     ``model_path`` None with ``backbone`` set scores `off_the_shelf` instead.
@@ -71,7 +73,7 @@ def run(data_root, dataset, model_path, image_size=None, qe=0, qe_alpha=3.0, dba
 
     data = groundtruth.load_dataset(data_root, dataset)
     if model_path:
-        describe = extraction.describer(model_path, image_size, progress)
+        describe = extraction.describer(model_path, image_size, progress, dtype)
     else:
         describe = off_the_shelf(backbone, weights, image_size or _demo_image_size(), progress)
     return extraction.evaluate_model(describe, data, qe, qe_alpha, dba, rerank)
@@ -103,7 +105,8 @@ def main(argv):
         if FLAGS.backbone and not FLAGS.image_size:
             print(f"image size: {_demo_image_size()} px (the demo preset's; set --image_size)")
         results = run(data_root, dataset, FLAGS.model, FLAGS.image_size, FLAGS.qe,
-                      FLAGS.qe_alpha, FLAGS.dba, FLAGS.progress, FLAGS.backbone, weights, FLAGS.rerank)
+                      FLAGS.qe_alpha, FLAGS.dba, FLAGS.progress, FLAGS.backbone, weights, FLAGS.rerank,
+                      FLAGS.dtype)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -20,6 +20,39 @@ def test_signature_matches_keras_model(exported):
     assert np.abs(out - want).max() <= 1e-5
 
 
+def test_same_shape_images_run_as_batches_with_one_at_a_time_descriptors(exported, monkeypatch):
+    """serving_default groups the request's images by view shapes: a mixed
+    request (two sizes interleaved, more than MAX_BATCH of one) gives each
+    image its one-at-a-time descriptor, in request order."""
+    from export import descriptor_module
+
+    blobs = [encoded(60, 80, i) if i % 3 else encoded(80, 60, i, "PNG") for i in range(20)]
+    loaded = tf.saved_model.load(exported["version"])
+    out = loaded.signatures["serving_default"](images=tf.constant(blobs))["descriptors"].numpy()
+    one = np.concatenate([loaded.signatures["serving_default"](images=tf.constant([b]))["descriptors"].numpy()
+                          for b in blobs])
+    assert out.shape == (20, 32) and np.abs(out - one).max() <= 1e-5
+    assert np.abs(out - reference_descriptors(exported["model"], blobs, exported["image_size"])).max() <= 1e-5
+    # The batches it forms, counted in an eager run with MAX_BATCH 4.
+    calls = []
+
+    class Counting:
+        def __init__(self, model):
+            self.model, self.config, self.descriptor_size = model, model.config, model.descriptor_size
+
+        def __call__(self, views, training=None):
+            calls.append(int(views[0].shape[0]))
+            return self.model(views, training=training)
+
+    monkeypatch.setattr(descriptor_module, "MAX_BATCH", 4)
+    module = descriptor_module.DescriptorModule(Counting(exported["model"]), exported["image_size"])
+    eager = module.serve(tf.constant(blobs))["descriptors"].numpy()  # eager: one call per batch
+    assert np.abs(eager - out).max() <= 1e-5
+    assert sorted(calls) == [1, 3, 4, 4, 4, 4]  # 13 landscape, 7 portrait, in chunks of 4
+    assert tf.saved_model.load(exported["version"]).signatures["serving_default"](
+        images=tf.constant([], tf.string))["descriptors"].shape == (0, 32)
+
+
 def test_crops_signature_keeps_the_image_scale(exported):
     blobs = [encoded(120, 160, 8), encoded(100, 70, 9, "PNG")]
     boxes = [[10, 20, 110, 95], [float("nan")] * 4]
@@ -134,3 +167,20 @@ def test_rpn_model_exports_and_loads_like_tf_serving(tmp_path):
         out = sess.run(sig.outputs["descriptors"].name, {sig.inputs["images"].name: np.array(blobs, dtype=object)})
     assert out.shape == (2, 16)
     assert np.abs(out - want).max() <= 1e-5
+
+
+def test_bfloat16_export_runs_under_tf_servings_loader(exported, tmp_path):
+    """--dtype bfloat16: the backbone in bfloat16, float32 descriptors close
+    to the float32 export's, and a SavedModel TF Serving's session loader runs."""
+    out = str(tmp_path / "bf16" / "1")
+    info = export_saved_model.export(exported["keras"], out, image_size=exported["image_size"], dtype="bfloat16")
+    assert info["dtype"] == "bfloat16"
+    blobs = [encoded(80, 100, 5), encoded(64, 90, 6)]
+    want = reference_descriptors(exported["model"], blobs, exported["image_size"])
+    with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as sess:
+        meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], out)
+        sig = meta.signature_def["serving_default"]
+        assert sig.outputs["descriptors"].dtype == tf.float32.as_datatype_enum
+        got = sess.run(sig.outputs["descriptors"].name, {sig.inputs["images"].name: np.array(blobs, dtype=object)})
+    cosine = np.sum(got * want, 1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cosine.min() >= 0.99 and np.abs(got - want).max() > 1e-6  # close, and computed in bfloat16
