@@ -226,23 +226,14 @@ def describer(model_path, image_size=None, progress=True, dtype=None):
     one it carries; a SavedModel has its own inside its graph; ``dtype``:
     run a ``.keras`` model in ``"float32"`` or ``"bfloat16"``, default its
     own)."""
-    import keras
-
-    from deep_retrieval.model import image_size_of, with_dtype  # also registers the classes
+    from deep_retrieval.model import load_descriptor_model, with_dtype
 
     if os.path.isdir(model_path):
         if image_size or dtype:
-            raise ValueError(f"{model_path} is a SavedModel: it resizes images and has its dtype inside its "
-                             "graph, --image_size and --dtype do not apply")
+            raise ValueError(f"{model_path} is a SavedModel: it resizes images inside its graph and has its "
+                             "dtype fixed at export; --image_size and --dtype do not apply")
         return saved_model_describer(model_path, progress=progress)
     if not os.path.isfile(model_path):
         raise ValueError(f"{model_path}: no such model file or SavedModel folder")
-    try:
-        model = keras.models.load_model(model_path)
-    except Exception as e:
-        raise ValueError(f"{model_path}: cannot load the model: {e}") from e
-    try:
-        image_size = image_size_of(model, image_size)
-    except ValueError as e:
-        raise ValueError(f"{model_path}: {e}") from None
+    model, image_size = load_descriptor_model(model_path, image_size)
     return model_describer(with_dtype(model, dtype), image_size, progress=progress)

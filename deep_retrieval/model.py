@@ -287,6 +287,20 @@ def build_descriptor_model(config=None, image_size=None):
     return model
 
 
+def load_descriptor_model(path, image_size=None):
+    """``(model, image_size)`` of a saved ``.keras`` descriptor model: the
+    size given, else the one it carries (`image_size_of`); errors name the
+    file."""
+    try:
+        model = keras.models.load_model(path)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot load the model: {e}") from e
+    try:
+        return model, image_size_of(model, image_size)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
 def with_dtype(model, dtype):
     """``model`` itself when it already computes in ``dtype`` (`DescriptorConfig.dtype`),
     else the same model rebuilt for it, with the same weights."""

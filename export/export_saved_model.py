@@ -68,24 +68,16 @@ def export(model_path, output_dir, image_size=None, model_name="deep_retrieval",
     """Exports ``model_path`` to ``output_dir`` for images of longest side
     ``image_size`` (default: the model's own), its backbone in ``dtype``
     (default: the model's own); returns the model info dict."""
-    import keras
     import tensorflow as tf
 
-    from deep_retrieval.model import image_size_of, with_dtype  # also registers the classes
+    from deep_retrieval.model import load_descriptor_model, with_dtype
     from export.descriptor_module import DescriptorModule
 
     if not os.path.isfile(model_path):
         raise ValueError(f"{model_path}: model file not found")
     if os.path.exists(output_dir) and not overwrite:
         raise ValueError(f"{output_dir} already exists; pass --overwrite or use a new version number")
-    try:
-        model = keras.models.load_model(model_path)
-    except Exception as e:
-        raise ValueError(f"{model_path}: cannot load the model: {e}") from e
-    try:
-        image_size = image_size_of(model, image_size)
-    except ValueError as e:
-        raise ValueError(f"{model_path}: {e}") from None
+    model, image_size = load_descriptor_model(model_path, image_size)
     if run_id is None:
         with open(model_path, "rb") as f:
             run_id = hashlib.sha1(f.read()).hexdigest()[:12]
