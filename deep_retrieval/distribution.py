@@ -1,5 +1,5 @@
 """tf.distribute helpers of training: the strategy, the chief, and sums of
-per-example results (gradient accumulation).
+per-example results (the RPN's images at their own sizes).
 
 TensorFlow only.
 """
@@ -40,18 +40,11 @@ def worker_index(strategy):
     return resolver.task_id
 
 
-def sum_loop(count, body, init, unroll):
+def sum_loop(count, body, init):
     """``init`` plus ``body(i)`` summed over ``i < count``, one ``i`` after the
-    other: a `tf.while_loop`, or a Python loop when ``unroll`` (synchronized
-    batch norm cannot sit inside control flow)."""
-    add = lambda a, b: [x + y for x, y in zip(a, b)]  # noqa: E731
-    if unroll:
-        total = init
-        for i in range(count):
-            total = add(total, body(i))
-        return total
+    other (a `tf.while_loop`: one image's activations alive at a time)."""
     _, total = tf.while_loop(
-        lambda i, _: i < count, lambda i, t: (i + 1, add(t, body(i))), (tf.constant(0), init),
+        lambda i, _: i < count, lambda i, t: (i + 1, [x + y for x, y in zip(t, body(i))]), (tf.constant(0), init),
         parallel_iterations=1,
     )
     return total

@@ -64,7 +64,7 @@ class RPNTraining:
                     return [st] + list(g)
 
                 count = images.shape[0]
-                out = sum_loop(count, one, [tf.zeros([4])] + [tf.zeros_like(v) for v in variables], False)
+                out = sum_loop(count, one, [tf.zeros([4])] + [tf.zeros_like(v) for v in variables])
                 stats = out[0] / tf.constant([count, count, count, 1.0])
                 grads = [g / count for g in out[1:]]
             self.rpn_optimizer.apply_gradients(zip([g / replicas for g in grads], variables))
