@@ -8,7 +8,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from deep_retrieval.data import pipeline
-from deep_retrieval.data.images import diagnose
+from deep_retrieval.data.images import diagnose, file_problem, scaled_shape
 
 
 def compiled_fn(fn):
@@ -41,8 +41,10 @@ def extract(fn, paths, longest, boxes=None, scales=(1.0,), batch_size=16, progre
     """Descriptors of image files, in order.
 
     Each image is decoded once and resized from the original to every scale
-    (`images.scale_views`); consecutive images of the same size are batched
-    together.
+    (`images.scale_views`). Images are read in the order of their size at
+    ``longest`` (from their headers, `size_order`), so that images of one
+    size run as batches even when the list mixes sizes; the result keeps
+    the order of ``paths``.
 
     Args:
         fn: a callable from a list of float32 batches ``[N, H_s, W_s, 3]``,
@@ -77,13 +79,15 @@ def extract(fn, paths, longest, boxes=None, scales=(1.0,), batch_size=16, progre
         batch.clear()
         indices.clear()
 
+    order = size_order(paths, longest, boxes)
+    ordered_boxes = None if boxes is None else [boxes[i] for i in order]
     with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
-        for index, views in pipeline.image_dataset(paths, longest, boxes, scales):
+        for index, views in pipeline.image_dataset([paths[i] for i in order], longest, ordered_boxes, scales):
             shapes = [v.shape for v in views]
             if batch and (shapes != [v.shape for v in batch[0]] or len(batch) == batch_size):
                 flush()
             batch.append(views)
-            indices.append(int(index))
+            indices.append(order[int(index)])
         if batch:
             flush()
     failed = np.nonzero(~done)[0]
@@ -96,6 +100,25 @@ def extract(fn, paths, longest, boxes=None, scales=(1.0,), batch_size=16, progre
     if out is None:
         out = np.zeros((n, 0), dtype=np.float32)
     return out, failed
+
+
+def size_order(paths, longest, boxes=None):
+    """Indices of ``paths`` ordered by the size of the whole image at
+    ``longest`` (stable), read from the file headers; boxed images and
+    files whose header does not read keep their place at the end. Only an
+    order: decoding, and its checks, happen later as always."""
+    keys = []
+    for i, path in enumerate(paths):
+        key = None
+        whole = boxes is None or np.isnan(np.asarray(boxes[i], np.float64)).any()
+        if whole and file_problem(path) is None:  # never open a FIFO or a device
+            try:
+                with Image.open(path) as im:
+                    key = scaled_shape(im.height, im.width, longest)
+            except Exception:  # unreadable: the decoder reports it
+                key = None
+        keys.append((key is None, key or (0, 0), i))
+    return [k[2] for k in sorted(keys)]
 
 
 def model_describer(model, longest, batch_size=16, progress=True):

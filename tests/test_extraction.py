@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -30,8 +32,8 @@ def test_batches_same_sizes_and_keeps_order(tmp_path):
 
     out, failed = extraction.extract(fn, paths, 30, scales=(1.0, 0.5), batch_size=8, progress=False)
     assert failed.size == 0
-    assert calls == [[(2, 20, 30, 3), (2, 10, 15, 3)], [(1, 30, 20, 3), (1, 15, 10, 3)],
-                     [(1, 20, 30, 3), (1, 10, 15, 3)]]
+    # Read by size: the three landscape images form one batch, wherever they sit.
+    assert calls == [[(3, 20, 30, 3), (3, 10, 15, 3)], [(1, 30, 20, 3), (1, 15, 10, 3)]]
     for i, p in enumerate(paths):
         image = tf.image.resize(images.decode(tf.io.read_file(p)), calls[1 if i == 2 else 0][0][1:3],
                                 antialias=True)
@@ -89,3 +91,33 @@ def test_saved_model_describer_names_the_file_that_fails(exported, tmp_path):
 def test_describer_of_a_missing_model_names_it(tmp_path):
     with pytest.raises(ValueError, match="nope.keras: no such model file or SavedModel folder"):
         extraction.describer(str(tmp_path / "nope.keras"))
+
+
+def test_mixed_sizes_run_in_batches_and_keep_their_order(tmp_path):
+    """Landscape and portrait files interleaved: read by size, so each size
+    runs as batches, and every row still matches its own file."""
+    from PIL import Image
+
+    from tests.helpers_images import textured
+
+    paths = []
+    for i in range(6):
+        h, w = (30, 40) if i % 2 else (40, 30)
+        Image.fromarray(textured(h, w, i)).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    (tmp_path / "pipe.png").unlink(missing_ok=True)
+    os.mkfifo(tmp_path / "pipe.png")  # never opened for its size either
+    paths.append(str(tmp_path / "pipe.png"))
+    calls = []
+
+    def fn(views):
+        calls.append(tuple(views[0].shape))
+        return tf.reduce_mean(views[0], axis=(1, 2))
+
+    out, failed = extraction.extract(fn, paths, 40, progress=False, strict=False)
+    assert sorted(calls) == [(3, 30, 40, 3), (3, 40, 30, 3)]  # two batches, not six
+    assert failed.tolist() == [6]
+    for i in range(6):
+        alone, _ = extraction.extract(fn, [paths[i]], 40, progress=False)
+        np.testing.assert_allclose(out[i], alone[0], rtol=1e-6)
+    assert extraction.size_order(paths, 40) == [1, 3, 5, 0, 2, 4, 6]  # 30x40 before 40x30, the FIFO last
