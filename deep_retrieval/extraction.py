@@ -37,7 +37,7 @@ def compiled_single_scale(model):
 
 
 def extract(fn, paths, longest, boxes=None, scales=(1.0,), batch_size=16, progress=True,
-            desc="extract", strict=True):
+            desc="extract", strict=True, sizes=None):
     """Descriptors of image files, in order.
 
     Each image is decoded once and resized from the original to every scale
@@ -59,6 +59,8 @@ def extract(fn, paths, longest, boxes=None, scales=(1.0,), batch_size=16, progre
         progress: show a progress bar.
         desc: the progress bar's label.
         strict: raise on unreadable images; otherwise return them as failed.
+        sizes: optional ``[(height, width)]`` of the images (a manifest's),
+            for the reading order without opening the files first.
 
     Returns:
         ``(descriptors [n, D] float32, failed indices)``; rows of failed images
@@ -79,7 +81,7 @@ def extract(fn, paths, longest, boxes=None, scales=(1.0,), batch_size=16, progre
         batch.clear()
         indices.clear()
 
-    order = size_order(paths, longest, boxes)
+    order = size_order(paths, longest, boxes, sizes)
     ordered_boxes = None if boxes is None else [boxes[i] for i in order]
     with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
         for index, views in pipeline.image_dataset([paths[i] for i in order], longest, ordered_boxes, scales):
@@ -102,16 +104,19 @@ def extract(fn, paths, longest, boxes=None, scales=(1.0,), batch_size=16, progre
     return out, failed
 
 
-def size_order(paths, longest, boxes=None):
+def size_order(paths, longest, boxes=None, sizes=None):
     """Indices of ``paths`` ordered by the size of the whole image at
-    ``longest`` (stable), read from the file headers; boxed images and
-    files whose header does not read keep their place at the end. Only an
-    order: decoding, and its checks, happen later as always."""
+    ``longest`` (stable), from ``sizes`` (``[(height, width)]``, when the
+    caller knows them) or else the file headers; boxed images and files
+    whose header does not read keep their place at the end. Only an order:
+    decoding, and its checks, happen later as always."""
     keys = []
     for i, path in enumerate(paths):
         key = None
         whole = boxes is None or np.isnan(np.asarray(boxes[i], np.float64)).any()
-        if whole and file_problem(path) is None:  # never open a FIFO or a device
+        if whole and sizes is not None:
+            key = scaled_shape(sizes[i][0], sizes[i][1], longest)
+        elif whole and file_problem(path) is None:  # never open a FIFO or a device
             try:
                 with Image.open(path) as im:
                     key = scaled_shape(im.height, im.width, longest)

@@ -81,6 +81,7 @@ class Trainer(RPNTraining):
         frame = self.data.manifest.frame
         self.paths = frame["path"].tolist()
         self.labels = frame["label"].to_numpy()
+        self.sizes = frame[["height", "width"]].to_numpy()  # as the manifest read them
         self.unusable = set()  # indices that failed to decode in mining
         # Training images keep their aspect ratio: one size for all (one
         # aspect ratio) runs batches as blocks, mixed sizes triplet by
@@ -195,6 +196,7 @@ class Trainer(RPNTraining):
         desc, failed = extraction.extract(
             self._embed_single, [self.paths[i] for i in pool], c.image_size,
             progress=self.progress and self.chief, desc=f"mining round {round_index}", strict=False,
+            sizes=self.sizes[pool],
         )
         if len(failed):
             # Images that read at startup but no longer decode: reported and

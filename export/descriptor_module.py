@@ -67,22 +67,21 @@ class DescriptorModule:
         keys = tf.TensorArray(tf.int32, size=count, element_shape=[2 * len(scales)])
         _, views, keys = tf.while_loop(lambda i, *_: i < count, prepare, (0, views, keys))
         shapes, group = tf.raw_ops.UniqueV2(x=tf.reshape(keys.stack(), [count, 2 * len(scales)]), axis=[0])
-        # Chunks of at most MAX_BATCH images of one group: (group, start) pairs.
+        # Chunks of at most MAX_BATCH images of one group, group after group.
         members = tf.argsort(group, stable=True)
         sizes = tf.math.bincount(group, minlength=tf.shape(shapes)[0], dtype=tf.int32)
         offsets = tf.cumsum(sizes, exclusive=True)
+        per_group = (sizes + MAX_BATCH - 1) // MAX_BATCH
+        chunk_ends = tf.cumsum(per_group)
 
         def run(chunk, out):
-            # The chunk-th chunk over the groups taken in order.
-            per_group = (sizes + MAX_BATCH - 1) // MAX_BATCH
-            g = tf.searchsorted(tf.cumsum(per_group), [chunk], side="right")[0]
-            k = chunk - (tf.cumsum(per_group, exclusive=True)[g])
-            start = offsets[g] + k * MAX_BATCH
+            g = tf.searchsorted(chunk_ends, [chunk], side="right")[0]
+            start = offsets[g] + (chunk - (chunk_ends[g] - per_group[g])) * MAX_BATCH
             part = members[start:tf.minimum(start + MAX_BATCH, offsets[g] + sizes[g])]
             batch = [ta.gather(part) for ta in views]
             return chunk + 1, tf.tensor_scatter_nd_update(out, part[:, None], self.model(batch, training=False))
 
-        chunks = tf.reduce_sum((sizes + MAX_BATCH - 1) // MAX_BATCH)
+        chunks = tf.reduce_sum(per_group)
         out = tf.zeros([count, self.descriptor_size], tf.float32)
         _, out = tf.while_loop(lambda c, _: c < chunks, run, (0, out))
         return out
