@@ -3,7 +3,9 @@
 Random-weight ResNet-101 (or --backbone) on an already decoded image of
 --width x --height, one image per call, single scale and three scales
 (1, 1/sqrt(2), sqrt(2)), with the backbone in float32 and in bfloat16
-(`DescriptorConfig.dtype`, `--dtype`). With --reference PATH, the PyTorch
+(`DescriptorConfig.dtype`, `--dtype`), as extraction runs it: batch norm
+folded into the convolutions (`model.for_inference`; ``--no-fold`` times
+the model as trained). With --reference PATH, the PyTorch
 reference (`torch_rmac_reference.py`) runs in the same invocation, right
 after, on the same image size, in float32 and in its fastest plain form
 (``--channels-last --bf16``); the ratios of images/s are printed, and the
@@ -29,7 +31,7 @@ import time
 import keras
 import numpy as np
 
-from deep_retrieval.model import DescriptorConfig, build_descriptor_model
+from deep_retrieval.model import DescriptorConfig, build_descriptor_model, for_inference
 
 SINGLE = (1.0,)
 MULTI = (1.0, 2**-0.5, 2**0.5)
@@ -144,6 +146,8 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "both"], default="both",
                         help="the descriptor model's DescriptorConfig.dtype")
+    parser.add_argument("--fold", action=argparse.BooleanOptionalAction, default=True,
+                        help="fold batch norm into the convolutions, as extraction does")
     parser.add_argument("--reference", default="", help="path of torch_rmac_reference.py (run in its float32 and "
                         "--channels-last --bf16 forms)")
     parser.add_argument("--device", default="", help="--device for the reference (cuda on a GPU)")
@@ -160,7 +164,8 @@ def main():
     dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
     info = {"backend": keras.backend.backend(), "backbone": args.backbone, "dtypes": dtypes,
             "regions": args.regions, "proposals": args.proposals if args.regions == "rpn" else None,
-            "batch": args.batch, "image": [args.height, args.width], "cpu_count": os.cpu_count()}
+            "batch": args.batch, "fold_batch_norm": args.fold, "image": [args.height, args.width],
+            "cpu_count": os.cpu_count()}
     print(json.dumps(info), flush=True)
     results = {"info": info}
     for dtype in dtypes:
@@ -168,6 +173,8 @@ def main():
             DescriptorConfig(backbone=args.backbone, weights=None, levels=3, include_global=True,
                              regions=args.regions, proposals=args.proposals, dtype=dtype)
         )
+        if args.fold:
+            model = for_inference(model)
         results[dtype] = {"single_scale": time_model(model, SINGLE, args.images, args.warmup, args.batch)}
         if not args.skip_multi:
             results[dtype]["multi_scale"] = time_model(model, MULTI, args.images, args.warmup, args.batch)

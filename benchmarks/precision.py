@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from deep_retrieval import evaluation, extraction  # noqa: E402
 from deep_retrieval.config import SyntheticConfig  # noqa: E402
 from deep_retrieval.data import groundtruth, synthetic  # noqa: E402
-from deep_retrieval.model import image_size_of, with_dtype  # noqa: E402
+from deep_retrieval.model import for_inference, image_size_of  # noqa: E402
 
 
 def main():
@@ -41,7 +41,7 @@ def main():
         boxes = [[float("nan")] * 4 if b is None else list(b) for b in data.query_boxes]
     out = {}
     for dtype in ("float32", "bfloat16"):
-        describe = extraction.model_describer(with_dtype(model, dtype), size, progress=False)
+        describe = extraction.model_describer(for_inference(model, dtype), size, progress=False)
         describe(data.queries[:2], None if boxes is None else boxes[:2])  # compile first
         start = time.perf_counter()
         db = describe(data.images)

@@ -68,6 +68,8 @@ class DescriptorConfig:
     dtype: str = setting("float32", '"float32", or "bfloat16": the backbone computes in bfloat16 (Keras\'s '
                          'mixed_bfloat16 policy, weights kept in float32) while the head, normalisations, whitening '
                          'and sums stay in float32; the descriptor is float32.')
+    fold_batch_norm: bool = setting(False, "the backbone's batch norms folded into their convolutions (inference "
+                                    "only: deep_retrieval.batch_norm_folding; model.for_inference sets it).")
     post_whitening_dim: Optional[int] = setting(None, "size of a whitening P(x - m) applied after the scales "
                                                 "are combined, then L2 (cirtorch's Lw, dirtorch's PCA); None "
                                                 "for none.")
@@ -203,6 +205,9 @@ class TrainConfig:
                              "`rpn_order='rpn_first'` (with 'grid_first' the RPN is trained last).")
         if self.weight_decay_mode not in ("l2", "decoupled"):
             raise ValueError(f"`weight_decay_mode` must be 'l2' or 'decoupled', got {self.weight_decay_mode!r}.")
+        if self.descriptor.fold_batch_norm:
+            raise ValueError("`fold_batch_norm` is for inference (extraction and export fold the trained model's "
+                             "batch norms themselves); training keeps them.")
         if self.mine_every < 1 or self.steps % self.mine_every:
             raise ValueError(f"`steps` ({self.steps}) must be a multiple of `mine_every` ({self.mine_every}): "
                              "training runs whole mining rounds.")

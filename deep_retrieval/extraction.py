@@ -254,7 +254,7 @@ def describer(model_path, image_size=None, progress=True, dtype=None):
     one it carries; a SavedModel has its own inside its graph; ``dtype``:
     run a ``.keras`` model in ``"float32"`` or ``"bfloat16"``, default its
     own)."""
-    from deep_retrieval.model import load_descriptor_model, with_dtype
+    from deep_retrieval.model import for_inference, load_descriptor_model
 
     if os.path.isdir(model_path):
         if image_size or dtype:
@@ -264,4 +264,4 @@ def describer(model_path, image_size=None, progress=True, dtype=None):
     if not os.path.isfile(model_path):
         raise ValueError(f"{model_path}: no such model file or SavedModel folder")
     model, image_size = load_descriptor_model(model_path, image_size)
-    return model_describer(with_dtype(model, dtype), image_size, progress=progress)
+    return model_describer(for_inference(model, dtype), image_size, progress=progress)

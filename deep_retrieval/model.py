@@ -14,7 +14,7 @@ import dataclasses
 import keras
 import numpy as np
 
-from deep_retrieval import backbones, functional, regions
+from deep_retrieval import backbones, batch_norm_folding, functional, regions
 from deep_retrieval import boxes as boxes_lib
 from deep_retrieval.config import DescriptorConfig
 from deep_retrieval.layers import RMAC, GeM, ImagePreprocessing, L2Normalization, MultiResolution, PCAWhitening
@@ -41,9 +41,8 @@ class DescriptorModel(keras.Model):
         backbone, weights, levels, include_global, scales, whitening_dim,
         regions, proposals, pre_nms_proposals, nms_threshold, anchor_scales,
         anchor_ratios, rpn_channels, pooling, gem_p, normalize_pooled, fc_dim,
-        multiscale_power, multiscale_epsilon, dtype, post_whitening_dim: the
-        fields of
-        `DescriptorConfig`.
+        multiscale_power, multiscale_epsilon, dtype, fold_batch_norm,
+        post_whitening_dim: the fields of `DescriptorConfig`.
         image_size: the longest image side (pixels) the model was trained
             for and describes images at, saved with it as part of its input
             contract (as KerasHub's image converters carry theirs); scales
@@ -89,6 +88,7 @@ class DescriptorModel(keras.Model):
         multiscale_power=DescriptorConfig.multiscale_power,
         multiscale_epsilon=DescriptorConfig.multiscale_epsilon,
         dtype=DescriptorConfig.dtype,
+        fold_batch_norm=DescriptorConfig.fold_batch_norm,
         post_whitening_dim=DescriptorConfig.post_whitening_dim,
         image_size=None,
         **kwargs,
@@ -116,11 +116,13 @@ class DescriptorModel(keras.Model):
             multiscale_power=multiscale_power,
             multiscale_epsilon=multiscale_epsilon,
             dtype=dtype,
+            fold_batch_norm=fold_batch_norm,
             post_whitening_dim=post_whitening_dim,
         )
         c = self.config
         with _policy("mixed_bfloat16" if c.dtype == "bfloat16" else keras.config.dtype_policy().name):
-            self.backbone, self.spec = backbones.build_backbone(backbone, weights)
+            trunk, self.spec = backbones.build_backbone(backbone, weights)
+            self.backbone = batch_norm_folding.folded_structure(trunk) if c.fold_batch_norm else trunk
         self.preprocess = ImagePreprocessing(self.spec.preprocessing, name="preprocessing")
         rpn = None
         if c.regions == "rpn":
@@ -301,13 +303,27 @@ def load_descriptor_model(path, image_size=None):
         raise ValueError(f"{path}: {e}") from None
 
 
-def with_dtype(model, dtype):
-    """``model`` itself when it already computes in ``dtype`` (`DescriptorConfig.dtype`),
-    else the same model rebuilt for it, with the same weights."""
-    if dtype is None or dtype == model.config.dtype:
+def for_inference(model, dtype=None):
+    """``model`` as extraction runs it: its backbone in ``dtype`` (default:
+    its own, `DescriptorConfig.dtype`) with the batch norms folded into the
+    convolutions (`batch_norm_folding`); the same descriptors, to rounding.
+    ``model`` itself when it is so already."""
+    dtype = dtype or model.config.dtype
+    if model.config.fold_batch_norm and dtype == model.config.dtype:
         return model
-    other = build_descriptor_model(dataclasses.replace(model.config, dtype=dtype, weights=None), model.image_size)
-    other.set_weights(model.get_weights())
+    config = dataclasses.replace(model.config, dtype=dtype, weights=None, fold_batch_norm=True)
+    other = build_descriptor_model(config, model.image_size)
+    if model.config.fold_batch_norm:
+        other.set_weights(model.get_weights())
+        return other
+    batch_norm_folding.copy_folded(model.backbone, other.backbone)
+    inside = {id(v) for v in model.backbone.weights}
+    rest = [v for v in model.weights if id(v) not in inside]
+    targets = [v for v in other.weights if id(v) not in {id(w) for w in other.backbone.weights}]
+    if len(rest) != len(targets):
+        raise ValueError(f"{len(rest)} weights outside the backbone, {len(targets)} in the folded model")
+    for source, target in zip(rest, targets):
+        target.assign(source)
     return other
 
 

@@ -70,7 +70,7 @@ def export(model_path, output_dir, image_size=None, model_name="deep_retrieval",
     (default: the model's own); returns the model info dict."""
     import tensorflow as tf
 
-    from deep_retrieval.model import load_descriptor_model, with_dtype
+    from deep_retrieval.model import for_inference, load_descriptor_model
     from export.descriptor_module import DescriptorModule
 
     if not os.path.isfile(model_path):
@@ -81,7 +81,7 @@ def export(model_path, output_dir, image_size=None, model_name="deep_retrieval",
     if run_id is None:
         with open(model_path, "rb") as f:
             run_id = hashlib.sha1(f.read()).hexdigest()[:12]
-    model = with_dtype(model, dtype)
+    model = for_inference(model, dtype)
     module = DescriptorModule(model, image_size)
     tmp = output_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)

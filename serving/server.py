@@ -1,4 +1,5 @@
-"""An embedded gRPC server speaking TensorFlow Serving's protocol.
+"""An embedded server speaking TensorFlow Serving's protocols: gRPC, and
+REST with ``--rest_api_port`` (`serving.rest`).
 
 For machines where the ``tensorflow_model_server`` binary is not available:
 it implements ``PredictionService.Predict``, ``PredictionService.GetModelMetadata``
@@ -39,6 +40,7 @@ import re
 import signal
 import sys
 import threading
+import time
 
 import grpc
 from absl import app, flags
@@ -46,6 +48,7 @@ from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_p
 
 from deep_retrieval import cli
 from deep_retrieval.data.images import decode
+from serving.metrics import Metrics
 from serving.model_manager import ModelManager
 from serving.requests import (
     LIMITS,
@@ -64,8 +67,13 @@ FLAGS = flags.FLAGS
 
 def define_flags(flag_values=flags.FLAGS):
     """Defines the command-line flags (only when run as a program)."""
+    from serving.metrics import PATH as metrics_path
+
     fv = {"flag_values": flag_values}
     flags.DEFINE_integer("port", 8500, "gRPC port.", **fv)
+    flags.DEFINE_integer("rest_api_port", 0, "Port of TF Serving's REST API and the Prometheus metrics "
+                         f"({metrics_path}), on --host (0: no REST).", **fv)
+    flags.DEFINE_integer("rest_api_num_threads", 16, "REST predictions running at once; more get 429.", **fv)
     flags.DEFINE_string("host", "127.0.0.1", "Address to bind; 0.0.0.0 exposes the server on every interface.", **fv)
     flags.DEFINE_string("model_name", "deep_retrieval", "Name clients use in ModelSpec.name.", **fv)
     flags.DEFINE_string("model_base_path", None, "Folder holding numeric version subfolders (SavedModels).", **fv)
@@ -87,7 +95,7 @@ def define_flags(flag_values=flags.FLAGS):
 log = logging.getLogger("serving.server")
 
 
-def _run_signature(version, request, limits=LIMITS, budget=None, context=None):
+def run_signature(version, request, limits=LIMITS, budget=None, context=None):
     """Validates ``request``, then runs its signature chunk by chunk within
     ``budget``; ``(signature name, {output: array})``."""
     import numpy as np
@@ -150,6 +158,27 @@ def _run_signature(version, request, limits=LIMITS, budget=None, context=None):
     return name, {k: np.concatenate([p[k] for p in parts]) for k in wanted}
 
 
+def predict(manager, request, limits, budget, metrics, entrypoint, context=None):
+    """One Predict call, from either protocol: ``(version, signature name,
+    {output: array})``; recorded in ``metrics`` with its status."""
+    start = time.perf_counter()
+    status, version = "UNKNOWN", None
+    try:
+        version = manager.get(request.model_spec)
+        signature, outputs = run_signature(version, request, limits, budget, context)
+        status = "OK"
+        return version, signature, outputs
+    except InvalidRequest as e:
+        status = e.code.name
+        raise
+    finally:
+        release_memory()
+        label = request.model_spec.signature_name or "serving_default"
+        if version is None or label not in version.functions:
+            label = "(unknown)"  # never a client's string: labels stay few
+        metrics.record(manager.name, label, entrypoint, status, time.perf_counter() - start)
+
+
 def _explain(args, specs, error, offset=0):
     """Names the undecodable image of a failed string batch, if that was it
     (positions counted from ``offset``, the chunk's start)."""
@@ -175,21 +204,20 @@ def _clean(message):
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     """``PredictionService`` servicer (Predict, GetModelMetadata)."""
 
-    def __init__(self, manager, limits=LIMITS, budget=None):
+    def __init__(self, manager, limits=LIMITS, budget=None, metrics=None):
         self.manager, self.limits = manager, limits
         self.budget = budget or PixelBudget(LIMITS.pixels)
+        self.metrics = metrics or Metrics()
 
     def Predict(self, request, context):
         import tensorflow as tf
         from tensorflow_serving.apis import predict_pb2
 
         try:
-            version = self.manager.get(request.model_spec)
-            signature, outputs = _run_signature(version, request, self.limits, self.budget, context)
+            version, signature, outputs = predict(self.manager, request, self.limits, self.budget, self.metrics,
+                                                  "grpc", context)
         except InvalidRequest as e:
             context.abort(e.code, str(e))
-        finally:
-            _release_memory()
         response = predict_pb2.PredictResponse()
         response.model_spec.name = self.manager.name
         response.model_spec.version.value = version.version
@@ -208,14 +236,21 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         fields = list(request.metadata_field)
         if fields != ["signature_def"]:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Metadata field signature_def is the one supported")
-        sig_map = get_model_metadata_pb2.SignatureDefMap()
-        for key, sig in version.signature_defs.items():
-            sig_map.signature_def[key].CopyFrom(sig)
         response = get_model_metadata_pb2.GetModelMetadataResponse()
         response.model_spec.name = self.manager.name
         response.model_spec.version.value = version.version
-        response.metadata["signature_def"].Pack(sig_map)
+        response.metadata["signature_def"].Pack(signature_def_map(version))
         return response
+
+
+def signature_def_map(version):
+    """The ``SignatureDefMap`` of a loaded version (its metadata)."""
+    from tensorflow_serving.apis import get_model_metadata_pb2
+
+    sig_map = get_model_metadata_pb2.SignatureDefMap()
+    for key, sig in version.signature_defs.items():
+        sig_map.signature_def[key].CopyFrom(sig)
+    return sig_map
 
 
 class ModelService(model_service_pb2_grpc.ModelServiceServicer):
@@ -238,7 +273,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         return response
 
 
-def _release_memory():
+def release_memory():
     """Hands freed heap memory back to the system after a request (glibc
     keeps the peaks of large decodes otherwise); a no-op elsewhere."""
     trim = getattr(_LIBC, "malloc_trim", None)
@@ -277,8 +312,10 @@ def channel_arguments(text):
 
 
 def build_server(manager, port, host="127.0.0.1", max_threads=8, max_message_bytes=256 << 20, limits=LIMITS,
-                 budget=None, arguments=None, max_concurrent_rpcs=None):
-    """A grpc.Server (not started yet) and the port it bound.
+                 budget=None, arguments=None, max_concurrent_rpcs=None, metrics=None):
+    """A grpc.Server (not started yet) and the port it bound; a ValueError
+    when the port is taken (gRPC's port reuse is off: two servers on one
+    port would each answer some of the calls).
 
     ``arguments``: gRPC server arguments (default `CHANNEL_ARGUMENTS`);
     ``max_concurrent_rpcs``: calls accepted at once, running or queued
@@ -290,15 +327,19 @@ def build_server(manager, port, host="127.0.0.1", max_threads=8, max_message_byt
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             *(arguments if arguments is not None else CHANNEL_ARGUMENTS.items()),
+            ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=max_concurrent_rpcs or 4 * max_threads,
     )
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionService(manager, limits, budget), server)
+        PredictionService(manager, limits, budget, metrics), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # what grpcio raises for a failed bind
+        bound = 0
     if not bound:
-        raise ValueError(f"cannot bind {host}:{port}")
+        raise ValueError(f"cannot listen on {host}:{port}: the port is in use or the address is not this machine's")
     return server, bound
 
 
@@ -325,14 +366,26 @@ def main(argv):
         manager = ModelManager(FLAGS.model_name, FLAGS.model_base_path, FLAGS.file_system_poll_wait_seconds)
         limits = Limits(FLAGS.max_images_per_request, FLAGS.max_request_pixels)
         budget = PixelBudget(FLAGS.max_pixels_in_flight)
+        metrics = Metrics()
         server, port = build_server(manager, FLAGS.port, FLAGS.host, FLAGS.grpc_max_threads,
                                     FLAGS.max_message_bytes, limits, budget,
-                                    channel_arguments(FLAGS.grpc_channel_arguments), FLAGS.max_concurrent_rpcs)
+                                    channel_arguments(FLAGS.grpc_channel_arguments), FLAGS.max_concurrent_rpcs,
+                                    metrics)
+        rest = None
+        if FLAGS.rest_api_port:
+            from serving.rest import RestServer
+
+            rest = RestServer(manager, FLAGS.rest_api_port, FLAGS.host, limits, budget, metrics,
+                              FLAGS.max_message_bytes, FLAGS.rest_api_num_threads)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     server.start()
     log.info("gRPC PredictionService for %r on %s:%d", FLAGS.model_name, FLAGS.host, port)
+    if rest is not None:
+        rest.start()
+        log.info("REST API on http://%s:%d/v1/models/%s, metrics at %s", FLAGS.host, rest.port, FLAGS.model_name,
+                 "/monitoring/prometheus/metrics")
     # SIGTERM (docker stop, Kubernetes) drains like Ctrl-C: new requests are
     # refused, those in flight get 30 s to finish, then exit 0.
     stopping = threading.Event()
@@ -340,6 +393,8 @@ def main(argv):
         signal.signal(sig, lambda *_: stopping.set())
     stopping.wait()
     log.info("stopping: draining requests in flight")
+    if rest is not None:
+        rest.shutdown()
     server.stop(grace=30).wait()
     manager.stop()
     return 0

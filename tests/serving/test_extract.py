@@ -281,3 +281,28 @@ def test_replicas_serving_different_versions_are_refused():
 
     with pytest.raises(ValueError, match="different versions"):
         extract_lib.Extractor(Two(), "m", "serving_default", 5, 1).pin()
+
+
+def test_same_size_images_share_a_request(tmp_path):
+    from serving import extract as extract_lib
+
+    sent = []
+
+    def record(blobs):
+        sent.append(sorted(blobs))
+        return None
+
+    sizes = [(40, 60), (80, 30), (40, 60), (80, 30), (40, 60), (80, 30)]
+    paths = []
+    for i, (h, w) in enumerate(sizes):
+        (tmp_path / f"{i}.png").write_bytes(encoded(h, w, i, "PNG"))
+        paths.append((f"{i}.png", str(tmp_path / f"{i}.png")))
+    blobs = {name: (tmp_path / name).read_bytes() for name, _ in paths}
+    extractor = extract_lib.Extractor(_FakeReplicas(record), "m", "serving_default", 5, 1)
+    out = str(tmp_path / "d.parquet")
+    extract_lib.extract(paths, out, extractor, batch_size=3, in_flight=1, progress=False)
+    by_shape = [sorted(blobs[f"{i}.png"] for i in group) for group in ([0, 2, 4], [1, 3, 5])]
+    assert sorted(sent) == sorted(by_shape)  # two requests, one per image size
+    frame = pd.read_parquet(out)
+    assert frame["image"].tolist() == [n for n, _ in paths]  # input order kept
+    np.testing.assert_array_equal(np.stack(frame["descriptor"])[:, 0], [len(blobs[n]) for n, _ in paths])
