@@ -47,7 +47,7 @@ def main():
         h, w = (240, 320) if i % 2 else (320, 240)
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
             os.path.join(folder, f"{i:05d}.jpg"), quality=90)
-    items = extract_lib.list_images(folder)
+    items, _ = extract_lib.list_images(folder)
     blobs = [open(p, "rb").read() for _, p in items]
     batches = [blobs[i:i + args.batch_size] for i in range(0, len(blobs), args.batch_size)]
 

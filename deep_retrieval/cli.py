@@ -1,19 +1,83 @@
-"""The commands' entry point: absl's ``app.run``, except that ``--help``
-(and ``-h``, ``--helpshort``, ``--helpfull``) exits 0 after printing the
-flags, where absl exits 1."""
+"""The commands' entry point: absl's ``app.run``, except that
 
+* a usage error (a missing or contradictory flag) prints one line, where
+  absl prints the whole help after it;
+* ``--help`` (and ``-h``, ``--helpshort``, ``--helpfull``) exits 0 after
+  printing the flags, where absl exits 1 (commands import TensorFlow inside
+  ``main``, so help prints at once);
+* TensorFlow's native start-up lines (oneDNN and CUDA notices, the failed
+  ``cuInit`` of a machine without a GPU, absl's pre-initialisation warning)
+  are dropped from stderr unless ``--verbose`` is given: they are written
+  before ``TF_CPP_MIN_LOG_LEVEL`` takes effect, so only a filter on the
+  file descriptor removes them. Everything else passes through at once.
+"""
+
+import atexit
+import os
+import re
 import sys
+import threading
 
 HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
 
+NATIVE_NOISE = re.compile(
+    rb"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    rb"|[IW]\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] "  # native INFO and WARNING lines
+    rb"|E\d{4} [\d:.]+ +\d+ cuda[\w.]*:\d+\] "  # CUDA's errors where there is no GPU
+    rb"|To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler flags)"
+)
+
+
+def _filter_native_stderr():
+    """Routes file descriptor 2 through a thread that drops `NATIVE_NOISE`
+    lines; restored at exit, with what is still in the pipe forwarded."""
+    read_end, write_end = os.pipe()
+    real = os.dup(2)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump():
+        with os.fdopen(read_end, "rb", buffering=0) as source:
+            while True:
+                chunk = source.read(1 << 16)
+                if not chunk:
+                    return
+                kept = b"".join(line for line in chunk.splitlines(keepends=True) if not NATIVE_NOISE.match(line))
+                if kept:
+                    os.write(real, kept)
+
+    thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
+    thread.start()
+
+    def restore():
+        sys.stderr.flush()
+        os.dup2(real, 2)  # the pipe's last write end here closes: the pump drains it and stops
+        thread.join(timeout=2)
+
+    atexit.register(restore)
+
 
 def run(main):
-    """``absl.app.run(main)``, with help exiting 0."""
-    from absl import app
+    """``absl.app.run(main)``, with help exiting 0 and native start-up noise
+    dropped (see the module docstring)."""
+    from absl import app, flags
 
+    if "verbose" not in flags.FLAGS:
+        flags.DEFINE_boolean("verbose", False, "Show TensorFlow's native start-up log lines on stderr.")
+    verbose = any(arg in ("--verbose", "--verbose=true", "--verbose=1") for arg in sys.argv[1:])
+    if not verbose:
+        _filter_native_stderr()
     asked = any(arg.split("=", 1)[0] in HELP_FLAGS for arg in sys.argv[1:])
+
+    def checked(argv):
+        try:
+            return main(argv)
+        except app.UsageError as e:
+            print(f"error: {e} (see --help)", file=sys.stderr)
+            return 1
+
     try:
-        app.run(main)
+        app.run(checked)
     except SystemExit as e:
         if asked and e.code == 1:
             sys.exit(0)

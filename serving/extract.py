@@ -100,29 +100,54 @@ def printable_name(name):
 
 
 def list_images(source, data_dir=None):
-    """``[(name, path)]``: a folder walked recursively (sorted), or a CSV."""
+    """``([(name, path)], [(name, reason)])``: the images of a folder walked
+    recursively (sorted) or of a CSV, and the files a folder walk skipped.
+
+    Raises ValueError when there is no image to extract.
+    """
     import pandas as pd
 
     if os.path.isdir(source):
-        out = []
+        out, skipped = [], []
         for root, dirs, files in os.walk(source):
             dirs.sort()
             for name in sorted(files):
+                path = os.path.join(root, name)
+                shown = printable_name(os.path.relpath(path, source))
                 if name.lower().endswith(EXTENSIONS):
-                    path = os.path.join(root, name)
-                    out.append((printable_name(os.path.relpath(path, source)), path))
-        return out
+                    out.append((shown, path))
+                else:
+                    ending = os.path.splitext(name)[1].lower() or "no extension"
+                    skipped.append((shown, f"{ending}: not an image type the model decodes ({', '.join(EXTENSIONS)})"))
+        if not out:
+            raise ValueError(f"{source}: no images ({', '.join(EXTENSIONS)}) in the folder or its subfolders"
+                             + (f"; {len(skipped)} other files skipped" if skipped else ""))
+        return out, skipped
     if not os.path.isfile(source):
         raise ValueError(f"{source}: no such folder or CSV file")
     try:
         frame = pd.read_csv(source, dtype=str, keep_default_na=False)  # names verbatim: 007, 1e5, NA
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{source}: the CSV is empty; it needs an 'image' column") from None
     except Exception as e:
         raise ValueError(f"{source}: cannot read CSV: {e}") from e
     if "image" not in frame.columns:
         raise ValueError(f"{source}: the CSV needs an 'image' column")
+    if frame.empty:
+        raise ValueError(f"{source}: the CSV lists no images")
     base = data_dir or os.path.dirname(os.path.abspath(source))
     names = [str(v) for v in frame["image"].tolist()]
-    return [(n, n if os.path.isabs(n) else os.path.join(base, n)) for n in names]
+    return [(n, n if os.path.isabs(n) else os.path.join(base, n)) for n in names], []
+
+
+def report_skipped(skipped, stream=sys.stderr, shown=5):
+    """Prints how many files a folder walk skipped, with the first few and why."""
+    if skipped:
+        print(f"skipped {len(skipped)} files that are not images:", file=stream)
+        for name, reason in skipped[:shown]:
+            print(f"  {name}: {reason}", file=stream)
+        if len(skipped) > shown:
+            print(f"  ... and {len(skipped) - shown} more", file=stream)
 
 
 class Replicas:
@@ -447,7 +472,8 @@ def main(argv):
         raise app.UsageError("--images and --output are required")
     extractor = None
     try:
-        items = list_images(FLAGS.images, FLAGS.data_dir)
+        items, skipped = list_images(FLAGS.images, FLAGS.data_dir)
+        report_skipped(skipped)
         replicas = Replicas(FLAGS.server, FLAGS.max_message_bytes)
         extractor = Extractor(replicas, FLAGS.model_name, FLAGS.signature_name, FLAGS.timeout, FLAGS.retries,
                               FLAGS.model_version)
@@ -468,6 +494,9 @@ def main(argv):
         print(f"error: extraction stopped ({type(e).__name__}: {e}); rerun the same command to resume",
               file=sys.stderr)
         return 2
+    if not count:
+        print(f"error: no descriptors: all {failed} images failed, see {FLAGS.output}.errors.csv", file=sys.stderr)
+        return 1
     print(f"{count} descriptors written to {FLAGS.output}"
           + (f"; {failed} images failed, see {FLAGS.output}.errors.csv" if failed else ""))
     return 0

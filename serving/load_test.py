@@ -28,6 +28,7 @@ from absl import app, flags
 from deep_retrieval import cli
 
 FLAGS = flags.FLAGS
+RSS_CHECKPOINTS = 20  # server memory samples spread over the requests, beside the 4-a-second ones
 
 
 def define_flags():
@@ -143,7 +144,12 @@ def hostile_requests(model_name, blob):
 
 def run(address, model_name, blobs, clients=8, requests=2000, duration=120.0, batch=1, server_pid=None,
         timeout=60.0, hostile_clients=0):
-    """Runs the load; returns a dict of figures (latencies in ms, memory in MiB)."""
+    """Runs the load; returns a dict of figures (latencies in ms, memory in MiB).
+
+    With ``server_pid`` the server's RSS is sampled four times a second and
+    after every ``requests / RSS_CHECKPOINTS`` answers, so a slow machine
+    still gets a timeline.
+    """
     import grpc
     import numpy as np
     from tensorflow_serving.apis import prediction_service_pb2_grpc
@@ -152,6 +158,7 @@ def run(address, model_name, blobs, clients=8, requests=2000, duration=120.0, ba
 
     lock = threading.Lock()
     issued = [0]
+    every = max(1, requests // RSS_CHECKPOINTS)  # memory is also sampled per completed requests, whatever the speed
     latencies, errors = [], []
     deadline = time.time() + duration
     payloads = [client.predict_request(model_name, [blobs[(i + k) % len(blobs)] for k in range(batch)])
@@ -171,6 +178,9 @@ def run(address, model_name, blobs, clients=8, requests=2000, duration=120.0, ba
                 stub.Predict(payloads[n % len(payloads)], timeout=timeout)
                 with lock:
                     latencies.append(time.perf_counter() - start)
+                    checkpoint = server_pid and len(latencies) % every == 0
+                if checkpoint:
+                    record_rss()
             except grpc.RpcError as e:
                 with lock:
                     errors.append(f"{e.code().name}: {e.details()}")
@@ -211,11 +221,15 @@ def run(address, model_name, blobs, clients=8, requests=2000, duration=120.0, ba
 
     memory, stop, finished = [], threading.Event(), threading.Event()
 
+    def record_rss():
+        value = rss_mb(server_pid)
+        if value is not None:
+            with lock:
+                memory.append((time.time(), value))
+
     def sample():
         while not stop.is_set():
-            value = rss_mb(server_pid)
-            if value is not None:
-                memory.append((time.time(), value))
+            record_rss()
             stop.wait(0.25)
 
     sampler = threading.Thread(target=sample, daemon=True) if server_pid else None
@@ -249,7 +263,7 @@ def run(address, model_name, blobs, clients=8, requests=2000, duration=120.0, ba
     if server_pid:
         result["server_alive"] = rss_mb(server_pid) is not None
     if memory:
-        values = [v for _, v in memory]
+        values = [v for _, v in sorted(memory)]
         tenth = max(1, len(values) // 10)
         timeline = [round(values[min(len(values) - 1, i * len(values) // 10)]) for i in range(10)] + [round(values[-1])]
         result.update(rss_samples=len(values), rss_start_mb=round(values[0], 1), rss_peak_mb=round(max(values), 1),
@@ -267,13 +281,15 @@ def main(argv):
     if FLAGS.images:
         from serving import extract
 
+        try:
+            items, _ = extract.list_images(FLAGS.images)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         blobs = []
-        for _, path in extract.list_images(FLAGS.images)[:64]:
+        for _, path in items[:64]:
             with open(path, "rb") as f:
                 blobs.append(f.read())
-        if not blobs:
-            print(f"error: no image under {FLAGS.images}", file=sys.stderr)
-            return 1
     else:
         blobs = generated_images()
     result = run(FLAGS.server, FLAGS.model_name, blobs, FLAGS.clients, FLAGS.requests, FLAGS.duration,

@@ -10,7 +10,7 @@ one ``{input: value}`` object per image when the signature takes several
 inputs) and answers ``predictions``; ``inputs`` is the columnar format and
 answers ``outputs``. Binary strings (encoded images) travel as
 ``{"b64": "..."}``. A request becomes the same ``PredictRequest`` as on
-gRPC and runs through `serving.server.predict`, so it gets the same checks,
+gRPC and runs through `serving.service.predict`, so it gets the same checks,
 request caps, pixel limits and memory budget. Errors answer
 ``{"error": "..."}``, with 400 for a bad request, 404 for an unknown model
 or version, 413 for an oversized body and 429 when the server is full.
@@ -140,7 +140,7 @@ def _status(version):
 def _metadata(manager, version):
     from google.protobuf import json_format
 
-    from serving.server import signature_def_map
+    from serving.service import signature_def_map
 
     return {"model_spec": {"name": manager.name, "signature_name": "", "version": str(version.version)},
             "metadata": {"signature_def": json_format.MessageToDict(signature_def_map(version),
@@ -211,7 +211,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             app.slots.release()
 
     def _predict(self, app, match, raw):
-        from serving.server import predict
+        from serving.service import predict
 
         try:
             try:

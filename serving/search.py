@@ -42,7 +42,8 @@ def define_flags():
 
 
 def check_box(data, box):
-    """``box`` as four floats, refused unless inside the encoded image."""
+    """``box`` as four floats (None without one), refused unless inside the
+    encoded image; a ValueError when ``data`` is not a readable image."""
     from PIL import Image
 
     try:
@@ -50,6 +51,8 @@ def check_box(data, box):
     except (OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"the query is not a readable image ({type(e).__name__}: {e})") from e
     with im:
+        if box is None:
+            return None
         if len(box) != 4:
             raise ValueError(f"--box needs x0,y0,x1,y1, got {','.join(box)}")
         x0, y0, x1, y1 = (float(v) for v in box)
@@ -58,38 +61,68 @@ def check_box(data, box):
     return [x0, y0, x1, y1]
 
 
-def describe(data, box=None, server=None, model_name="deep_retrieval", saved_model=None, version=None):
-    """The descriptor of encoded image bytes (cropped to ``box`` by the
-    model's ``crops`` signature), through a server (asking for model
-    ``version`` if given) or a SavedModel."""
-    import grpc
-    import numpy as np
-    import tensorflow as tf
+class Describer:
+    """Descriptors of encoded images (cropped to a box by the model's
+    ``crops`` signature): through a server (``server``, asking for model
+    ``version`` if given) or an exported SavedModel loaded once
+    (``saved_model``). Errors are ValueErrors saying why, in one line."""
 
-    signature = "crops" if box else "serving_default"
-    if saved_model:
-        fn = tf.saved_model.load(saved_model).signatures[signature]
-        inputs = {"images": tf.constant([data])}
-        if box:
-            inputs["boxes"] = tf.constant([box], tf.float32)
+    def __init__(self, server=None, model_name="deep_retrieval", saved_model=None, version=None):
+        import tensorflow as tf
+
+        self.server, self.version = server, version
+        if saved_model:
+            try:
+                self.signatures = tf.saved_model.load(saved_model).signatures
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{saved_model}: cannot load the SavedModel ({str(e).splitlines()[0][:200]})")
+            return
+        from serving import extract as extract_lib
+
+        self.signatures = None
+        replicas = extract_lib.Replicas([server])
+        self.extractors = {name: extract_lib.Extractor(replicas, model_name, name, 60, 3, version)
+                           for name in ("serving_default", "crops")}
+
+    def __call__(self, data, box=None):
+        import grpc
+        import numpy as np
+        import tensorflow as tf
+
+        signature = "crops" if box else "serving_default"
+        if self.signatures is not None:
+            inputs = {"images": tf.constant([data])}
+            if box:
+                inputs["boxes"] = tf.constant([box], tf.float32)
+            try:
+                return self.signatures[signature](**inputs)["descriptors"].numpy()[0]
+            except tf.errors.InvalidArgumentError as e:
+                raise ValueError(f"the query cannot be described: {e.message.splitlines()[0][:300]}") from None
         try:
-            return fn(**inputs)["descriptors"].numpy()[0]
-        except tf.errors.InvalidArgumentError as e:
-            raise ValueError(f"the query cannot be described: {e.message.splitlines()[0][:300]}") from None
-    from serving import extract as extract_lib
+            return np.asarray(self.extractors[signature].predict([data], [box] if box else None))[0]
+        except grpc.RpcError as e:
+            hint = ""
+            if self.version is not None and e.code() == grpc.StatusCode.NOT_FOUND:
+                hint = f" (the index holds descriptors of version {self.version}: serve it, or rebuild the index)"
+            elif e.code() == grpc.StatusCode.UNAVAILABLE:
+                hint = " (is the server running?)"
+            details = " ".join((e.details() or "").split())[:300]
+            raise ValueError(f"{self.server} answered {e.code().name}: {details}{hint}") from None
 
-    extractor = extract_lib.Extractor(extract_lib.Replicas([server]), model_name,
-                                      signature, 60, 3, version)
-    try:
-        return np.asarray(extractor.predict([data], [box] if box else None))[0]
-    except grpc.RpcError as e:
-        hint = (f" (the index holds descriptors of version {version}: serve it, or rebuild the index)"
-                if version is not None and e.code() == grpc.StatusCode.NOT_FOUND else "")
-        raise ValueError(f"{server} answered {e.code().name}: {(e.details() or '')[:300]}{hint}") from None
+
+def fit(pen, text, width):
+    """``text``, shortened from the left with an ellipsis until ``pen``
+    draws it within ``width`` pixels (a file name keeps its end)."""
+    if pen.textlength(text) <= width:
+        return text
+    while text and pen.textlength("…" + text) > width:
+        text = text[1:]
+    return "…" + text
 
 
 def draw(query_path, box, results, images_root, out_path, thumb=200):
-    """A grid PNG: the query (box in red), then each result with rank and score."""
+    """A grid PNG: the query (box in red), then each result, each inside
+    its cell and captioned with its rank, score and file name."""
     from PIL import Image, ImageDraw
 
     def tile(path):  # (RGB image, scale from the file's pixels), None if missing, unreadable or oversized
@@ -108,22 +141,24 @@ def draw(query_path, box, results, images_root, out_path, thumb=200):
     query, scale = query
     if box:
         ImageDraw.Draw(query).rectangle([float(v) * scale for v in box], outline=(255, 0, 0), width=3)
-    tiles = [(query, "query")]
+    tiles = [(query, "query", os.path.basename(query_path))]
     for rank, (image_id, score) in enumerate(results, start=1):
         im = tile(os.path.join(images_root or "", image_id))
         if im is None:
-            tiles.append((Image.new("RGB", (thumb, thumb), (60, 60, 60)), f"#{rank} {score:.3f} (missing)"))
+            tiles.append((Image.new("RGB", (thumb, thumb), (60, 60, 60)), f"#{rank} {score:.3f} (missing)", image_id))
         else:
-            tiles.append((im[0], f"#{rank} {score:.3f}"))
+            tiles.append((im[0], f"#{rank} {score:.3f}", image_id))
     cols = min(6, len(tiles))
     rows = (len(tiles) + cols - 1) // cols
-    sheet = Image.new("RGB", (cols * thumb, rows * (thumb + 18)), (255, 255, 255))
+    cell, caption = thumb + 8, 30  # a margin between cells; two caption lines
+    sheet = Image.new("RGB", (cols * cell, rows * (thumb + caption)), (255, 255, 255))
     pen = ImageDraw.Draw(sheet)
-    for i, (im, caption) in enumerate(tiles):
+    for i, (im, title, name) in enumerate(tiles):
         im.thumbnail((thumb, thumb))
-        x, y = (i % cols) * thumb, (i // cols) * (thumb + 18)
+        x, y = (i % cols) * cell + 4, (i // cols) * (thumb + caption)
         sheet.paste(im, (x + (thumb - im.width) // 2, y + (thumb - im.height) // 2))
-        pen.text((x + 4, y + thumb + 2), caption, fill=(0, 0, 0))
+        pen.text((x, y + thumb + 2), title, fill=(0, 0, 0))
+        pen.text((x, y + thumb + 15), fit(pen, name, thumb), fill=(60, 60, 60))
     sheet.save(out_path)
 
 
@@ -139,10 +174,10 @@ def main(argv):
         index = search.Index.load(FLAGS.index)
         with open(FLAGS.query, "rb") as f:
             data = f.read()
-        box = check_box(data, FLAGS.box) if FLAGS.box else None
+        box = check_box(data, FLAGS.box)
         run = index.metadata.get("extraction") or {}
         version = run.get("model_version") if run.get("model_name") == FLAGS.model_name else None
-        vector = describe(data, box, FLAGS.server, FLAGS.model_name, FLAGS.saved_model, version)
+        vector = Describer(FLAGS.server, FLAGS.model_name, FLAGS.saved_model, version)(data, box)
         if len(vector) != index.dim:
             raise ValueError(f"the model gives {len(vector)}-D descriptors, the index holds {index.dim}-D")
         scores, ids = index.search(vector[None], FLAGS.top, qe=FLAGS.qe, rerank=FLAGS.rerank)

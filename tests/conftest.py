@@ -38,9 +38,10 @@ def exported(tmp_path_factory):
 @pytest.fixture(scope="module")
 def address(exported):
     """``host:port`` of an embedded server (in this process) serving ``exported``."""
-    from serving import server as server_lib
+    from serving import service as server_lib
+    from serving.model_manager import ModelManager
 
-    manager = server_lib.ModelManager("deep_retrieval", exported["base"], poll_seconds=0)
+    manager = ModelManager("deep_retrieval", exported["base"], poll_seconds=0)
     server, port = server_lib.build_server(manager, 0)
     server.start()
     yield f"127.0.0.1:{port}"

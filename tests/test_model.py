@@ -136,7 +136,7 @@ def test_bfloat16_backbone_float32_head_and_descriptor(tmp_path):
     config = DescriptorConfig(backbone="tiny", weights=None, whitening_dim=16, scales=(1.0, 0.5))
     f32 = build_descriptor_model(config, image_size=64)
     bf16 = for_inference(f32, "bfloat16")
-    assert for_inference(f32, "float32") is f32 and bf16.config.dtype == "bfloat16"
+    assert for_inference(bf16) is bf16 and bf16.config.dtype == "bfloat16"
     convs = [layer for layer in bf16.backbone.layers if isinstance(layer, keras.layers.Conv2D)]
     assert {layer.compute_dtype for layer in convs} == {"bfloat16"}
     assert {v.dtype for v in bf16.weights} == {"float32"}  # weights stay float32

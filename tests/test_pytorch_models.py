@@ -308,7 +308,8 @@ def test_imported_model_exports_and_serves_its_descriptors(tmp_path, monkeypatch
 
     from export import export_saved_model
     from serving import client
-    from serving import server as server_lib
+    from serving import service as server_lib
+    from serving.model_manager import ModelManager
     from tests.helpers_images import reference_descriptors
 
     images = _photos()
@@ -324,7 +325,7 @@ def test_imported_model_exports_and_serves_its_descriptors(tmp_path, monkeypatch
         buffer = io.BytesIO()
         Image.fromarray(image.astype(np.uint8)).save(buffer, "JPEG", quality=95)
         blobs.append(buffer.getvalue())
-    manager = server_lib.ModelManager("dir", str(base), poll_seconds=0)
+    manager = ModelManager("dir", str(base), poll_seconds=0)
     server, port = server_lib.build_server(manager, 0)
     server.start()
     try:

@@ -47,8 +47,14 @@ def test_resume_continues_step_and_optimizer_state(tmp_path):
     iterations, opt_vars, weights = _state(first)
     assert iterations == 2
 
+    def files():
+        return {os.path.join(r, f): os.stat(os.path.join(r, f)).st_mtime_ns
+                for r, _, names in os.walk(tmp_path / "run") for f in names}
+
+    before = files()
     with pytest.raises(ValueError, match="--resume"):
         Trainer(small_config(tmp_path / "run", steps=4), progress=False).run()
+    assert files() == before  # a refused run writes nothing: no event file, no config
 
     second = Trainer(small_config(tmp_path / "run", steps=4, resume=True), progress=False)
     assert second.restore_or_start()

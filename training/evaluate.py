@@ -4,8 +4,8 @@ r"""Runs a retrieval benchmark end to end and prints mAP and mP@1/5/10.
         --model runs/demo/model.keras [--qe 1 --dba 20 | --rerank] [--output_json results.json]
     python -m training.evaluate --backbone efficientnet_lite0 --weights imagenet
 
-Without ``--data_root``/``--dataset`` it scores the built-in real-photo
-held-out split (the one ``python -m training.train`` evaluates on). Without
+Without ``--data_root`` (``--dataset synthetic`` or no ``--dataset``) it
+scores the built-in real-photo held-out split (the one ``python -m training.train`` evaluates on). Without
 ``--model``, ``--backbone`` (and ``--weights``) build the off-the-shelf model:
 that backbone and plain R-MAC (multi-resolution, no whitening, no training),
 so a trained model can be compared with its starting point.
@@ -27,6 +27,7 @@ import sys
 from absl import app, flags
 
 from deep_retrieval import cli
+from deep_retrieval.files import atomic_text
 
 FLAGS = flags.FLAGS
 
@@ -34,7 +35,8 @@ FLAGS = flags.FLAGS
 def define_flags():
     """Defines the command-line flags (only when run as a program)."""
     flags.DEFINE_string("data_root", None, "Folder holding the dataset folder.")
-    flags.DEFINE_string("dataset", None, "Dataset name (roxford5k, rparis6k, synthetic, ...).")
+    flags.DEFINE_string("dataset", None, "Dataset name (roxford5k, rparis6k, holidays, ...) under --data_root; "
+                        "'synthetic' alone is the built-in real-photo split (the default).")
     flags.DEFINE_string("model", None, "A .keras descriptor model or a SavedModel folder.")
     flags.DEFINE_string("backbone", None, "Without --model: evaluate this backbone with plain R-MAC, "
                         "untrained (efficientnet_lite0, resnet101, resnet50, vgg16, tiny).")
@@ -90,14 +92,17 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if bool(FLAGS.model) == bool(FLAGS.backbone):
         raise app.UsageError("give either --model or --backbone (the off-the-shelf model)")
-    if bool(FLAGS.data_root) != bool(FLAGS.dataset):
-        raise app.UsageError("--data_root and --dataset go together (neither: the built-in split)")
+    from deep_retrieval.data import synthetic
+
     data_root, dataset = FLAGS.data_root, FLAGS.dataset
+    built_in = not data_root and dataset in (None, synthetic.DATASET_NAME)
+    if not built_in and not (data_root and dataset):
+        raise app.UsageError(f"--data_root and --dataset go together; only --dataset {synthetic.DATASET_NAME} "
+                             "(or neither) names the built-in split without a path")
     weights = None if FLAGS.weights.lower() in ("", "none") else FLAGS.weights
     try:
-        if not data_root:
+        if built_in:
             from deep_retrieval.config import SyntheticConfig
-            from deep_retrieval.data import synthetic
 
             data_root = synthetic.ensure_dataset(SyntheticConfig(), progress=FLAGS.progress)
             dataset = synthetic.DATASET_NAME
@@ -114,8 +119,7 @@ def main(argv):
 
     print(evaluation.format_table(results))
     if FLAGS.output_json:
-        with open(FLAGS.output_json, "w") as f:
-            json.dump(results, f, indent=1)
+        atomic_text(FLAGS.output_json, json.dumps(results, indent=1))
     return 0
 
 

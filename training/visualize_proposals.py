@@ -4,7 +4,8 @@ r"""Draws the regions a descriptor model pools and measures their box recall.
     python -m training.visualize_proposals --model M --boxes boxes.csv \
         --images_dir DIR --output proposals.png --draw 16
 
-Writes a PNG of one image with its top ``--draw`` regions (RPN proposals by
+Writes a PNG (by default ``proposals.png`` beside the model, in its run
+folder) of one image with its top ``--draw`` regions (RPN proposals by
 decreasing objectness, or the rigid grid) and its landmark box in green, and
 prints the recall of the landmark boxes at IoU >= ``--iou`` for the top
 16/64/256 proposals next to the rigid R-MAC grid's best region. Boxes come
@@ -19,7 +20,7 @@ import sys
 from absl import app, flags
 
 from deep_retrieval import cli
-from deep_retrieval.files import atomic_write
+from deep_retrieval.files import atomic_text, atomic_write
 
 FLAGS = flags.FLAGS
 
@@ -33,7 +34,7 @@ def define_flags():
     flags.DEFINE_integer("image_size", None, "Longest image side (default: the one the model carries).")
     flags.DEFINE_list("top", ["16", "64", "256"], "Recall of the best k proposals for each k.")
     flags.DEFINE_float("iou", 0.5, "IoU for a proposal to recall a box.")
-    flags.DEFINE_string("output", "proposals.png", "PNG to write.")
+    flags.DEFINE_string("output", None, "PNG to write (default: proposals.png beside --model, in its run folder).")
     flags.DEFINE_string("image", None, "Image of --boxes to draw (default: the first).")
     flags.DEFINE_integer("draw", 16, "Regions drawn.")
     flags.DEFINE_integer("limit", 0, "Measure recall on the first N images only (0: all).")
@@ -129,8 +130,9 @@ def main(argv):
         width, height = im.size
     to_original = np.array([width / image.shape[2], height / image.shape[1]] * 2)
     regions = model.pooled_regions(image)[0][: FLAGS.draw] * to_original
-    draw(paths[chosen], regions, boxes[chosen], FLAGS.output)
-    print(f"wrote {FLAGS.output}: {os.path.basename(paths[chosen])} with its top "
+    output = FLAGS.output or os.path.join(os.path.dirname(os.path.abspath(FLAGS.model)), "proposals.png")
+    draw(paths[chosen], regions, boxes[chosen], output)
+    print(f"wrote {output}: {os.path.basename(paths[chosen])} with its top "
           f"{len(regions)} {model.config.regions} regions")
     n = FLAGS.limit or len(paths)
     result = extraction.proposal_recall(model, paths[:n], boxes[:n], size, top, FLAGS.iou, FLAGS.progress)
@@ -140,8 +142,7 @@ def main(argv):
             label = f"grid ({result['grid_regions']} regions)" if key == "grid@all" else key
             print(f"  {label:24} {100 * value:6.1f} %")
     if FLAGS.output_json:
-        with open(FLAGS.output_json, "w") as f:
-            json.dump(result, f, indent=1)
+        atomic_text(FLAGS.output_json, json.dumps(result, indent=1))
     return 0
 
 

@@ -118,7 +118,7 @@ def test_extraction_client(corpus, address, tmp_path, source):
     folder, files = corpus
     ok, bad = _split(files)
     if source == "folder":
-        items = extract_lib.list_images(folder)
+        items, _ = extract_lib.list_images(folder)
         items = [(n, p) for n, p in items if not n.endswith(".csv")]
         # A folder walk takes image extensions only (NA and 007 have none).
         expect_ok = {extract_lib.printable_name(n) for n in ok if n.lower().endswith(images.EXTENSIONS)}
@@ -126,7 +126,7 @@ def test_extraction_client(corpus, address, tmp_path, source):
         names = [n for n in ok + bad if "\udce9" not in n]
         csv = tmp_path / "list.csv"
         atomic_csv(str(csv), pd.DataFrame({"image": names}))
-        items = extract_lib.list_images(str(csv), data_dir=folder)
+        items, _ = extract_lib.list_images(str(csv), data_dir=folder)
         expect_ok = {n for n in ok if "\udce9" not in n}
     out = str(tmp_path / "d.parquet")
     count, failed = extract_lib.extract(items, out, _extractor(address), batch_size=4, progress=False)

@@ -28,7 +28,8 @@ def test_concurrent_clients_no_errors_flat_memory(exported):
     assert result["errors"] == 0, result["first_errors"]
     assert result["ok"] == 160 and result["requests_per_s"] > 0
     assert result["p50_ms"] <= result["p99_ms"]
-    assert result["rss_samples"] >= 4
+    # Memory is sampled every 160 / 20 answers whatever the machine's speed, besides the timer's samples.
+    assert result["rss_samples"] >= load_test.RSS_CHECKPOINTS
     # After warm-up the server's memory stays flat (a leak of even 1 MB a
     # request would add 160 MB here).
     assert result["rss_growth_after_warmup_mb"] < 64, result

@@ -7,7 +7,9 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from serving import server as server_lib
+from serving import server as server_cmd
+from serving import service as server_lib
+from serving.model_manager import ModelManager
 from tests.helpers_images import encoded
 
 
@@ -28,7 +30,7 @@ def test_server_defaults_to_loopback():
     from absl import flags
 
     values = flags.FlagValues()
-    server_lib.define_flags(values)
+    server_cmd.define_flags(values)
     assert values["host"].default == "127.0.0.1"
     assert inspect.signature(server_lib.build_server).parameters["host"].default == "127.0.0.1"
 
@@ -37,7 +39,7 @@ def test_server_is_not_reachable_from_outside_by_default(exported):
     outward = _outward_address()
     if outward is None:
         pytest.skip("no non-loopback interface on this machine")
-    manager = server_lib.ModelManager("deep_retrieval", exported["base"], poll_seconds=0)
+    manager = ModelManager("deep_retrieval", exported["base"], poll_seconds=0)
     server, port = server_lib.build_server(manager, 0)
     server.start()
     try:
@@ -52,7 +54,7 @@ def test_server_is_not_reachable_from_outside_by_default(exported):
 
 
 def test_oversized_request_is_refused_and_server_keeps_serving(exported):
-    manager = server_lib.ModelManager("deep_retrieval", exported["base"], poll_seconds=0)
+    manager = ModelManager("deep_retrieval", exported["base"], poll_seconds=0)
     server, port = server_lib.build_server(manager, 0, max_message_bytes=1 << 20)
     server.start()
     stub = prediction_service_pb2_grpc.PredictionServiceStub(

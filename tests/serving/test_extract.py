@@ -32,7 +32,7 @@ def _extractor(address, servers=None):
 def test_folder_with_bad_files(address, exported, folder, tmp_path):
     root, files = folder
     out = str(tmp_path / "d.parquet")
-    items = extract_lib.list_images(str(root))
+    items, _ = extract_lib.list_images(str(root))
     assert sorted(n for n, _ in items) == sorted(files)  # recursive, notes.txt skipped
     count, failed = extract_lib.extract(items, out, _extractor(address), batch_size=3, progress=False)
     assert (count, failed) == (4, 2)
@@ -52,7 +52,7 @@ def test_csv_input_byte_cap_and_failover(address, folder, tmp_path):
     root, files = folder
     csv = tmp_path / "list.csv"
     pd.DataFrame({"image": ["one.jpg", "a/two.png", "missing.jpg"]}).to_csv(csv, index=False)
-    items = extract_lib.list_images(str(csv), data_dir=str(root))
+    items, _ = extract_lib.list_images(str(csv), data_dir=str(root))
     dead = "127.0.0.1:1"  # nothing listens there: every request to it fails over
     out = str(tmp_path / "c.parquet")
     count, failed = extract_lib.extract(items, out, _extractor(address, [dead, address]),
@@ -80,7 +80,7 @@ class _Interrupting:
 
 def test_interrupted_run_resumes_without_loss_or_duplicates(address, folder, tmp_path):
     root, _ = folder
-    items = extract_lib.list_images(str(root))
+    items, _ = extract_lib.list_images(str(root))
     out = str(tmp_path / "r.parquet")
     first = _Interrupting(_extractor(address), allowed=1)
     with pytest.raises(KeyboardInterrupt):
@@ -103,6 +103,48 @@ def test_bad_sources(tmp_path):
     csv.write_text("path\na.jpg\n")
     with pytest.raises(ValueError, match="'image' column"):
         extract_lib.list_images(str(csv))
+    for text, reason in [("", "the CSV is empty"), ("image\n", "lists no images")]:
+        csv.write_text(text)
+        with pytest.raises(ValueError, match=reason):
+            extract_lib.list_images(str(csv))
+
+
+def test_empty_folders_fail_and_skipped_files_are_reported(folder, tmp_path):
+    import subprocess
+    import sys
+
+    root, _ = folder
+    (root / "scan.tif").write_bytes(b"II*\x00")
+    items, skipped = extract_lib.list_images(str(root))
+    assert len(items) == 6
+    assert [(n, r.split(":")[0]) for n, r in skipped] == [("notes.txt", ".txt"), ("scan.tif", ".tif")]
+    assert all("not an image type" in r for _, r in skipped)
+    only_tiffs = tmp_path / "tiffs"
+    (only_tiffs / "sub").mkdir(parents=True)
+    (only_tiffs / "sub" / "a.tif").write_bytes(b"II*\x00")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images .* 1 other files skipped"):
+        extract_lib.list_images(str(only_tiffs))
+    for source in (tmp_path / "empty", only_tiffs):
+        out = tmp_path / f"{source.name}.parquet"
+        result = subprocess.run([sys.executable, "-m", "serving.extract", "--images", str(source), "--output",
+                                 str(out), "--server", "127.0.0.1:9"], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith("error: "), result.stderr
+        assert "no images" in result.stderr and not os.path.exists(out)
+
+
+def test_all_images_failing_is_an_error(address, tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.jpg").write_bytes(b"\xff\xd8 truncated")
+    out = tmp_path / "d.parquet"
+    result = subprocess.run([sys.executable, "-m", "serving.extract", "--images", str(tmp_path / "bad"), "--output",
+                             str(out), "--server", address, "--noprogress"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1 and "all 1 images failed" in result.stderr, result.stderr
+    assert list(pd.read_csv(f"{out}.errors.csv")["image"]) == ["a.jpg"]
 
 
 class _Failure(grpc.RpcError):
@@ -202,7 +244,7 @@ def test_csv_names_are_read_verbatim(tmp_path):
         (tmp_path / name).write_bytes(encoded(16, 16))
     csv = tmp_path / "list.csv"
     csv.write_text("image\n007.jpg\n1e5\nNA\n")
-    items = extract_lib.list_images(str(csv))
+    items, _ = extract_lib.list_images(str(csv))
     assert [n for n, _ in items] == ["007.jpg", "1e5", "NA"]
     assert all(os.path.isfile(p) for _, p in items)
 

@@ -26,12 +26,12 @@ def test_query_with_box_saved_model_and_picture(exported, tmp_path):
 
     query = str(root / "3.jpg")
     data = blobs["3.jpg"]
-    vector = search_cmd.describe(data, saved_model=exported["version"])
+    vector = search_cmd.Describer(saved_model=exported["version"])(data)
     scores, ids = index.search(vector[None], 3)
     assert ids[0][0] == "3.jpg" and scores[0][0] == pytest.approx(1.0, abs=1e-4)
 
     box = search_cmd.check_box(data, ["10", "5", "60", "45"])
-    cropped = search_cmd.describe(data, box, saved_model=exported["version"])
+    cropped = search_cmd.Describer(saved_model=exported["version"])(data, box)
     want = reference_descriptors(exported["model"], [data], exported["image_size"], [box])[0]
     assert np.abs(cropped - want).max() <= 1e-5
     with pytest.raises(ValueError, match="not inside"):
@@ -40,7 +40,7 @@ def test_query_with_box_saved_model_and_picture(exported, tmp_path):
     picture = str(tmp_path / "r.png")
     search_cmd.draw(query, ["10", "5", "60", "45"], list(zip(ids[0], scores[0].tolist())), str(root), picture)
     with Image.open(picture) as im:
-        assert im.size == (4 * 200, 218)
+        assert im.size == (4 * 208, 230)
         # The query tile carries the red box.
         pixels = np.asarray(im.convert("RGB"))
         assert ((pixels[..., 0] > 200) & (pixels[..., 1] < 50) & (pixels[..., 2] < 50)).sum() > 50
@@ -55,15 +55,23 @@ def test_search_command_errors_are_one_line(exported, tmp_path):
     _parquet(tmp_path / "d.parquet", ["a", "b", "c"], vectors)
     build_index(str(tmp_path / "d.parquet"), str(tmp_path / "idx"))
     (tmp_path / "q.txt").write_text("not an image")
+    (tmp_path / "q.jpg").write_bytes(encoded(60, 80, 1))
     base = [sys.executable, "-m", "serving.search", "--index", str(tmp_path / "idx"),
             "--saved_model", exported["version"]]
     for extra, want in ((["--query", str(tmp_path / "q.txt"), "--top", "0"], "--top must be at least 1"),
-                        (["--query", str(tmp_path / "q.txt")], "error: the query cannot be described"),
+                        (["--query", str(tmp_path / "q.txt")], "error: the query is not a readable image"),
+                        (["--query", str(tmp_path / "q.jpg"), "--saved_model", str(tmp_path)],
+                         "cannot load the SavedModel"),
                         (["--query", str(tmp_path / "q.txt"), "--box", "0,0,1,1"],
                          "error: the query is not a readable image")):
         result = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
         failed_cleanly = result.returncode != 0 and want in result.stderr and "Traceback" not in result.stderr
-        assert failed_cleanly, result.stderr[-800:]
+        assert failed_cleanly and len(result.stderr.strip().splitlines()) == 1, result.stderr[-800:]
+    down = subprocess.run([sys.executable, "-m", "serving.search", "--index", str(tmp_path / "idx"), "--server",
+                           "127.0.0.1:9", "--query", str(tmp_path / "q.jpg")], capture_output=True, text=True,
+                          timeout=300)  # nothing listens on port 9
+    assert down.returncode == 1 and down.stderr.strip().splitlines() == [
+        down.stderr.strip()] and "UNAVAILABLE" in down.stderr and "is the server running?" in down.stderr
     meta = tmp_path / "idx" / "meta.json"
     fields = json.loads(meta.read_text())
     del fields["dim"]
@@ -101,10 +109,10 @@ def test_the_index_keeps_the_extraction_version_and_queries_ask_for_it(address, 
     with pytest.raises(ValueError, match="one index holds one model's descriptors"):
         build_index(written("b", 2, rng.normal(size=(2, 32)).astype(np.float32)), out, append=True)
     data = encoded(60, 80, 5)
-    served = search_cmd.describe(data, server=address, version=1)  # the exported model is version 1
+    served = search_cmd.Describer(server=address, version=1)(data)  # the exported model is version 1
     assert served.shape == (32,)
     with pytest.raises(ValueError, match="NOT_FOUND.*the index holds descriptors of version 9"):
-        search_cmd.describe(data, server=address, version=9)
+        search_cmd.Describer(server=address, version=9)(data)
 
 
 def test_top_k_below_one_and_bomb_pictures_are_refused(tmp_path):
@@ -121,6 +129,28 @@ def test_top_k_below_one_and_bomb_pictures_are_refused(tmp_path):
     (tmp_path / "fine.jpg").write_bytes(encoded(50, 40, 1))
     picture = str(tmp_path / "p.png")
     search_cmd.draw(str(tmp_path / "fine.jpg"), None, [("bomb.png", 0.9), ("fine.jpg", 0.8)], str(tmp_path), picture)
-    assert Image.open(picture).size == (3 * 200, 218)  # the bomb drawn as a missing tile
+    assert Image.open(picture).size == (3 * 208, 230)  # the bomb drawn as a missing tile
     with pytest.raises(ValueError, match="cannot draw the query image"):
         search_cmd.draw(str(tmp_path / "bomb.png"), None, [], str(tmp_path), picture)
+
+
+def test_result_pictures_stay_in_their_cells_and_name_their_files(tmp_path):
+    from PIL import ImageDraw
+
+    Image.new("RGB", (60, 40), (0, 200, 0)).save(tmp_path / "query.png")
+    Image.new("RGB", (1000, 100), (255, 0, 0)).save(tmp_path / "wide.png")
+    Image.new("RGB", (100, 1000), (0, 0, 255)).save(tmp_path / "tall.png")
+    picture = str(tmp_path / "p.png")
+    search_cmd.draw(str(tmp_path / "query.png"), None, [("wide.png", 0.9), ("tall.png", 0.5)], str(tmp_path), picture)
+    pixels = np.asarray(Image.open(picture).convert("RGB")).astype(int)
+    red = (pixels[..., 0] > 200) & (pixels[..., 1] < 60) & (pixels[..., 2] < 60)
+    blue = (pixels[..., 2] > 200) & (pixels[..., 0] < 60) & (pixels[..., 1] < 60)
+    columns = lambda mask: (np.nonzero(mask.any(0))[0].min(), np.nonzero(mask.any(0))[0].max())  # noqa: E731
+    assert 208 <= columns(red)[0] and columns(red)[1] < 2 * 208  # the wide image inside the second cell
+    assert 2 * 208 <= columns(blue)[0] and columns(blue)[1] < 3 * 208
+    assert np.nonzero(blue.any(1))[0].max() < 200  # and above its caption
+    pen = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+    long_name = "a/very/long/folder/name/that/goes/on/and/on/until/the/file/IMG_0001.jpg"
+    shown = search_cmd.fit(pen, long_name, 200)
+    assert shown.startswith("…") and shown.endswith("IMG_0001.jpg") and pen.textlength(shown) <= 200
+    assert search_cmd.fit(pen, "wide.png", 200) == "wide.png"

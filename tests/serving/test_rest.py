@@ -9,8 +9,9 @@ import pytest
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from serving import client
-from serving import server as server_lib
+from serving import service as server_lib
 from serving.metrics import Metrics
+from serving.model_manager import ModelManager
 from serving.rest import RestServer
 from tests.helpers_images import encoded
 
@@ -20,7 +21,7 @@ def both(exported, tmp_path_factory):
     """The gRPC and REST endpoints of one embedded server (shared metrics)."""
     base = tmp_path_factory.mktemp("rest") / "deep_retrieval"
     shutil.copytree(exported["version"], base / "1")
-    manager = server_lib.ModelManager("deep_retrieval", str(base), poll_seconds=0)
+    manager = ModelManager("deep_retrieval", str(base), poll_seconds=0)
     metrics = Metrics()
     grpc_server, port = server_lib.build_server(manager, 0, metrics=metrics)
     grpc_server.start()
@@ -160,7 +161,7 @@ def test_metrics_histogram_by_hand():
 def test_a_port_in_use_is_refused(both, exported, tmp_path):
     base = tmp_path / "deep_retrieval"
     shutil.copytree(exported["version"], base / "1")
-    manager = server_lib.ModelManager("deep_retrieval", str(base), poll_seconds=0)
+    manager = ModelManager("deep_retrieval", str(base), poll_seconds=0)
     try:
         with pytest.raises(ValueError, match="in use"):
             server_lib.build_server(manager, both["grpc"])

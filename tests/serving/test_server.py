@@ -15,7 +15,9 @@ from tensorflow_serving.apis import (
 )
 
 from serving import requests as requests_lib
-from serving import server as server_lib
+from serving import service as server_lib
+from serving.model_manager import ModelManager
+from serving.requests import Limits
 from tests.helpers_images import (
     encoded,
     gif_frames_bomb,
@@ -29,7 +31,7 @@ from tests.helpers_images import (
 def served(exported, tmp_path_factory):
     base = tmp_path_factory.mktemp("served") / "deep_retrieval"
     shutil.copytree(exported["version"], base / "1")
-    manager = server_lib.ModelManager("deep_retrieval", str(base), poll_seconds=1)
+    manager = ModelManager("deep_retrieval", str(base), poll_seconds=1)
     server, port = server_lib.build_server(manager, 0)
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -154,9 +156,9 @@ def test_hostile_requests_are_refused_before_any_work(served):
 
 
 def test_request_limits_on_images_and_pixels(exported):
-    manager = server_lib.ModelManager("deep_retrieval", str(__import__("pathlib").Path(exported["version"]).parent),
+    manager = ModelManager("deep_retrieval", str(__import__("pathlib").Path(exported["version"]).parent),
                                       poll_seconds=0)
-    server, port = server_lib.build_server(manager, 0, limits=server_lib.Limits(images=4, pixels=20_000))
+    server, port = server_lib.build_server(manager, 0, limits=Limits(images=4, pixels=20_000))
     server.start()
     try:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
@@ -227,7 +229,7 @@ class _Slow:
 
 
 def _slow_server(exported, seconds, **kwargs):
-    manager = server_lib.ModelManager("deep_retrieval", exported["base"], poll_seconds=0)
+    manager = ModelManager("deep_retrieval", exported["base"], poll_seconds=0)
     slow = _Slow(manager.current.functions["serving_default"], seconds)
     manager.current.functions["serving_default"] = slow
     server, port = server_lib.build_server(manager, 0, **kwargs)
@@ -270,7 +272,7 @@ def test_silent_and_idle_connections_are_closed(exported):
     assert dict(arguments)["grpc.keepalive_time_ms"] == server_lib.CHANNEL_ARGUMENTS["grpc.keepalive_time_ms"]
     with pytest.raises(ValueError, match="not key=value"):
         server_lib.channel_arguments("grpc.max_connection_idle_ms")
-    manager = server_lib.ModelManager("deep_retrieval", exported["base"], poll_seconds=0)
+    manager = ModelManager("deep_retrieval", exported["base"], poll_seconds=0)
     server, port = server_lib.build_server(manager, 0, arguments=arguments)
     server.start()
     try:

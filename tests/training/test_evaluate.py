@@ -73,6 +73,29 @@ def test_command_needs_one_model_source():
         assert "--model" in result.stderr or "--data_root" in result.stderr
 
 
+def test_built_in_split_is_named_without_a_path(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    # The built-in split's cache folder, filled with the small split (generating the real one takes minutes).
+    home = tmp_path / "keras_home"
+    built_in = synthetic.dataset_dir(SyntheticConfig(), cache_dir=str(home / "datasets" / "deep_retrieval"))
+    shutil.copytree(synthetic.ensure_dataset(SMALL, progress=False), built_in)
+    env = {**os.environ, "KERAS_HOME": str(home)}
+    command = [sys.executable, "-m", "training.evaluate", "--backbone", "tiny", "--weights", "none",
+               "--image_size", "48", "--noprogress"]
+    result = subprocess.run([*command, "--dataset", "synthetic"], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"the built-in held-out split, {built_in}/synthetic" in result.stdout
+    assert "medium" in result.stdout.lower()
+    result = subprocess.run([*command, "--dataset", "roxford5k"], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode != 0 and "--data_root" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_no_recorded_image_size_is_an_error_not_a_guess(tmp_path, exported):
     import json
 

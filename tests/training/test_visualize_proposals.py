@@ -23,13 +23,16 @@ def test_writes_picture_and_recall(tmp_path):
         (tmp_path / "jpg" / f"{name}.jpg").write_bytes(encoded(90, 120, ord(name)))
     pd.DataFrame({"image": ["a", "b", "missing"], "x0": [10, 0, 0], "y0": [10, 0, 0],
                   "x1": [100, 120, 5], "y1": [80, 90, 5]}).to_csv(tmp_path / "boxes.csv", index=False)
-    out = tmp_path / "p.png"
+    out = tmp_path / "proposals.png"  # the default: beside the model, in its run folder
+    work = tmp_path / "cwd"
+    work.mkdir()
     result = subprocess.run(
         [sys.executable, "-m", "training.visualize_proposals", "--model", str(tmp_path / "m.keras"),
-         "--boxes", str(tmp_path / "boxes.csv"), "--image_size", "120", "--output", str(out),
+         "--boxes", str(tmp_path / "boxes.csv"), "--image_size", "120",
          "--top", "4,16", "--output_json", str(tmp_path / "r.json"), "--noprogress"],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=300)
+        cwd=work, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert f"wrote {out}:" in result.stdout and os.listdir(work) == []
     assert "missing not found" in result.stderr
     with Image.open(out) as im:
         assert im.size == (120, 90)
