@@ -22,8 +22,8 @@ HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
 
 NATIVE_NOISE = re.compile(
     rb"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
-    rb"|[IW]\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] "  # native INFO and WARNING lines
-    rb"|E\d{4} [\d:.]+ +\d+ cuda[\w.]*:\d+\] "  # CUDA's errors where there is no GPU
+    rb"|[IW]\d{4} [\d:.]+ +\d+ \w+\.(?:cc|cpp|h):\d+\] "  # native INFO and WARNING lines (not Python's absl logs)
+    rb"|E\d{4} [\d:.]+ +\d+ cuda\w*\.cc:\d+\] "  # CUDA's errors where there is no GPU
     rb"|To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler flags)"
 )
 

@@ -8,7 +8,7 @@ PredictionService protocol) or from an exported SavedModel run in process
 (``--saved_model``). With ``--box`` the export's ``crops`` signature crops
 the query inside the graph, keeping the image's scale, as the retrieval
 protocols do. ``--picture`` writes a grid PNG: the query with its
-box, then the results captioned with rank and score (images are looked up
+box, then the results captioned with rank, score and file name (images are looked up
 under the index's ``images_root``, or ``--images_root``). Through a server,
 the query asks for the model version the index's descriptors were
 extracted with, so that a newer model is never compared with them.
@@ -25,12 +25,17 @@ from deep_retrieval import cli
 FLAGS = flags.FLAGS
 
 
-def define_flags():
-    """Defines the command-line flags (only when run as a program)."""
+def define_source_flags():
+    """The index and where query descriptors come from (`Describer`): shared with `serving.web`."""
     flags.DEFINE_string("index", None, "Index folder (python -m serving.index).")
     flags.DEFINE_string("server", None, "host:port of a TF Serving (or embedded) server.")
     flags.DEFINE_string("model_name", "deep_retrieval", "ModelSpec.name on the server.")
     flags.DEFINE_string("saved_model", None, "An exported SavedModel folder, instead of --server.")
+
+
+def define_flags():
+    """Defines the command-line flags (only when run as a program)."""
+    define_source_flags()
     flags.DEFINE_string("query", None, "Query image file.")
     flags.DEFINE_list("box", None, "Query box x0,y0,x1,y1 in pixels.")
     flags.DEFINE_integer("top", 10, "Results to show.")

@@ -40,10 +40,9 @@ MAX_QUERY_BYTES = 32 << 20
 
 def define_flags():
     """Defines the command-line flags (only when run as a program)."""
-    flags.DEFINE_string("index", None, "Index folder (python -m serving.index).")
-    flags.DEFINE_string("server", None, "host:port of a TF Serving (or embedded) server.")
-    flags.DEFINE_string("model_name", "deep_retrieval", "ModelSpec.name on the server.")
-    flags.DEFINE_string("saved_model", None, "An exported SavedModel folder, instead of --server.")
+    from serving.search import define_source_flags
+
+    define_source_flags()
     flags.DEFINE_string("images_root", None, "Where the indexed images are (default: the index's images_root).")
     flags.DEFINE_integer("port", 8080, "Port of the page.")
     flags.DEFINE_string("host", "127.0.0.1", "Address to bind; 0.0.0.0 exposes the page on every interface.")
@@ -94,7 +93,7 @@ class Searcher:
             raise BadQuery(f"top must be between 1 and {self.max_top}, got {top}")
         box = fields.get("box")
         try:
-            box = check_box(data, box.decode().split(",")) if box else check_box(data, None)
+            box = check_box(data, box.decode().split(",") if box else None)
             vector = self.describer(data, box)
         except (ValueError, UnicodeDecodeError) as e:
             raise BadQuery(str(e).replace("--box", "box")) from None

@@ -37,6 +37,27 @@ def test_a_bad_flag_still_fails():
     assert result.returncode != 0 and "no_such_flag" in result.stderr
 
 
+def test_only_native_start_up_lines_are_noise():
+    from deep_retrieval.cli import NATIVE_NOISE
+
+    noise = [  # as TensorFlow 2.21 prints them on a CPU machine
+        "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+        "I0000 00:00:1764750000.123456   12345 port.cc:153] oneDNN custom operations are on.",
+        "E0000 00:00:1764750000.234567   12345 cuda_executor.cc:1309] failed call to cuInit: INTERNAL: CUDA error",
+        "W0000 00:00:1764750000.345678   12345 gpu_device.cc:2342] Cannot dlopen some GPU libraries.",
+        "To enable the following instructions: AVX512F AVX512_BF16, in other operations, rebuild TensorFlow "
+        "with the appropriate compiler flags.",
+    ]
+    kept = [  # Python's absl logging uses the same prefix, with a .py file: the commands' own messages
+        "I1203 09:40:00.123456 140000 server.py:132] stopping: draining requests in flight",
+        "W1203 09:40:00.123456 140000 extract.py:20] retrying",
+        "E0000 00:00:1764750000.234567   12345 op_kernel.cc:1857] OP_REQUIRES failed: Invalid JPEG data",
+        "error: model.keras: no such file",
+    ]
+    assert all(NATIVE_NOISE.match(line.encode()) for line in noise)
+    assert not any(NATIVE_NOISE.match(line.encode()) for line in kept)
+
+
 def test_native_start_up_lines_are_dropped_unless_verbose(tmp_path):
     from deep_retrieval.cli import NATIVE_NOISE
 
