@@ -6,7 +6,8 @@
   printing the flags, where absl exits 1 (commands import TensorFlow inside
   ``main``, so help prints at once);
 * TensorFlow's native start-up lines (oneDNN and CUDA notices, the failed
-  ``cuInit`` of a machine without a GPU, absl's pre-initialisation warning)
+  ``cuInit`` of a machine without a GPU, absl's pre-initialisation warning,
+  and Beam's note on Google Cloud clients at import)
   are dropped from stderr unless ``--verbose`` is given: they are written
   before ``TF_CPP_MIN_LOG_LEVEL`` takes effect, so only a filter on the
   file descriptor removes them. Everything else passes through at once.
@@ -24,7 +25,8 @@ NATIVE_NOISE = re.compile(
     rb"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
     rb"|[IW]\d{4} [\d:.]+ +\d+ \w+\.(?:cc|cpp|h):\d+\] "  # native INFO and WARNING lines (not Python's absl logs)
     rb"|E\d{4} [\d:.]+ +\d+ cuda\w*\.cc:\d+\] "  # CUDA's errors where there is no GPU
-    rb"|To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler flags)"
+    rb"|To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler flags"
+    rb"|WARNING:root:apitools not found, and bigquery client libraries are not available)"  # Beam's import
 )
 
 
@@ -57,9 +59,11 @@ def _filter_native_stderr():
     atexit.register(restore)
 
 
-def run(main):
+def run(main, pass_through=False):
     """``absl.app.run(main)``, with help exiting 0 and native start-up noise
-    dropped (see the module docstring)."""
+    dropped (see the module docstring). With ``pass_through``, arguments
+    that are not this command's flags reach ``main``'s ``argv`` unchanged
+    (another parser's options, such as Beam's), instead of being refused."""
     from absl import app, flags
 
     if "verbose" not in flags.FLAGS:
@@ -76,8 +80,15 @@ def run(main):
             print(f"error: {e} (see --help)", file=sys.stderr)
             return 1
 
+    def known_only(argv):
+        try:
+            return flags.FLAGS(argv, known_only=True)
+        except flags.Error as e:
+            print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
+            sys.exit(1)
+
     try:
-        app.run(checked)
+        app.run(checked, flags_parser=known_only) if pass_through else app.run(checked)
     except SystemExit as e:
         if asked and e.code == 1:
             sys.exit(0)

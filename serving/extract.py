@@ -267,7 +267,7 @@ class Extractor:
         return rows, errors
 
 
-def _image_size(data):
+def header_size(data):
     """``(height, width)`` from an encoded image's header, or ``(0, 0)``
     (unreadable, or an error in place of bytes): only an ordering key."""
     import io
@@ -287,7 +287,7 @@ def by_size(items):
     """``items`` ordered by image size (stable), so that same-size photos
     share a request and the server runs them as one batch; results are
     put back in input order when the output is written."""
-    keys = [_image_size(data) for _, data in items]
+    keys = [header_size(data) for _, data in items]
     return [items[i] for i in sorted(range(len(items)), key=keys.__getitem__)]
 
 
@@ -304,18 +304,18 @@ def _batches(items, batch_size, max_bytes):
         yield batch
 
 
-def _read(path, max_bytes):
+def read_file(path, max_bytes, limit="--max_message_bytes"):
     """The file's bytes, or the exception saying why not: only regular files
     are read (a FIFO would block, ``/dev/zero`` never ends), at most
-    ``max_bytes`` (what one gRPC message can carry)."""
-    problem = file_problem(path, max_bytes, "--max_message_bytes")
+    ``max_bytes`` (what one gRPC message can carry; ``limit`` names it)."""
+    problem = file_problem(path, max_bytes, limit)
     if problem:
         return OSError(problem)
     try:
         with open(path, "rb") as f:
             data = f.read(max_bytes + 1)
         if len(data) > max_bytes:
-            return OSError(f"more than --max_message_bytes {max_bytes} bytes")
+            return OSError(f"more than {limit} {max_bytes} bytes")
         return data
     except OSError as e:
         return e
@@ -446,7 +446,7 @@ def extract(items, output, extractor, batch_size=16, max_request_bytes=16 << 20,
                   disable=not progress) as bar, \
                 concurrent.futures.ThreadPoolExecutor(in_flight) as pool:
             for start in range(0, len(todo), chunk_size):
-                chunk = by_size([(n, _read(p, max_file_bytes)) for n, p in todo[start:start + chunk_size]])
+                chunk = by_size([(n, read_file(p, max_file_bytes)) for n, p in todo[start:start + chunk_size]])
                 futures = [pool.submit(extractor.run, b) for b in _batches(chunk, batch_size, max_request_bytes)]
                 rows, errors, stopped = [], [], None
                 for future in concurrent.futures.as_completed(futures):

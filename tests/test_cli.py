@@ -5,7 +5,7 @@ import pytest
 
 COMMANDS = ["training.evaluate", "training.clean", "training.visualize_proposals", "export.export_saved_model",
             "export.import_checkpoint", "serving.server", "serving.extract", "serving.index", "serving.search",
-            "serving.load_test", "serving.web", "training.train"]
+            "serving.load_test", "serving.web", "serving.beam_extract", "training.train"]
 
 PROBE = """
 import runpy, sys
@@ -47,6 +47,8 @@ def test_only_native_start_up_lines_are_noise():
         "W0000 00:00:1764750000.345678   12345 gpu_device.cc:2342] Cannot dlopen some GPU libraries.",
         "To enable the following instructions: AVX512F AVX512_BF16, in other operations, rebuild TensorFlow "
         "with the appropriate compiler flags.",
+        "WARNING:root:apitools not found, and bigquery client libraries are not available despite the import "
+        "not raising an ImportError.",
     ]
     kept = [  # Python's absl logging uses the same prefix, with a .py file: the commands' own messages
         "I1203 09:40:00.123456 140000 server.py:132] stopping: draining requests in flight",

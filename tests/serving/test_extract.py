@@ -257,9 +257,9 @@ def test_only_regular_files_are_read_and_reads_are_bounded(tmp_path):
     (tmp_path / "ok.jpg").write_bytes(b"fine")
     for name, reason in (("pipe.jpg", "not a regular file"), ("zero.jpg", "not a regular file"),
                          ("big.jpg", "2000 bytes, more than --max_message_bytes 1000")):
-        got = extract_lib._read(str(tmp_path / name), 1000)
+        got = extract_lib.read_file(str(tmp_path / name), 1000)
         assert isinstance(got, OSError) and reason in str(got), (name, got)
-    assert extract_lib._read(str(tmp_path / "ok.jpg"), 1000) == b"fine"
+    assert extract_lib.read_file(str(tmp_path / "ok.jpg"), 1000) == b"fine"
 
 
 def test_printable_names_are_one_to_one_and_stay_on_one_line():

@@ -1,0 +1,103 @@
+r"""Batch descriptor extraction on Apache Beam: an exported SavedModel run by
+Beam's ``RunInference``.
+
+    python -m serving.beam_extract --saved_model models/deep_retrieval/1 \
+        --images photos/ --output descriptors.parquet [--runner DirectRunner] [Beam pipeline options]
+
+For collections that belong on a data engine (tens of millions of images):
+the same pipeline runs on the DirectRunner here and, with its options, on
+Flink, Spark or Dataflow. Every flag this command does not define is handed
+to Beam's ``PipelineOptions`` unchanged (``--runner``, ``--flink_master``,
+``--project``, ``--temp_location``, ...).
+
+* ``--images`` is a folder, walked recursively on the launching machine, or
+  a CSV with an ``image`` column, as for `serving.extract`; paths with a
+  scheme (``gs://``, ``s3://``) are read through Beam's file systems.
+* Each file is read (regular files of at most ``--max_file_bytes`` only),
+  keyed by the image size its header declares, and the images of one size
+  are grouped (``GroupIntoBatches``, ``--batch_size``) so that each group is
+  one call of the signature; the key also spreads a size over `serving.beam_inference.KEY_SPREAD`
+  shards, so one common size is not one worker's work.
+* `serving.beam_inference.SavedModelHandler` is the ``RunInference`` model handler: it loads the
+  SavedModel once per worker process and runs its ``serving_default`` (or
+  ``--signature_name``) on a group; a group that fails is split until each
+  undecodable image is alone, as `serving.extract` isolates bad images.
+* The output has `serving.extract`'s schema (``image``, ``descriptor``;
+  the run record in the schema metadata) and ``OUTPUT.errors.csv`` lists
+  the files that could not be described, with the reason. Both are written
+  by Beam's file sinks, which keep only the output of bundles that
+  succeeded: a retried bundle adds no row twice.
+"""
+
+import sys
+
+from absl import app, flags
+
+from deep_retrieval import cli
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """Defines the command-line flags (only when run as a program)."""
+    flags.DEFINE_string("saved_model", None, "An exported SavedModel version folder (models/NAME/1).")
+    flags.DEFINE_string("signature_name", "serving_default", "Signature taking encoded images.")
+    flags.DEFINE_string("images", None, "Folder of images (walked recursively) or a CSV with an 'image' column.")
+    flags.DEFINE_string("data_dir", None, "With a CSV: folder its image paths are relative to "
+                        "(default: the CSV's folder).")
+    flags.DEFINE_string("output", None, "Output Parquet file.")
+    flags.DEFINE_integer("batch_size", 16, "Same-size images per call of the signature at most.")
+    flags.DEFINE_integer("max_file_bytes", 64 << 20, "Larger files are listed as errors, unread.")
+
+
+def main(argv):
+    if not FLAGS.saved_model or not FLAGS.images or not FLAGS.output:
+        raise app.UsageError("--saved_model, --images and --output are required")
+    import os
+
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from serving.beam_inference import build, run_info
+    from serving.extract import list_images, report_skipped
+
+    try:
+        if not os.path.isdir(FLAGS.saved_model):
+            raise ValueError(f"{FLAGS.saved_model}: no such SavedModel folder")
+        items, skipped = list_images(FLAGS.images, FLAGS.data_dir)
+        names = [n for n, _ in items]
+        if len(names) != len(set(names)):
+            raise ValueError(f"{len(names) - len(set(names))} duplicate image names in the input; "
+                             "each image must appear once")
+        options = PipelineOptions(argv[1:])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except SystemExit:
+        return 1  # an unknown Beam option: argparse said which
+    report_skipped(skipped)
+    with beam.Pipeline(options=options) as pipeline:
+        build(pipeline, items, FLAGS.saved_model, FLAGS.output, FLAGS.signature_name, FLAGS.batch_size,
+              FLAGS.max_file_bytes, run_info(FLAGS.saved_model, FLAGS.signature_name))
+    errors = FLAGS.output + ".errors.csv"
+    if os.path.exists(FLAGS.output):  # a local output: count it, and drop an empty errors file
+        import pandas as pd
+        import pyarrow.parquet as pq
+
+        count = pq.ParquetFile(FLAGS.output).metadata.num_rows
+        failed = len(pd.read_csv(errors, dtype=str, keep_default_na=False))
+        if not failed:
+            os.remove(errors)
+        if not count:
+            print(f"error: no descriptors: all {failed} images failed, see {errors}", file=sys.stderr)
+            return 1
+        print(f"{count} descriptors written to {FLAGS.output}"
+              + (f"; {failed} images failed, see {errors}" if failed else ""))
+    else:  # on a remote file system
+        print(f"pipeline done: {FLAGS.output} and {errors}")
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main, pass_through=True)

@@ -1,0 +1,100 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.helpers_images import encoded
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """Subfolders, two image sizes (three of one size, so they share a
+    group), and files that cannot be described."""
+    root = tmp_path / "photos"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "wide").mkdir()
+    good = {"one.jpg": encoded(60, 80, 1), "a/two.jpg": encoded(60, 80, 2), "a/b/three.jpg": encoded(60, 80, 3),
+            "wide/four.png": encoded(40, 120, 4, "PNG"), "a/b/five.jpg": encoded(90, 70, 5)}
+    bad = {"corrupt.jpg": b"\xff\xd8 truncated", "a/empty.png": b"", "a/b/text.png": b"not an image at all"}
+    for name, data in {**good, **bad}.items():
+        (root / name).write_bytes(data)
+    (root / "notes.txt").write_text("skipped: not an image type")
+    return root, good, bad
+
+
+def _one_at_a_time(saved_model, blobs):
+    """The SavedModel's own descriptors, one image per call."""
+    import tensorflow as tf
+
+    signature = tf.saved_model.load(saved_model).signatures["serving_default"]
+    return {name: signature(images=tf.constant([data]))["descriptors"].numpy()[0] for name, data in blobs.items()}
+
+
+def _check_output(out, saved_model, good, bad):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from deep_retrieval.descriptor_files import read_run_info
+
+    frame = pd.read_parquet(out)
+    assert sorted(frame["image"]) == sorted(good)  # one row per decodable image
+    want = _one_at_a_time(saved_model, good)
+    for name, vector in zip(frame["image"], frame["descriptor"]):
+        np.testing.assert_allclose(vector, want[name], atol=1e-5)
+    schema = pq.read_schema(out)  # serving.extract's schema and run record
+    assert schema.field("descriptor").type == pa.list_(pa.float32()) and schema.field("image").type == pa.string()
+    assert read_run_info(out)["model_version"] == 1
+    errors = pd.read_csv(f"{out}.errors.csv", dtype=str, keep_default_na=False)
+    reasons = dict(zip(errors["image"], errors["reason"]))
+    assert sorted(reasons) == sorted(bad)
+    assert reasons["a/empty.png"] == "empty file"
+    assert reasons["corrupt.jpg"].startswith("INVALID_ARGUMENT: ")
+
+
+def test_direct_runner_over_a_folder_with_bad_files(exported, photos, tmp_path):
+    root, good, bad = photos
+    out = tmp_path / "out" / "d.parquet"
+    out.parent.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "serving.beam_extract", "--saved_model", exported["version"], "--images", str(root),
+         "--output", str(out), "--batch_size", "2", "--runner", "DirectRunner", "--direct_num_workers=1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{len(good)} descriptors written" in result.stdout and f"{len(bad)} images failed" in result.stdout
+    assert "notes.txt: .txt: not an image type" in result.stderr  # skipped files reported, as serving.extract does
+    _check_output(str(out), exported["version"], good, bad)
+
+
+def test_a_retried_bundle_adds_no_row_twice(exported, photos, tmp_path, monkeypatch):
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from serving import beam_inference
+    from serving.extract import list_images
+
+    root, good, bad = photos
+    calls = tmp_path / "calls"
+    real = beam_inference.describe_group
+
+    def flaky(signature, group):  # the first group's first attempt dies, after describing it
+        out = real(signature, group)
+        with open(calls, "a") as f:
+            f.write("call\n")
+        if open(calls).read().count("call") == 1:
+            raise RuntimeError("worker lost")
+        return out
+
+    monkeypatch.setattr(beam_inference, "describe_group", flaky)
+    items, _ = list_images(str(root))
+    out = str(tmp_path / "d.parquet")
+    # The bundle-based DirectRunner retries a failed bundle (up to 4 times), as distributed runners do.
+    with beam.Pipeline(options=PipelineOptions(["--runner", "BundleBasedDirectRunner"])) as pipeline:
+        beam_inference.build(pipeline, items, exported["version"], out, batch_size=2,
+                             run_info=beam_inference.run_info(exported["version"], "serving_default"))
+    assert open(calls).read().count("call") > 1  # the failure happened and the bundle ran again
+    _check_output(out, exported["version"], good, bad)
