@@ -26,7 +26,7 @@ NATIVE_NOISE = re.compile(
     rb"|[IW]\d{4} [\d:.]+ +\d+ \w+\.(?:cc|cpp|h):\d+\] "  # native INFO and WARNING lines (not Python's absl logs)
     rb"|E\d{4} [\d:.]+ +\d+ cuda\w*\.cc:\d+\] "  # CUDA's errors where there is no GPU
     rb"|To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler flags"
-    rb"|WARNING:root:apitools not found, and bigquery client libraries are not available)"  # Beam's import
+    rb"|.*\bapitools not found, and bigquery client libraries are not available)"  # Beam's import, any format
 )
 
 

@@ -53,8 +53,11 @@ def define_flags():
 def main(argv):
     if not FLAGS.saved_model or not FLAGS.images or not FLAGS.output:
         raise app.UsageError("--saved_model, --images and --output are required")
+    import logging
     import os
 
+    if not FLAGS.verbose:  # Beam's INFO lines (optional clients, runner choice, batch statistics, renames)
+        logging.getLogger("apache_beam").setLevel(logging.WARNING)
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 

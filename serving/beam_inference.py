@@ -5,6 +5,8 @@ size and described by an exported SavedModel through ``RunInference``.
 model handler and `describe_group` the call it makes on each group.
 """
 
+import typing
+
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 KEY_SPREAD = 16
@@ -130,7 +132,8 @@ def build(pipeline, items, saved_model, output, signature_name="serving_default"
     images = read | "Readable" >> beam.Filter(lambda r: isinstance(r[1], bytes))
     unreadable = read | "Unreadable" >> beam.Filter(lambda r: not isinstance(r[1], bytes))
     results = (images
-               | "BySize" >> beam.Map(size_key)
+               | "BySize" >> beam.Map(size_key).with_output_types(
+                   typing.Tuple[typing.Tuple[int, int, int], typing.Tuple[str, bytes]])  # a deterministic key coder
                | "Group" >> beam.GroupIntoBatches(batch_size)
                | "Groups" >> beam.Values()
                | "Describe" >> RunInference(SavedModelHandler(saved_model, signature_name))

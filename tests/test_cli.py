@@ -49,6 +49,8 @@ def test_only_native_start_up_lines_are_noise():
         "with the appropriate compiler flags.",
         "WARNING:root:apitools not found, and bigquery client libraries are not available despite the import "
         "not raising an ImportError.",
+        "W1203 10:07:26.200019 139723704589184 __init__.py:32] apitools not found, and bigquery client libraries "
+        "are not available despite the import not raising an ImportError.",
     ]
     kept = [  # Python's absl logging uses the same prefix, with a .py file: the commands' own messages
         "I1203 09:40:00.123456 140000 server.py:132] stopping: draining requests in flight",
