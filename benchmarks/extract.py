@@ -9,7 +9,8 @@ the model as trained). With --reference PATH, the PyTorch
 reference (`torch_rmac_reference.py`) runs in the same invocation, right
 after, on the same image size, in float32 and in its fastest plain form
 (``--channels-last --bf16``); the ratios of images/s are printed, and the
-share of the bfloat16 GEMM ceiling (``--gemm_gflops``) for ResNet-101.
+share of the bfloat16 GEMM ceiling for ResNet-101 (TF's 4096^3 bfloat16 GEMM,
+measured in the same run unless ``--gemm_gflops`` gives it).
 
     python benchmarks/extract.py --reference ../shared/bench/torch_rmac_reference.py
 
@@ -136,6 +137,22 @@ def run_reference(path, args, fast):
 RESNET101_GFLOP = 244.0  # ResNet-101 trunk on a 1024x768 image (2 x 122 G multiply-adds)
 
 
+def gemm_gflops(n=4096, repeats=5):
+    """TF's bfloat16 ``n``-cube matrix product on this machine, best of ``repeats``, in GFLOP/s
+    (AVX-512 BF16 and AMX machines differ by 2x: the ceiling is measured, not assumed)."""
+    import tensorflow as tf
+
+    a = tf.cast(tf.random.normal((n, n)), tf.bfloat16)
+    product = tf.function(tf.linalg.matmul)
+    product(a, a).numpy()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        product(a, a).numpy()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="resnet101")
@@ -151,8 +168,9 @@ def main():
     parser.add_argument("--reference", default="", help="path of torch_rmac_reference.py (run in its float32 and "
                         "--channels-last --bf16 forms)")
     parser.add_argument("--device", default="", help="--device for the reference (cuda on a GPU)")
-    parser.add_argument("--gemm_gflops", type=float, default=834.0,
-                        help="the bfloat16 GEMM rate of this machine (TF's 4096^3 GEMM), for the ceiling")
+    parser.add_argument("--gemm_gflops", type=float, default=None,
+                        help="the bfloat16 GEMM rate of this machine, for the ceiling (default: TF's 4096^3 "
+                        "bfloat16 GEMM measured here, in this run)")
     parser.add_argument("--json", default="", help="write all figures here")
     parser.add_argument("--skip_multi", action="store_true")
     parser.add_argument("--regions", choices=["grid", "rpn"], default="grid")
@@ -186,7 +204,9 @@ def main():
         results["reference"] = references
     ceiling = None
     if args.backbone == "resnet101":
-        ceiling = args.gemm_gflops / (RESNET101_GFLOP * args.width * args.height / (1024 * 768))
+        gflops = args.gemm_gflops or gemm_gflops()
+        print(f"bfloat16 GEMM, 4096^3: {gflops:.0f} GFLOP/s", flush=True)
+        ceiling = gflops / (RESNET101_GFLOP * args.width * args.height / (1024 * 768))
     for dtype in dtypes:
         for key in ("single_scale", "multi_scale"):
             if key not in results[dtype]:

@@ -62,16 +62,13 @@ def main(argv):
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from serving.beam_inference import build, run_info
-    from serving.extract import list_images, report_skipped
+    from serving.extract import check_unique, list_images, report_skipped
 
     try:
         if not os.path.isdir(FLAGS.saved_model):
             raise ValueError(f"{FLAGS.saved_model}: no such SavedModel folder")
         items, skipped = list_images(FLAGS.images, FLAGS.data_dir)
-        names = [n for n, _ in items]
-        if len(names) != len(set(names)):
-            raise ValueError(f"{len(names) - len(set(names))} duplicate image names in the input; "
-                             "each image must appear once")
+        check_unique(items)
         options = PipelineOptions(argv[1:])
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

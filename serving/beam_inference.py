@@ -48,36 +48,33 @@ def size_key(item):
 
 
 def describe_group(signature, group):
-    """``[(name, descriptor, None) | (name, None, reason)]`` for a group of
-    ``(name, bytes)``: one call of ``signature``; a call that fails is split
-    in halves until each failing image is alone."""
+    """``(rows, errors)`` for a group of ``(name, bytes)``: one call of
+    ``signature``, split as `serving.extract.isolate` splits a failing
+    request (``rows``: ``(name, descriptor)``; ``errors``: ``(name, reason)``)."""
     import grpc
     import numpy as np
     import tensorflow as tf
 
+    from serving.extract import isolate
+
     codes = {code.value[0]: code.name for code in grpc.StatusCode}
-    out, stack = [], [list(group)]
-    while stack:
-        part = stack.pop()
-        try:
-            vectors = signature(images=tf.constant([data for _, data in part]))["descriptors"].numpy()
-        except tf.errors.OpError as e:
-            if len(part) == 1:
-                detail = " ".join((e.message or "").split())[:500]
-                out.append((part[0][0], None, f"{codes.get(e.error_code, 'UNKNOWN')}: {detail}"))
-            else:
-                half = len(part) // 2
-                stack.extend([part[half:], part[:half]])
-            continue
-        out.extend((name, np.asarray(v, np.float32), None) for (name, _), v in zip(part, vectors))
-    return out
+
+    def call(blobs):
+        return np.asarray(signature(images=tf.constant(blobs))["descriptors"], np.float32)
+
+    def reason(error):
+        if not isinstance(error, tf.errors.OpError):
+            raise error
+        return f"{codes.get(error.error_code, 'UNKNOWN')}: {' '.join((error.message or '').split())[:500]}"
+
+    return isolate(group, call, reason)
 
 
 class SavedModelHandler(ModelHandler):
     """``RunInference``'s model handler for an exported descriptor SavedModel.
 
     An example is a group of same-size ``(name, bytes)`` images (one call of
-    the signature), and its inference is `describe_group`'s list.
+    the signature), and its inference is `describe_group`'s ``(rows, errors)``.
 
     Args:
         saved_model: the SavedModel folder.
@@ -137,13 +134,11 @@ def build(pipeline, items, saved_model, output, signature_name="serving_default"
                | "Group" >> beam.GroupIntoBatches(batch_size)
                | "Groups" >> beam.Values()
                | "Describe" >> RunInference(SavedModelHandler(saved_model, signature_name))
-               | "Results" >> beam.FlatMap(lambda prediction: prediction.inference))
+               | "Results" >> beam.Map(lambda prediction: prediction.inference))
     rows = (results
-            | "Described" >> beam.Filter(lambda r: r[2] is None)
+            | "Described" >> beam.FlatMap(lambda r: r[0])
             | "Rows" >> beam.Map(lambda r: {"image": r[0], "descriptor": r[1].tolist()}))
-    failed = (results
-              | "Failed" >> beam.Filter(lambda r: r[2] is not None)
-              | "Reasons" >> beam.Map(lambda r: (r[0], r[2])))
+    failed = results | "Failed" >> beam.FlatMap(lambda r: r[1])
     schema = pa.schema([("image", pa.string()), ("descriptor", pa.list_(pa.float32()))],
                        metadata={METADATA_KEY: json.dumps(run_info or {})})
     rows | "Write" >> beam.io.WriteToParquet(output, schema, num_shards=1, shard_name_template="")

@@ -140,6 +140,15 @@ def list_images(source, data_dir=None):
     return [(n, n if os.path.isabs(n) else os.path.join(base, n)) for n in names], []
 
 
+def check_unique(items):
+    """The names of ``items`` (``[(name, path)]``); a ValueError when one repeats."""
+    names = [n for n, _ in items]
+    duplicates = len(names) - len(set(names))
+    if duplicates:
+        raise ValueError(f"{duplicates} duplicate image names in the input; each image must appear once")
+    return names
+
+
 def report_skipped(skipped, stream=sys.stderr, shown=5):
     """Prints how many files a folder walk skipped, with the first few and why."""
     if skipped:
@@ -250,21 +259,37 @@ class Extractor:
                 errors.append((name, "empty file"))
             else:
                 good.append((name, data))
-        stack = [good] if good else []
-        while stack:
-            batch = stack.pop()
-            try:
-                out = self.predict([d for _, d in batch])
-                rows.extend((name, vec) for (name, _), vec in zip(batch, out))
-            except grpc.RpcError as e:
-                if e.code().name in STOP:
-                    raise
-                if len(batch) == 1:
-                    errors.append((batch[0][0], f"{e.code().name}: {e.details()}"))
-                else:
-                    half = len(batch) // 2
-                    stack.extend([batch[half:], batch[:half]])
-        return rows, errors
+
+        def reason(error):  # the request's own error names its image; any other stops the run
+            if not isinstance(error, grpc.RpcError) or error.code().name in STOP:
+                raise error
+            return f"{error.code().name}: {error.details()}"
+
+        described, failed = isolate(good, self.predict, reason)
+        return rows + described, errors + failed
+
+
+def isolate(items, call, reason):
+    """``(rows, errors)`` for ``items`` (``[(name, data)]``): ``call`` on
+    their data gives one result per item (``rows``: ``(name, result)``);
+    a call that raises is split in halves until each failing item is alone,
+    and ``reason(error)`` says what is wrong with it (``errors``:
+    ``(name, reason)``), or raises when the error is not the items' own."""
+    rows, errors, stack = [], [], [list(items)] if items else []
+    while stack:
+        batch = stack.pop()
+        try:
+            out = call([data for _, data in batch])
+        except Exception as error:  # noqa: BLE001 - `reason` re-raises what is not the batch's own
+            why = reason(error)
+            if len(batch) == 1:
+                errors.append((batch[0][0], why))
+            else:
+                half = len(batch) // 2
+                stack.extend([batch[half:], batch[:half]])
+            continue
+        rows.extend((name, value) for (name, _), value in zip(batch, out))
+    return rows, errors
 
 
 def header_size(data):
@@ -420,10 +445,7 @@ def extract(items, output, extractor, batch_size=16, max_request_bytes=16 << 20,
     mix two models, if it is not served."""
     from tqdm import tqdm
 
-    names = [n for n, _ in items]
-    duplicates = len(names) - len(set(names))
-    if duplicates:
-        raise ValueError(f"{duplicates} duplicate image names in the input; each image must appear once")
+    names = check_unique(items)
     store = PartStore(output)
     try:
         info = store.run_info()

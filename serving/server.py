@@ -24,11 +24,11 @@ at most ``--max_images_per_request`` images, and the pixels the batch
 declares (image headers for encoded images, the shape for ``pixels``) stay
 within ``--max_request_pixels`` (RESOURCE_EXHAUSTED otherwise).
 
-Then the batch runs in chunks of `CHUNK_PIXELS` under a process-wide
+Then the batch runs in chunks of `serving.requests.CHUNK_PIXELS` under a process-wide
 memory budget (``--max_pixels_in_flight``): concurrent requests wait their
 turn rather than overcommit, and a request whose client cancelled it or
 whose deadline passed stops before its next chunk. Idle, silent and dead
-connections are closed (`CHANNEL_ARGUMENTS`), and at most
+connections are closed (`serving.service.CHANNEL_ARGUMENTS`), and at most
 ``--max_concurrent_rpcs`` calls are held at once.
 """
 

@@ -1,7 +1,7 @@
 r"""Runs a retrieval benchmark end to end and prints mAP and mP@1/5/10.
 
     python -m training.evaluate --data_root data --dataset roxford5k \
-        --model runs/demo/model.keras [--qe 1 --dba 20 | --rerank] [--output_json results.json]
+        --model runs/demo/model.keras [--qe 1 --qe_alpha 0 --dba 20 | --rerank] [--output_json results.json]
     python -m training.evaluate --backbone efficientnet_lite0 --weights imagenet
 
 Without ``--data_root`` (``--dataset synthetic`` or no ``--dataset``) it
