@@ -70,7 +70,10 @@ def run(main, pass_through=False):
         flags.DEFINE_boolean("verbose", False, "Show TensorFlow's native start-up log lines on stderr.")
     verbose = any(arg in ("--verbose", "--verbose=true", "--verbose=1") for arg in sys.argv[1:])
     if not verbose:
+        import logging
+
         _filter_native_stderr()
+        logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader's INFO lines (which build it loaded)
     asked = any(arg.split("=", 1)[0] in HELP_FLAGS for arg in sys.argv[1:])
 
     def checked(argv):

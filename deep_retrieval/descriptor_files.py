@@ -2,7 +2,16 @@
 
 A descriptor file is Parquet with ``image`` and ``descriptor`` columns (what
 `serving.extract` writes); the record of the run that made it (model name,
-version, signature) sits in the schema metadata under `METADATA_KEY`.
+version, signature) sits in the schema metadata under `METADATA_KEY`. A
+large extraction writes a folder of shards named by `shard_name`, which
+`Descriptors` reads one record batch at a time, as Spark and autofaiss read
+such a folder.
+
+`build_index` makes the `search.Index` of a file or folder. Exact kinds hold
+every descriptor; ``ivfpq`` streams: its quantisers are trained on a random
+sample, the vectors are added a batch at a time into on-disk lists
+(`search.write_on_disk`), and the ids are written as they come, so memory
+does not grow with the collection.
 """
 
 import json
@@ -10,11 +19,24 @@ import os
 import sys
 
 import numpy as np
-import pandas as pd
 
 from deep_retrieval import search
+from deep_retrieval.files import atomic_write
 
 METADATA_KEY = b"deep_retrieval"
+
+TRAIN_PER_LIST = 40
+"""Training vectors per inverted list by default (Faiss asks for 39 at least
+and advises 30 to 256)."""
+
+TRAIN_MIN = 65536
+"""Training vectors at least (what OPQ and 256-centroid PQ sub-quantisers
+train on: Faiss samples 256 per centroid)."""
+
+
+def shard_name(index, count):
+    """``descriptors-00003-of-00012.parquet``: shard ``index`` of ``count``."""
+    return f"descriptors-{index:05d}-of-{count:05d}.parquet"
 
 
 def write_descriptors(frame, path, info):
@@ -38,60 +60,254 @@ def read_run_info(path):
     return json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else None
 
 
-def build_index(descriptors_path, output, kind=None, nlist=None, m=None, nprobe=16, images_root=None,
-                model_info=None, append=False):
-    """Builds (or extends) the `search.Index` of a descriptor file and saves
-    it to ``output`` (atomically); returns it.
+def _same_model(a, b):
+    return (a["model_name"], a["model_version"]) == (b["model_name"], b["model_version"])
 
-    The run record of the extraction is kept with the index; ``append``
-    adds the images not yet held and refuses another model version.
-    ``model_info`` (an export's ``model_info.json``) is stored too.
+
+class Descriptors:
+    """The descriptor files of a Parquet file or a folder of shards, read a
+    record batch at a time.
+
+    Args:
+        source: a Parquet file, or a folder whose ``*.parquet`` files (in
+            name order) are its shards.
+
+    Raises ValueError naming the file when one is unreadable, lacks the
+    columns, or was extracted by another model than the first.
     """
-    try:
-        frame = pd.read_parquet(descriptors_path)
-    except Exception as e:
-        raise ValueError(f"{descriptors_path}: cannot read Parquet: {e}") from e
-    if not {"image", "descriptor"} <= set(frame.columns):
-        raise ValueError(f"{descriptors_path}: needs 'image' and 'descriptor' columns")
-    repeated = frame["image"].duplicated()
-    if repeated.any():
-        # One entry per image: a repeated row would rank twice and break the
-        # one-id-one-vector contract of the index.
-        names = ", ".join(str(n) for n in frame.loc[repeated, "image"].head(5))
-        print(f"warning: {descriptors_path}: {int(repeated.sum())} repeated image row(s) skipped, the first "
-              f"of each kept: {names}{' ...' if repeated.sum() > 5 else ''}", file=sys.stderr)
-        frame = frame[~repeated]
-    vectors = np.stack(frame["descriptor"].to_numpy()).astype(np.float32) if len(frame) else None
-    if vectors is None:
-        raise ValueError(f"{descriptors_path}: no descriptors")
+
+    def __init__(self, source):
+        import pyarrow.parquet as pq
+
+        if os.path.isdir(source):
+            names = sorted(n for n in os.listdir(source) if n.endswith(".parquet") and not n.startswith((".", "_")))
+            if not names:
+                raise ValueError(f"{source}: no .parquet files in the folder")
+            self.paths = [os.path.join(source, n) for n in names]
+        else:
+            self.paths = [source]
+        self.counts, self.run, self.dim = [], None, None
+        for path in self.paths:
+            try:
+                f = pq.ParquetFile(path)
+            except FileNotFoundError:
+                raise ValueError(f"{path}: no such file or folder") from None
+            except Exception as e:
+                raise ValueError(f"{path}: cannot read Parquet: {e}") from e
+            if not {"image", "descriptor"} <= set(f.schema_arrow.names):
+                raise ValueError(f"{path}: needs 'image' and 'descriptor' columns")
+            self.counts.append(f.metadata.num_rows)
+            run = read_run_info(path)
+            if run and self.run and not _same_model(run, self.run):
+                raise ValueError(f"{path} holds descriptors of model {run['model_name']!r} version "
+                                 f"{run['model_version']}, {self.paths[0]} of version {self.run['model_version']}: "
+                                 "one index holds one model's descriptors")
+            self.run = self.run or run
+            if self.dim is None and f.metadata.num_rows:
+                self.dim = _vectors(next(f.iter_batches(batch_size=1, columns=["descriptor"])), path).shape[1]
+        if not len(self):
+            raise ValueError(f"{source}: no descriptors")
+
+    def __len__(self):
+        return sum(self.counts)
+
+    def batches(self, rows=65536, vectors=True):
+        """Yields ``(names, vectors [n, dim] float32)`` (``vectors`` False:
+        ``(names, None)``, reading the image column only), in file order."""
+        import pyarrow.parquet as pq
+
+        columns = ["image", "descriptor"] if vectors else ["image"]
+        for path in self.paths:
+            try:
+                for batch in pq.ParquetFile(path).iter_batches(batch_size=rows, columns=columns):
+                    names = batch.column("image").to_pylist()
+                    yield names, (_vectors(batch, path, self.dim) if vectors else None)
+            except ValueError:
+                raise
+            except Exception as e:
+                raise ValueError(f"{path}: cannot read Parquet: {e}") from e
+
+
+def _vectors(batch, path, dim=None):
+    """The ``descriptor`` list column of a record batch as ``[n, dim]`` float32."""
+    import pyarrow.compute as pc
+
+    column = batch.column("descriptor")
+    if column.null_count:
+        raise ValueError(f"{path}: {column.null_count} rows without a descriptor")
+    lengths = np.asarray(pc.list_value_length(column))
+    dim = int(lengths[0]) if dim is None and len(lengths) else dim
+    if len(lengths) and (lengths != dim).any():
+        raise ValueError(f"{path}: descriptors of size {sorted(set(lengths.tolist()) - {dim})[:3]} "
+                         f"among ones of size {dim}")
+    return np.asarray(column.flatten(), dtype=np.float32).reshape(len(lengths), dim or 0)
+
+
+def repeated_rows(descriptors, scratch, bucket_rows=1 << 22):
+    """Sorted positions of the rows that repeat an earlier row's image name.
+
+    Memory stays bounded: the names' 64-bit hashes go to bucket files under
+    ``scratch`` by hash value, each bucket is checked alone, and only the
+    rows whose hash repeats are compared by name.
+    """
+    import pandas as pd
+
+    buckets = max(1, -(-len(descriptors) // bucket_rows))
+    os.makedirs(scratch, exist_ok=True)
+    files = [os.path.join(scratch, f"{b}.hashes") for b in range(buckets)]
+    position = 0
+    for names, _ in descriptors.batches(vectors=False):
+        hashes = pd.util.hash_array(np.asarray(names, dtype=object))
+        records = np.stack([hashes.view(np.int64), np.arange(position, position + len(names))], axis=1)
+        which = hashes % np.uint64(buckets)
+        for b in np.unique(which):
+            with open(files[b], "ab") as f:
+                records[which == b].tofile(f)
+        position += len(names)
+    candidates = []
+    for path in files:
+        if not os.path.exists(path):
+            continue
+        records = np.fromfile(path, dtype=np.int64).reshape(-1, 2)
+        os.remove(path)
+        _, inverse, counts = np.unique(records[:, 0], return_inverse=True, return_counts=True)
+        candidates.append(records[counts[inverse] > 1, 1])
+    candidates = np.sort(np.concatenate(candidates))
+    if not len(candidates):
+        return candidates
+    first, repeated, position = {}, [], 0
+    for names, _ in descriptors.batches(vectors=False):
+        lo, hi = np.searchsorted(candidates, [position, position + len(names)])
+        for p in candidates[lo:hi]:
+            name = names[p - position]
+            if name in first:
+                repeated.append(p)
+            else:
+                first[name] = p
+        position += len(names)
+    return np.asarray(repeated, dtype=np.int64)
+
+
+def _kept(descriptors, skip, rows=65536):
+    """``descriptors.batches`` without the rows at positions ``skip``."""
+    position = 0
+    for names, vectors in descriptors.batches(rows):
+        lo, hi = np.searchsorted(skip, [position, position + len(names)])
+        if hi > lo:
+            keep = np.ones(len(names), bool)
+            keep[skip[lo:hi] - position] = False
+            position += len(names)
+            yield [n for n, k in zip(names, keep) if k], vectors[keep]
+        else:
+            position += len(names)
+            yield names, vectors
+
+
+def _sample(descriptors, count, seed=0):
+    """``count`` vectors drawn at random (without replacement) from the
+    files, read in one pass."""
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(len(descriptors), size=min(count, len(descriptors)), replace=False))
+    out, position = [], 0
+    for _, vectors in descriptors.batches():
+        lo, hi = np.searchsorted(chosen, [position, position + len(vectors)])
+        out.append(vectors[chosen[lo:hi] - position])
+        position += len(vectors)
+    return np.concatenate(out)
+
+
+def _warn_repeated(source, descriptors, skip):
+    if not len(skip):
+        return
+    names, position, wanted = [], 0, skip[:5]
+    for batch, _ in descriptors.batches(vectors=False):
+        lo, hi = np.searchsorted(wanted, [position, position + len(batch)])
+        names += [batch[p - position] for p in wanted[lo:hi]]
+        position += len(batch)
+    # One entry per image: a repeated row would rank twice and break the
+    # one-id-one-vector contract of the index.
+    print(f"warning: {source}: {len(skip)} repeated image row(s) skipped, the first of each kept: "
+          f"{', '.join(names)}{' ...' if len(skip) > 5 else ''}", file=sys.stderr)
+
+
+def build_index(source, output, kind=None, factory=None, nprobe=16, images_root=None, model_info=None,
+                append=False, train_size=None, progress=False):
+    """Builds (or extends) the `search.Index` of a descriptor file or folder
+    of shards and saves it to ``output`` (atomically); returns what its
+    ``meta.json`` holds (kind, count, dim, factory, ...).
+
+    ``kind`` defaults by collection size (`search.default_kind`), an
+    ``ivfpq`` ``factory`` to `search.default_factory`; its quantisers are
+    trained on ``train_size`` random vectors (default `TRAIN_PER_LIST` per
+    list, `TRAIN_MIN` at least). A name met twice is indexed once (its
+    first row), with a warning. The run record of the extraction is kept with the index; ``append`` adds
+    the images not yet held and refuses another model version (it reads the
+    held ids). ``model_info`` (an export's ``model_info.json``) is stored too.
+    """
+    import faiss
+    from tqdm import tqdm
+
+    descriptors = Descriptors(source)
     metadata = {}
-    run = read_run_info(descriptors_path)
-    if run:
-        metadata["extraction"] = run
+    if descriptors.run:
+        metadata["extraction"] = descriptors.run
     if model_info:
         with open(model_info) as f:
             metadata["model"] = json.load(f)
     if images_root:
         metadata["images_root"] = os.path.abspath(images_root)
-    if append and os.path.exists(output):
-        index = search.Index.load(output, expected_dim=vectors.shape[1])
-        held = index.metadata.get("extraction")
-        if run and held and (held["model_name"], held["model_version"]) != (run["model_name"], run["model_version"]):
+    previous = None
+    if append and (os.path.exists(output) or os.path.exists(output.rstrip("/") + ".old")):
+        previous = search.Index.load(output, expected_dim=descriptors.dim)
+        held = previous.metadata.get("extraction")
+        if descriptors.run and held and not _same_model(held, descriptors.run):
             raise ValueError(f"{output} holds descriptors of model {held['model_name']!r} version "
-                             f"{held['model_version']}, {descriptors_path} of version {run['model_version']}: "
+                             f"{held['model_version']}, {source} of version {descriptors.run['model_version']}: "
                              "one index holds one model's descriptors")
-        known = set(index.ids)
-        keep = ~frame["image"].isin(known).to_numpy()
-        frame, vectors = frame[keep], vectors[keep]
-        index.metadata.update(metadata)
-    else:
-        index = search.Index(vectors.shape[1], metadata, kind or search.default_kind(len(vectors)),
-                             nlist, m, nprobe)
-        if index.kind == "ivfpq":
-            rng = np.random.default_rng(0)
-            sample = vectors[rng.choice(len(vectors), min(len(vectors), 256 * 1024), replace=False)]
-            index.train(sample, count=len(vectors))
-    if len(frame):
-        index.add(vectors, frame["image"].tolist())
-    index.save(output)
-    return index
+        metadata = {**previous.metadata, **metadata}
+        kind, factory, nprobe = previous.kind, previous.factory, previous.nprobe
+    kind = kind or search.default_kind(len(descriptors))
+    if kind == "ivfpq" and previous is not None:
+        template = search.empty_template(previous.path)
+    elif kind == "ivfpq":
+        factory = factory or search.default_factory(len(descriptors), descriptors.dim)
+        size = train_size or max(TRAIN_MIN, TRAIN_PER_LIST * search.faiss_lists(factory))
+        template = faiss.serialize_index(
+            search.train_index(factory, descriptors.dim, _sample(descriptors, size), nprobe))
+    known = set(previous.ids) if previous is not None else set()
+
+    def write(folder):
+        os.makedirs(folder)
+        skip = repeated_rows(descriptors, os.path.join(folder, "scratch"))
+        os.rmdir(os.path.join(folder, "scratch"))
+        _warn_repeated(source, descriptors, skip)
+        with search.IdsFile(folder) as ids, \
+                tqdm(total=len(descriptors) - len(skip), unit="vec", desc="index", disable=not progress) as bar:
+            if previous is not None:
+                ids.write(previous.ids)
+
+            def batches():  # the rows to add; their names go to ids.json as they pass
+                for names, vectors in _kept(descriptors, skip):
+                    bar.update(len(names))
+                    if known:
+                        keep = np.fromiter((n not in known for n in names), bool, len(names))
+                        names, vectors = [n for n, k in zip(names, keep) if k], vectors[keep]
+                    ids.write(names)
+                    yield vectors
+
+            if kind == "ivfpq":
+                count = search.write_on_disk(template, batches(), folder,
+                                             previous._faiss if previous is not None else None)
+            else:
+                held = [previous.descriptors] if previous is not None else []
+                matrix = np.concatenate(held + [search._normalize(v) for v in batches()])
+                np.save(os.path.join(folder, "descriptors.npy"), matrix)
+                count = len(matrix)
+        if count != ids.count:
+            raise RuntimeError(f"{count} vectors written for {ids.count} ids")
+        search.write_meta(folder, descriptors.dim, count, kind, factory if kind == "ivfpq" else None, nprobe,
+                          metadata)
+
+    atomic_write(output.rstrip("/"), write)
+    with open(os.path.join(output, "meta.json")) as f:
+        return json.load(f)

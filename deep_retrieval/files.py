@@ -11,8 +11,12 @@ def atomic_write(path, write, suffix=""):
     renames it into place: a reader sees the old file or the new one, never
     a partial one, and a failed write leaves the old file and no temporary.
 
+    An existing folder is swapped out by two renames (``path -> path.old``,
+    then the new one in); a crash between them leaves ``path.old``, which
+    the next call (and `deep_retrieval.search.Index.load`) takes back.
+
     Args:
-        path: the file (or a folder that does not exist yet) to write.
+        path: the file or folder to write.
         write: a function writing to the path it is given.
         suffix: ending of the temporary name, for writers that choose the
             format by extension (``".keras"``, ``".npz"``).
@@ -22,9 +26,18 @@ def atomic_write(path, write, suffix=""):
     """
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{threading.get_ident()}{suffix}")
+    old = path.rstrip("/") + ".old"
+    if not os.path.lexists(path) and os.path.isdir(old):
+        os.replace(old, path)  # a folder swap killed between its renames: the previous one comes back
     try:
         write(tmp)
-        os.replace(tmp, path)
+        if os.path.isdir(path) and not os.path.islink(path):  # a folder cannot be replaced in one rename
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)

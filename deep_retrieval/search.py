@@ -6,9 +6,12 @@
   scores are computed a block of rows at a time, so memory stays at the
   database plus ``chunk x n_queries`` scores);
 * ``flat``: FAISS ``IndexFlatIP`` (exact, FAISS's kernels);
-* ``ivfpq``: FAISS IVF-PQ (inverted lists over a trained coarse quantiser,
-  product-quantised codes), approximate, for large collections; only the
-  codes are kept, so αQE and DBA need one of the exact kinds.
+* ``ivfpq``: a FAISS inverted file built from an ``index_factory`` string
+  (by default `default_factory`: an OPQ rotation, inverted lists over a
+  trained coarse quantiser, product-quantised codes), approximate, for
+  large collections; only the codes are kept, so αQE and DBA need one of
+  the exact kinds. Built from shards (`write_on_disk`), its lists live in a
+  file beside the index and are read through a memory map.
 
 `default_kind` picks by collection size. Indexes are saved as a versioned
 folder written atomically.
@@ -26,11 +29,15 @@ Query expansion and database-side augmentation follow the usual definitions:
 (SuperGlobal, Shao et al., ICCV 2023).
 """
 
+import contextlib
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
+
+from deep_retrieval.files import atomic_write
 
 FORMAT_VERSION = 1
 
@@ -140,19 +147,234 @@ def superglobal_rerank(queries, database, m=RERANK_M, k=RERANK_K, beta=RERANK_BE
 
 KINDS = ("exact", "flat", "ivfpq")
 
+PQ_BYTES = 64
+"""PQ code bytes per vector in the default factory (64 GB of codes for a
+billion images)."""
+
 
 def default_kind(count):
     """``exact`` below a million vectors, ``ivfpq`` from there."""
     return "exact" if count < 1_000_000 else "ivfpq"
 
 
-def default_ivfpq(count, dim):
-    """``(nlist, m)``: about 4 sqrt(n) lists; 32 dimensions per PQ code byte."""
-    nlist = int(min(65536, max(16, 4 * np.sqrt(max(count, 1)))))
-    m = max(1, dim // 32)
-    while dim % m:
-        m -= 1
-    return nlist, m
+def default_lists(count):
+    """Inverted lists for ``count`` vectors, as Faiss's guidelines give them
+    ("Guidelines to choose an index", faiss wiki): about 4 sqrt(n) below a
+    million, then 65536, 262144 and 1048576 up to 10M, 100M and 1B."""
+    if count < 1_000_000:
+        return int(max(16, 4 * np.sqrt(max(count, 1))))
+    return 65536 if count < 10_000_000 else 262144 if count < 100_000_000 else 1048576
+
+
+def default_factory(count, dim):
+    """The Faiss ``index_factory`` string for ``count`` vectors of size ``dim``.
+
+    ``OPQ{m}_{4m},IVF{K}[_HNSW32],PQ{m}``: an OPQ rotation to ``4 m``
+    dimensions, `default_lists` inverted lists (an HNSW coarse quantiser from
+    a million vectors up, where a flat one costs too much per query) and
+    ``m``-byte PQ codes, ``m = min(PQ_BYTES, dim / 4)``.
+    """
+    m = max(1, min(PQ_BYTES, dim // 4))
+    lists = default_lists(count)
+    quantizer = "_HNSW32" if count >= 1_000_000 else ""
+    return f"OPQ{m}_{4 * m},IVF{lists}{quantizer},PQ{m}"
+
+
+def faiss_lists(factory):
+    """The number of inverted lists a factory string asks for (``IVF{K}``)."""
+    import re
+
+    found = re.search(r"IVF(\d+)", factory)
+    if not found:
+        raise ValueError(f"factory {factory!r} has no IVF{{K}} part: ivfpq indexes are inverted files "
+                         "(their lists are merged on disk)")
+    return int(found.group(1))
+
+
+def set_nprobe(index, nprobe):
+    """Lists visited per query, and the HNSW coarse quantiser's search depth
+    (at least ``nprobe``: it has to return that many lists)."""
+    import faiss
+
+    faiss.extract_index_ivf(index).nprobe = int(nprobe)
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer.hnsw.efSearch = max(64, 2 * int(nprobe))
+
+
+def train_index(factory, dim, sample, nprobe=16):
+    """A Faiss index of ``factory`` (inner product) trained on ``sample``."""
+    import faiss
+
+    try:
+        index = faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(f"factory {factory!r}: {' '.join(str(e).split())[:300]}") from None
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    if isinstance(ivf, faiss.IndexIVFPQ):
+        # Polysemous training reorders the PQ centroids for Hamming-distance
+        # filtering, which these searches do not use; it is most of the
+        # training time (100 of 120 s for IVF256,PQ64 on 65536 x 512).
+        ivf.do_polysemous_training = False
+    lists = faiss_lists(factory)
+    if len(sample) < lists:
+        raise ValueError(f"{factory} has {lists} lists and needs at least that many training vectors, "
+                         f"got {len(sample)}")
+    index.train(_normalize(sample))
+    set_nprobe(index, nprobe)
+    return index
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Drops what native code prints on file descriptor 1 meanwhile: Faiss
+    reports its on-disk lists' bookkeeping ("resizing ...", "updating
+    ondisk filename ...") with printf."""
+    import ctypes
+
+    sys.stdout.flush()
+    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
+    try:
+        yield
+    finally:
+        ctypes.CDLL(None).fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def read_faiss(path):
+    """A saved Faiss index; on-disk lists are looked for beside it and
+    memory-mapped."""
+    import faiss
+
+    with _quiet_stdout():
+        return faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)
+
+
+LISTS_FILE = "lists.ivfdata"
+"""The on-disk inverted lists beside ``faiss.index`` (read with
+``IO_FLAG_ONDISK_SAME_DIR``, so the folder can be renamed)."""
+
+
+def write_on_disk(template, batches, folder, previous=None, part_rows=1 << 20):
+    """Writes ``folder/faiss.index`` with its inverted lists in
+    ``folder/`` `LISTS_FILE`: the vectors of ``batches`` added in parts.
+
+    Memory stays at one part: each ``part_rows`` vectors go into a copy of
+    the empty trained index, which is written to ``folder/parts/`` and
+    dropped; the parts' lists (and those of ``previous``, an index being
+    extended) are then merged list by list into the lists file, read and
+    written through memory maps.
+
+    Args:
+        template: the trained, empty index (`train_index`), serialised
+            (``faiss.serialize_index``).
+        batches: iterable of ``[n, dim]`` float32 vectors, L2-normalised
+            here; their ids follow ``previous``'s.
+        folder: an existing, empty folder.
+        previous: a loaded index whose vectors come first, or None.
+        part_rows: vectors per part.
+
+    Returns:
+        The number of vectors in the written index.
+    """
+    import faiss
+
+    parts_folder = os.path.join(folder, "parts")
+    os.makedirs(parts_folder)
+    start = previous.ntotal if previous is not None else 0
+    parts, part = [], None
+
+    def flush():
+        path = os.path.join(parts_folder, f"{len(parts):05d}.index")
+        faiss.write_index(part, path)
+        parts.append(path)
+
+    for vectors in batches:
+        if part is None:
+            part = faiss.deserialize_index(template)
+        vectors = _normalize(vectors)
+        part.add_with_ids(vectors, np.arange(start, start + len(vectors), dtype=np.int64))
+        start += len(vectors)
+        if part.ntotal >= part_rows:
+            flush()
+            part = None
+    if part is not None:
+        flush()
+    sources = [faiss.read_index(path, faiss.IO_FLAG_MMAP) for path in parts]
+    if previous is not None:
+        sources.insert(0, previous)
+    index = faiss.deserialize_index(template)
+    ivf = faiss.extract_index_ivf(index)
+    lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, os.path.join(folder, LISTS_FILE))
+    pointers = faiss.InvertedListsPtrVector()
+    for source in sources:
+        pointers.push_back(faiss.extract_index_ivf(source).invlists)
+    with _quiet_stdout():
+        total = lists.merge_from_multiple(pointers.data(), pointers.size(), False)
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()  # owned by the index now
+    ivf.ntotal = index.ntotal = total
+    faiss.write_index(index, os.path.join(folder, "faiss.index"))
+    del sources, pointers
+    shutil.rmtree(parts_folder)
+    return total
+
+
+def empty_template(path):
+    """The trained, empty copy of the ``ivfpq`` index saved in folder
+    ``path``, serialised (a `write_on_disk` template for extending it)."""
+    import faiss
+
+    index = read_faiss(os.path.join(path, "faiss.index"))
+    ivf = faiss.extract_index_ivf(index)
+    empty = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    ivf.replace_invlists(empty, True)
+    empty.this.disown()  # owned by the index now
+    ivf.ntotal = index.ntotal = 0
+    return faiss.serialize_index(index)
+
+
+META_KEYS = ("format_version", "dim", "count", "kind", "factory", "nprobe")
+
+
+def write_meta(folder, dim, count, kind, factory, nprobe, metadata):
+    """``folder/meta.json``: the format version, the index's shape and
+    parameters, then the free-form ``metadata``."""
+    meta = {"format_version": FORMAT_VERSION, "dim": int(dim), "count": int(count), "kind": kind,
+            "factory": factory, "nprobe": int(nprobe), **metadata}
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+class IdsFile:
+    """``folder/ids.json``, a JSON list written a chunk of ids at a time, so
+    that a build never holds them all; ``count`` says how many so far.
+
+    Example:
+
+    >>> with IdsFile(folder) as ids:
+    ...     ids.write(["a.jpg", "b.jpg"])
+    """
+
+    def __init__(self, folder):
+        self._file = open(os.path.join(folder, "ids.json"), "w")
+        self._file.write("[")
+        self.count = 0
+
+    def write(self, names):
+        if len(names):
+            self._file.write(("," if self.count else "") + ",".join(json.dumps(str(n)) for n in names))
+            self.count += len(names)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._file.write("]")
+        self._file.close()
 
 
 class Index:
@@ -163,20 +385,23 @@ class Index:
         metadata: free-form dict saved with the index (model, descriptor
             information).
         kind: one of `KINDS`.
-        nlist, m, nprobe: IVF-PQ lists, PQ sub-quantisers (8 bits each) and
-            lists visited per query (defaults: `default_ivfpq`, 16).
+        factory: for ``ivfpq``, the Faiss ``index_factory`` string
+            (default: `default_factory` for the collection size).
+        nprobe: inverted lists visited per query (``ivfpq``).
     """
 
-    def __init__(self, dim, metadata=None, kind="exact", nlist=None, m=None, nprobe=16):
+    def __init__(self, dim, metadata=None, kind="exact", factory=None, nprobe=16):
         if kind not in KINDS:
             raise ValueError(f"unknown index kind {kind!r}; choose one of {KINDS}")
         self.dim = int(dim)
         self.metadata = dict(metadata or {})
         self.kind = kind
-        self.nlist, self.m, self.nprobe = nlist, m, int(nprobe)
+        self.factory, self.nprobe = factory, int(nprobe)
         self.descriptors = np.zeros((0, self.dim), dtype=np.float32)
         self.ids = []
         self._faiss = None
+        self._on_disk = False
+        self.path = None  # the folder it was loaded from
 
     def __len__(self):
         return len(self.ids)
@@ -186,28 +411,19 @@ class Index:
         return self.kind != "ivfpq" or (self._faiss is not None and self._faiss.is_trained)
 
     def train(self, sample, count=None):
-        """Trains the IVF-PQ quantisers on ``sample`` (ignored by exact kinds).
+        """Trains the ``ivfpq`` index on ``sample`` (exact kinds ignore it).
 
-        ``count`` is the expected collection size (sets the default number of
-        lists; capped so that each list gets 39 training vectors, as FAISS
-        asks).
+        ``count`` is the expected collection size, which picks the default
+        factory; its lists are then capped at one per 39 training vectors,
+        the fewest Faiss's k-means accepts without a warning.
         """
         if self.kind != "ivfpq":
             return
-        import faiss
-
-        sample = _normalize(sample)
-        nlist, m = default_ivfpq(count or len(sample), self.dim)
-        self.nlist = self.nlist or max(1, min(nlist, len(sample) // 39))
-        self.m = self.m or m
-        if len(sample) < self.nlist:
-            raise ValueError(f"IVF-PQ with {self.nlist} lists needs at least that many training vectors, "
-                             f"got {len(sample)}")
-        quantizer = faiss.IndexFlatIP(self.dim)
-        index = faiss.IndexIVFPQ(quantizer, self.dim, self.nlist, self.m, 8, faiss.METRIC_INNER_PRODUCT)
-        index.train(sample)
-        index.nprobe = self.nprobe
-        self._faiss = index
+        if self.factory is None:
+            factory = default_factory(count or len(sample), self.dim)
+            lists = faiss_lists(factory)
+            self.factory = factory.replace(f"IVF{lists}", f"IVF{max(1, min(lists, len(sample) // 39))}")
+        self._faiss = train_index(self.factory, self.dim, sample, self.nprobe)
 
     def add(self, descriptors, ids):
         """Appends ``[n, dim]`` descriptors (L2-normalised here) and their ids."""
@@ -217,6 +433,8 @@ class Index:
             raise ValueError(f"expected {len(ids)} descriptors of size {self.dim}, got {descriptors.shape}")
         descriptors = _normalize(descriptors)
         if self.kind == "ivfpq":
+            if self._on_disk:
+                raise ValueError("an index with on-disk lists grows by a rebuild: serving.index --append")
             if not self.trained:
                 self.train(descriptors)
             self._faiss.add(descriptors)
@@ -263,36 +481,26 @@ class Index:
         return scores, [[self.ids[i] if i >= 0 else None for i in row] for row in idx]
 
     def save(self, path):
-        """Writes ``path/`` atomically: descriptors.npy, ids.json, meta.json.
+        """Writes the folder ``path`` atomically (`deep_retrieval.files.atomic_write`):
+        descriptors.npy (exact kinds) or faiss.index, ids.json, meta.json.
+        A save killed mid-way leaves the previous index in place (or in
+        ``path.old``, which `load` reads)."""
+        if self._on_disk:
+            raise ValueError("an index with on-disk lists is written by its build (serving.index)")
 
-        The new folder is written beside the old one and swapped in by two
-        renames (``path -> path.old``, ``path.tmp -> path``); a crash between
-        them leaves ``path.old``, which `load` reads and the next save puts
-        back first, so the previous index is never lost.
-        """
-        path = path.rstrip("/")
-        tmp, old = path + ".tmp", path + ".old"
-        if not os.path.exists(path) and os.path.exists(old):
-            os.replace(old, path)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        if self.kind == "ivfpq":
-            import faiss
+        def write(folder):
+            os.makedirs(folder)
+            if self.kind == "ivfpq":
+                import faiss
 
-            faiss.write_index(self._faiss, os.path.join(tmp, "faiss.index"))
-        else:
-            np.save(os.path.join(tmp, "descriptors.npy"), self.descriptors)
-        with open(os.path.join(tmp, "ids.json"), "w") as f:
-            json.dump(self.ids, f)
-        meta = {"format_version": FORMAT_VERSION, "dim": self.dim, "count": len(self), "kind": self.kind,
-                "nlist": self.nlist, "m": self.m, "nprobe": self.nprobe, **self.metadata}
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+                faiss.write_index(self._faiss, os.path.join(folder, "faiss.index"))
+            else:
+                np.save(os.path.join(folder, "descriptors.npy"), self.descriptors)
+            with IdsFile(folder) as ids:
+                ids.write(self.ids)
+            write_meta(folder, self.dim, len(self), self.kind, self.factory, self.nprobe, self.metadata)
+
+        atomic_write(path.rstrip("/"), write)
 
     @classmethod
     def load(cls, path, expected_dim=None):
@@ -314,9 +522,7 @@ class Index:
                 ids = json.load(f)
             kind = meta.get("kind", "exact")
             if kind == "ivfpq":
-                import faiss
-
-                stored = faiss.read_index(os.path.join(path, "faiss.index"))
+                stored = read_faiss(os.path.join(path, "faiss.index"))
                 count, vectors_dim = stored.ntotal, stored.d
             else:
                 descriptors = np.load(os.path.join(path, "descriptors.npy"), allow_pickle=False)
@@ -338,13 +544,13 @@ class Index:
                              f"for {len(ids)} ids of size {dim})")
         if expected_dim is not None and dim != int(expected_dim):
             raise ValueError(f"{path}: descriptors of size {dim}, but the model produces {expected_dim}")
-        extra = {k: v for k, v in meta.items()
-                 if k not in ("format_version", "dim", "count", "kind", "nlist", "m", "nprobe")}
-        index = cls(dim, extra, kind, meta.get("nlist"), meta.get("m"), meta.get("nprobe", 16))
-        index.ids = list(ids)
+        extra = {k: v for k, v in meta.items() if k not in META_KEYS + ("nlist", "m")}  # nlist, m: before factories
+        index = cls(dim, extra, kind, meta.get("factory"), meta.get("nprobe", 16))
+        index.ids, index.path = list(ids), path
         if kind == "ivfpq":
-            stored.nprobe = index.nprobe
+            set_nprobe(stored, index.nprobe)
             index._faiss = stored
+            index._on_disk = os.path.exists(os.path.join(path, LISTS_FILE))
         else:
             index.descriptors = descriptors.astype(np.float32)
         return index

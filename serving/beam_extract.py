@@ -26,7 +26,9 @@ to Beam's ``PipelineOptions`` unchanged (``--runner``, ``--flink_master``,
   the run record in the schema metadata) and ``OUTPUT.errors.csv`` lists
   the files that could not be described, with the reason. Both are written
   by Beam's file sinks, which keep only the output of bundles that
-  succeeded: a retried bundle adds no row twice.
+  succeeded: a retried bundle adds no row twice. ``--shard_size N`` makes
+  OUTPUT a folder of ``ceil(images / N)`` numbered shards (Beam spreads the
+  rows over them about evenly, in no particular order).
 """
 
 import sys
@@ -45,7 +47,9 @@ def define_flags():
     flags.DEFINE_string("images", None, "Folder of images (walked recursively) or a CSV with an 'image' column.")
     flags.DEFINE_string("data_dir", None, "With a CSV: folder its image paths are relative to "
                         "(default: the CSV's folder).")
-    flags.DEFINE_string("output", None, "Output Parquet file.")
+    flags.DEFINE_string("output", None, "Output Parquet file (with --shard_size: a folder of them).")
+    flags.DEFINE_integer("shard_size", None, "Write OUTPUT as a folder of about this many rows per Parquet shard, "
+                         "descriptors-00000-of-00012.parquet, ...", lower_bound=1)
     flags.DEFINE_integer("batch_size", 16, "Same-size images per call of the signature at most.")
     flags.DEFINE_integer("max_file_bytes", 64 << 20, "Larger files are listed as errors, unread.")
 
@@ -78,13 +82,15 @@ def main(argv):
     report_skipped(skipped)
     with beam.Pipeline(options=options) as pipeline:
         build(pipeline, items, FLAGS.saved_model, FLAGS.output, FLAGS.signature_name, FLAGS.batch_size,
-              FLAGS.max_file_bytes, run_info(FLAGS.saved_model, FLAGS.signature_name))
+              FLAGS.max_file_bytes, run_info(FLAGS.saved_model, FLAGS.signature_name), FLAGS.shard_size)
     errors = FLAGS.output + ".errors.csv"
     if os.path.exists(FLAGS.output):  # a local output: count it, and drop an empty errors file
         import pandas as pd
         import pyarrow.parquet as pq
 
-        count = pq.ParquetFile(FLAGS.output).metadata.num_rows
+        files = ([os.path.join(FLAGS.output, f) for f in os.listdir(FLAGS.output) if f.endswith(".parquet")]
+                 if os.path.isdir(FLAGS.output) else [FLAGS.output])
+        count = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
         failed = len(pd.read_csv(errors, dtype=str, keep_default_na=False))
         if not failed:
             os.remove(errors)

@@ -112,10 +112,14 @@ def error_line(row):
 
 
 def build(pipeline, items, saved_model, output, signature_name="serving_default", batch_size=16,
-          max_file_bytes=64 << 20, run_info=None):
+          max_file_bytes=64 << 20, run_info=None, shard_size=None):
     """Adds the extraction of ``items`` (``[(name, path)]``) to ``pipeline``:
-    ``output`` (Parquet) and ``output.errors.csv``."""
+    ``output`` (Parquet; with ``shard_size``, a folder of
+    ``ceil(len(items) / shard_size)`` shards, named as
+    `deep_retrieval.descriptor_files.shard_name` names them, that Beam fills
+    about evenly) and ``output.errors.csv``."""
     import json
+    import os
 
     import apache_beam as beam
     import pyarrow as pa
@@ -141,7 +145,12 @@ def build(pipeline, items, saved_model, output, signature_name="serving_default"
     failed = results | "Failed" >> beam.FlatMap(lambda r: r[1])
     schema = pa.schema([("image", pa.string()), ("descriptor", pa.list_(pa.float32()))],
                        metadata={METADATA_KEY: json.dumps(run_info or {})})
-    rows | "Write" >> beam.io.WriteToParquet(output, schema, num_shards=1, shard_name_template="")
+    if shard_size:
+        rows | "Write" >> beam.io.WriteToParquet(os.path.join(output, "descriptors"), schema,
+                                                 num_shards=max(1, -(-len(items) // shard_size)),
+                                                 shard_name_template="-SSSSS-of-NNNNN", file_name_suffix=".parquet")
+    else:
+        rows | "Write" >> beam.io.WriteToParquet(output, schema, num_shards=1, shard_name_template="")
     ((unreadable, failed)
      | "Errors" >> beam.Flatten()
      | "ErrorLines" >> beam.Map(error_line)

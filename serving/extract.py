@@ -20,6 +20,8 @@ unchanged.
   one batch); the output keeps the input order.
 * File names that are not valid UTF-8 are written with ``\\xNN`` escapes for
   their undecodable bytes.
+* ``--shard_size N`` writes OUTPUT as a folder of numbered Parquet shards of
+  N rows each, in input order, for collections too large for one file.
 * Results are committed in chunks under ``OUTPUT.parts/``; killed and rerun
   with the same arguments, the run resumes, with no image lost or repeated.
   The final Parquet file is written atomically, then the parts are removed.
@@ -39,7 +41,7 @@ from absl import app, flags
 
 from deep_retrieval import cli
 from deep_retrieval.data.images import EXTENSIONS, file_problem
-from deep_retrieval.descriptor_files import write_descriptors
+from deep_retrieval.descriptor_files import shard_name, write_descriptors
 from deep_retrieval.files import atomic_csv, atomic_text, atomic_write
 from serving import client
 
@@ -56,7 +58,10 @@ def define_flags():
     flags.DEFINE_string("images", None, "Folder of images (walked recursively) or a CSV with an 'image' column.")
     flags.DEFINE_string("data_dir", None, "With a CSV: folder its image paths are relative to "
                         "(default: the CSV's folder).")
-    flags.DEFINE_string("output", None, "Output Parquet file.")
+    flags.DEFINE_string("output", None, "Output Parquet file (with --shard_size: a folder of them).")
+    flags.DEFINE_integer("shard_size", None, "Write OUTPUT as a folder of Parquet shards of this many rows, "
+                         "descriptors-00000-of-00012.parquet, ... (what serving.index, Spark and autofaiss "
+                         "read), instead of one file.", lower_bound=1)
     flags.DEFINE_integer("batch_size", 16, "Images per request at most.")
     flags.DEFINE_integer("max_request_bytes", 16 << 20, "Encoded bytes per request at most (a single larger image "
                          "goes alone).")
@@ -410,35 +415,66 @@ class PartStore:
             frame = pd.DataFrame(errors, columns=["image", "reason"])
             atomic_csv(os.path.join(self.folder, f"part-{stamp}.errors.csv"), frame)
 
-    def finish(self, order):
-        """Merges the parts into OUTPUT (and OUTPUT.errors.csv), in input order."""
+    def finish(self, order, shard_size=None):
+        """Merges the parts into OUTPUT (and OUTPUT.errors.csv), in input
+        order: one Parquet file, or with ``shard_size`` a folder of shards
+        of that many rows (`deep_retrieval.descriptor_files.shard_name`).
+
+        The parts are read twice, names first, so that each shard is put
+        together from the parts that hold its rows and memory stays at one
+        shard."""
         import shutil
 
+        import numpy as np
         import pandas as pd
 
         parts = sorted(os.listdir(self.folder))
-        frames = [pd.read_parquet(os.path.join(self.folder, f)) for f in parts if f.endswith(".parquet")]
+        row_parts = [os.path.join(self.folder, f) for f in parts if f.endswith(".parquet")]
+        rank = {name: i for i, name in enumerate(order)}
+        ranks = [pd.read_parquet(p, columns=["image"])["image"].map(rank).to_numpy(np.int64) for p in row_parts]
+        ordered = np.sort(np.concatenate(ranks)) if ranks else np.zeros(0, np.int64)
+        info = self.run_info()
+
+        def shard(lo, hi):  # the rows whose rank is in [lo, hi], in rank order
+            frames = []
+            for path, r in zip(row_parts, ranks):
+                inside = (r >= lo) & (r <= hi)
+                if inside.any():
+                    frames.append(pd.read_parquet(path)[inside].assign(_rank=r[inside]))
+            if not frames:
+                return pd.DataFrame({"image": pd.Series([], dtype=str), "descriptor": []})
+            frame = pd.concat(frames, ignore_index=True).sort_values("_rank", kind="stable")
+            return frame.drop(columns="_rank").reset_index(drop=True)
+
+        if shard_size is None:
+            atomic_write(self.output, lambda p: write_descriptors(shard(0, len(order)), p, info))
+        else:
+            count = max(1, -(-len(ordered) // shard_size))
+
+            def write(folder):
+                os.makedirs(folder)
+                for i in range(count):
+                    chunk = ordered[i * shard_size:(i + 1) * shard_size]
+                    lo, hi = (chunk[0], chunk[-1]) if len(chunk) else (0, -1)
+                    write_descriptors(shard(lo, hi), os.path.join(folder, shard_name(i, count)), info)
+
+            atomic_write(self.output, write)
+        error_path = self.output + ".errors.csv"
         errors = [pd.read_csv(os.path.join(self.folder, f), dtype=str, keep_default_na=False)
                   for f in parts if f.endswith(".errors.csv")]
-        rank = {name: i for i, name in enumerate(order)}
-        result = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"image": [], "descriptor": []})
-        order_key = result["image"].map(rank)
-        result = result.iloc[order_key.argsort(kind="stable")].reset_index(drop=True)
-        info = self.run_info()
-        atomic_write(self.output, lambda p: write_descriptors(result, p, info))
-        error_path = self.output + ".errors.csv"
         if errors:
             merged = pd.concat(errors, ignore_index=True)
             atomic_csv(error_path, merged)
         elif os.path.exists(error_path):
             os.remove(error_path)
         shutil.rmtree(self.folder)
-        return len(result), (len(merged) if errors else 0)
+        return len(ordered), (len(merged) if errors else 0)
 
 
 def extract(items, output, extractor, batch_size=16, max_request_bytes=16 << 20, in_flight=4,
-            chunk_size=512, progress=True, max_file_bytes=64 << 20):
-    """Extracts ``items`` (``[(name, path)]``) into ``output``; resumable.
+            chunk_size=512, progress=True, max_file_bytes=64 << 20, shard_size=None):
+    """Extracts ``items`` (``[(name, path)]``) into ``output`` (a folder of
+    shards of ``shard_size`` rows if given); resumable.
 
     The model version is pinned for the whole run and recorded with the
     output; a resumed run asks for the recorded one and stops, rather than
@@ -483,7 +519,7 @@ def extract(items, output, extractor, batch_size=16, max_request_bytes=16 << 20,
                 store.commit(rows, errors)  # what finished is kept even when the run stops
                 if stopped is not None:
                     raise stopped
-        return store.finish(names)
+        return store.finish(names, shard_size)
     finally:
         store.close()
 
@@ -500,7 +536,8 @@ def main(argv):
         extractor = Extractor(replicas, FLAGS.model_name, FLAGS.signature_name, FLAGS.timeout, FLAGS.retries,
                               FLAGS.model_version)
         count, failed = extract(items, FLAGS.output, extractor, FLAGS.batch_size, FLAGS.max_request_bytes,
-                                FLAGS.in_flight, FLAGS.chunk_size, FLAGS.progress, FLAGS.max_message_bytes)
+                                FLAGS.in_flight, FLAGS.chunk_size, FLAGS.progress, FLAGS.max_message_bytes,
+                                FLAGS.shard_size)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -24,3 +24,10 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
     folder = tmp_path / "made"
     atomic_write(str(folder), lambda tmp: (os.makedirs(tmp), open(os.path.join(tmp, "x"), "w").close()))
     assert os.listdir(folder) == ["x"]
+    write_y = lambda tmp: (os.makedirs(tmp), open(os.path.join(tmp, "y"), "w").close())  # noqa: E731
+    atomic_write(str(folder), write_y)  # an existing folder is swapped out
+    assert os.listdir(folder) == ["y"] and not os.path.exists(f"{folder}.old")
+    os.rename(folder, f"{folder}.old")  # as a swap killed between its two renames leaves it
+    with pytest.raises(RuntimeError):
+        atomic_write(str(folder), lambda tmp: (_ for _ in ()).throw(RuntimeError("killed")))
+    assert os.listdir(folder) == ["y"]  # the previous folder came back

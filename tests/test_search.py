@@ -108,7 +108,7 @@ def test_ivfpq_recall_and_round_trip(tmp_path):
     db = centers[rng.integers(0, 20, 4000)] + 0.3 * rng.normal(size=(4000, 64)).astype(np.float32)
     db /= np.linalg.norm(db, axis=1, keepdims=True)
     q = db[:50] + 0.05 * rng.normal(size=(50, 64)).astype(np.float32)
-    index = search.Index(64, kind="ivfpq", nlist=32, m=16, nprobe=8)
+    index = search.Index(64, kind="ivfpq", factory="IVF32,PQ16", nprobe=8)
     index.train(db)
     index.add(db, [str(j) for j in range(4000)])
     _, got = index.search(q, 10)
@@ -126,8 +126,14 @@ def test_ivfpq_recall_and_round_trip(tmp_path):
 def test_default_kind_and_parameters():
     assert search.default_kind(10_000) == "exact"
     assert search.default_kind(2_000_000) == "ivfpq"
-    nlist, m = search.default_ivfpq(1_000_000, 2048)
-    assert nlist == 4000 and m == 64
+    # Faiss's guidelines: 4 sqrt(n) lists below 1M, then 2^16, 2^18, 2^20 lists with an HNSW quantiser.
+    assert search.default_factory(250_000, 2048) == "OPQ64_256,IVF2000,PQ64"
+    assert search.default_factory(5_000_000, 2048) == "OPQ64_256,IVF65536_HNSW32,PQ64"
+    assert search.default_factory(50_000_000, 512) == "OPQ64_256,IVF262144_HNSW32,PQ64"
+    assert search.default_factory(999_999_999, 512) == "OPQ64_256,IVF1048576_HNSW32,PQ64"
+    assert search.default_factory(2_000_000, 32) == "OPQ8_32,IVF65536_HNSW32,PQ8"  # 4 dimensions a code byte
+    with pytest.raises(ValueError, match="no IVF"):
+        search.faiss_lists("HNSW32")
 
 
 def test_superglobal_rerank_hand_worked():

@@ -35,13 +35,18 @@ def _one_at_a_time(saved_model, blobs):
     return {name: signature(images=tf.constant([data]))["descriptors"].numpy()[0] for name, data in blobs.items()}
 
 
-def _check_output(out, saved_model, good, bad):
+def _check_output(out, saved_model, good, bad, shards=None):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from deep_retrieval.descriptor_files import read_run_info
 
-    frame = pd.read_parquet(out)
+    frame = pd.read_parquet(out)  # a file or a folder of shards
+    errors_path = f"{out}.errors.csv"
+    if shards:
+        files = sorted(os.listdir(out))
+        assert files == [f"descriptors-{i:05d}-of-{shards:05d}.parquet" for i in range(shards)]
+        out = os.path.join(out, files[0])
     assert sorted(frame["image"]) == sorted(good)  # one row per decodable image
     want = _one_at_a_time(saved_model, good)
     for name, vector in zip(frame["image"], frame["descriptor"]):
@@ -49,7 +54,7 @@ def _check_output(out, saved_model, good, bad):
     schema = pq.read_schema(out)  # serving.extract's schema and run record
     assert schema.field("descriptor").type == pa.list_(pa.float32()) and schema.field("image").type == pa.string()
     assert read_run_info(out)["model_version"] == 1
-    errors = pd.read_csv(f"{out}.errors.csv", dtype=str, keep_default_na=False)
+    errors = pd.read_csv(errors_path, dtype=str, keep_default_na=False)
     reasons = dict(zip(errors["image"], errors["reason"]))
     assert sorted(reasons) == sorted(bad)
     assert reasons["a/empty.png"] == "empty file"
@@ -91,10 +96,10 @@ def test_a_retried_bundle_adds_no_row_twice(exported, photos, tmp_path, monkeypa
 
     monkeypatch.setattr(beam_inference, "describe_group", flaky)
     items, _ = list_images(str(root))
-    out = str(tmp_path / "d.parquet")
+    out = str(tmp_path / "shards")
     # The bundle-based DirectRunner retries a failed bundle (up to 4 times), as distributed runners do.
     with beam.Pipeline(options=PipelineOptions(["--runner", "BundleBasedDirectRunner"])) as pipeline:
         beam_inference.build(pipeline, items, exported["version"], out, batch_size=2,
-                             run_info=beam_inference.run_info(exported["version"], "serving_default"))
+                             run_info=beam_inference.run_info(exported["version"], "serving_default"), shard_size=3)
     assert open(calls).read().count("call") > 1  # the failure happened and the bundle ran again
-    _check_output(out, exported["version"], good, bad)
+    _check_output(out, exported["version"], good, bad, shards=3)  # 8 files, 3 to a shard

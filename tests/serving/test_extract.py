@@ -239,6 +239,42 @@ def test_a_stopped_run_keeps_the_batches_that_finished(tmp_path):
     assert set(kept) == {"0.jpg", "1.jpg", "2.jpg"}  # committed although the run stopped
 
 
+def test_sharded_output_is_in_input_order_also_after_a_resume(tmp_path):
+    from deep_retrieval.descriptor_files import read_run_info
+
+    state = {"stop": True}
+
+    def fail(blobs):
+        if b"x" * 7 in blobs and state["stop"]:  # the replica goes away at the 7th image: the run stops
+            return _Failure(grpc.StatusCode.UNAVAILABLE, "gone")
+        return _Failure(grpc.StatusCode.INVALID_ARGUMENT, "cannot decode") if b"bad" in blobs else None
+
+    paths = []
+    for i in range(11):  # file i holds i + 1 bytes (the fake's descriptor is [length, 1]); 5.jpg is bad
+        name = f"{i:02d}.jpg"
+        (tmp_path / name).write_bytes(b"bad" if i == 5 else b"x" * (11 - i))  # sizes fall: by_size reorders
+        paths.append((name, str(tmp_path / name)))
+    out = str(tmp_path / "shards")
+    extractor = extract_lib.Extractor(_FakeReplicas(fail), "m", "serving_default", 5, 1)
+    with pytest.raises(grpc.RpcError):
+        extract_lib.extract(paths, out, extractor, batch_size=2, in_flight=1, chunk_size=3, progress=False,
+                            shard_size=4)
+    state["stop"] = False
+    count, failed = extract_lib.extract(paths, out, extractor, batch_size=2, in_flight=1, chunk_size=3,
+                                        progress=False, shard_size=4)
+    assert (count, failed) == (10, 1)
+    assert sorted(os.listdir(out)) == [f"descriptors-0000{i}-of-00003.parquet" for i in range(3)]
+    frames = [pd.read_parquet(os.path.join(out, f)) for f in sorted(os.listdir(out))]
+    assert [len(f) for f in frames] == [4, 4, 2]
+    names = [n for f in frames for n in f["image"]]
+    assert names == [n for n, _ in paths if n != "05.jpg"]  # input order across the shards
+    lengths = [int(v[0]) for f in frames for v in f["descriptor"]]
+    assert lengths == [11 - int(n[:2]) for n in names]  # each row its own image's descriptor
+    assert read_run_info(os.path.join(out, "descriptors-00002-of-00003.parquet"))["model_version"] == 1
+    assert list(pd.read_csv(out + ".errors.csv")["image"]) == ["05.jpg"]
+    assert not os.path.exists(out + ".parts")
+
+
 def test_csv_names_are_read_verbatim(tmp_path):
     for name in ("007.jpg", "1e5", "NA"):
         (tmp_path / name).write_bytes(encoded(16, 16))

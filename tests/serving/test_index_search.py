@@ -22,7 +22,8 @@ def test_query_with_box_saved_model_and_picture(exported, tmp_path):
     names = sorted(blobs)
     vectors = reference_descriptors(exported["model"], [blobs[n] for n in names], exported["image_size"])
     _parquet(tmp_path / "d.parquet", names, vectors)
-    index = build_index(str(tmp_path / "d.parquet"), str(tmp_path / "idx"), images_root=str(root))
+    build_index(str(tmp_path / "d.parquet"), str(tmp_path / "idx"), images_root=str(root))
+    index = search.Index.load(str(tmp_path / "idx"))
 
     query = str(root / "3.jpg")
     data = blobs["3.jpg"]
@@ -83,7 +84,8 @@ def test_search_command_errors_are_one_line(exported, tmp_path):
 def test_repeated_rows_are_indexed_once_with_a_warning(tmp_path, capsys):
     vectors = np.random.default_rng(2).normal(size=(4, 8)).astype(np.float32)
     _parquet(tmp_path / "d.parquet", ["a", "b", "a", "c"], vectors)
-    index = build_index(str(tmp_path / "d.parquet"), str(tmp_path / "idx"))
+    build_index(str(tmp_path / "d.parquet"), str(tmp_path / "idx"))
+    index = search.Index.load(str(tmp_path / "idx"))
     assert index.ids == ["a", "b", "c"]
     np.testing.assert_allclose(index.descriptors[0], vectors[0] / np.linalg.norm(vectors[0]), rtol=1e-5)
     assert "1 repeated image row(s) skipped" in capsys.readouterr().err
@@ -104,7 +106,7 @@ def test_the_index_keeps_the_extraction_version_and_queries_ask_for_it(address, 
     rng = np.random.default_rng(3)
     out = str(tmp_path / "idx")
     index = build_index(written("a", 1, rng.normal(size=(4, 32)).astype(np.float32)), out)
-    assert search.Index.load(out).metadata["extraction"]["model_version"] == 1 == index.metadata["extraction"][
+    assert search.Index.load(out).metadata["extraction"]["model_version"] == 1 == index["extraction"][
         "model_version"]
     with pytest.raises(ValueError, match="one index holds one model's descriptors"):
         build_index(written("b", 2, rng.normal(size=(2, 32)).astype(np.float32)), out, append=True)
@@ -154,3 +156,31 @@ def test_result_pictures_stay_in_their_cells_and_name_their_files(tmp_path):
     shown = search_cmd.fit(pen, long_name, 200)
     assert shown.startswith("…") and shown.endswith("IMG_0001.jpg") and pen.textlength(shown) <= 200
     assert search_cmd.fit(pen, "wide.png", 200) == "wide.png"
+
+
+def test_index_command_builds_from_a_folder_of_shards(tmp_path):
+    import subprocess
+    import sys
+
+    from deep_retrieval.descriptor_files import shard_name
+
+    rng = np.random.default_rng(4)
+    vectors = rng.normal(size=(12000, 8)).astype(np.float32)
+    (tmp_path / "shards").mkdir()
+    for i in range(3):
+        rows = slice(4000 * i, 4000 * (i + 1))
+        _parquet(tmp_path / "shards" / shard_name(i, 3), [f"{j}.jpg" for j in range(12000)][rows], vectors[rows])
+    command = [sys.executable, "-m", "serving.index", "--descriptors", str(tmp_path / "shards"), "--output",
+               str(tmp_path / "idx"), "--kind", "ivfpq", "--factory", "IVF8,PQ4", "--nprobe", "8", "--noprogress"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    # One line: Faiss's own prints about its on-disk lists are not passed on.
+    assert result.stdout.strip().splitlines() == [
+        f"{tmp_path / 'idx'}: ivfpq index of 12000 descriptors of size 8 (IVF8,PQ4)"], result.stdout
+    index = search.Index.load(str(tmp_path / "idx"))
+    assert index.nprobe == 8 and index.ids[4000] == "4000.jpg"
+    bad = subprocess.run(command[:-7] + ["--kind", "ivfpq", "--factory", "HNSW32"], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        "error: factory 'HNSW32' has no IVF{K} part: ivfpq indexes are inverted files (their lists are merged "
+        "on disk)"], bad.stderr

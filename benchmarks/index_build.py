@@ -1,0 +1,167 @@
+"""The streaming index build from shards: time, peak memory, speed, recall.
+
+Writes synthetic clustered descriptors (unit vectors: one of ``--clusters``
+random centres plus ``--spread`` times as much noise) as Parquet shards of ``--shard_rows`` rows, then
+for each size in ``--sizes`` (a folder holding the first shards) runs
+
+    python -m serving.index --descriptors SHARDS --output INDEX --kind ivfpq --factory F
+
+as its own process, sampling its memory from ``/proc`` every 0.1 s. Prints
+per size: build time, peak RSS (total, anonymous, and file-backed: pages of
+the memory-mapped lists and shards, which the kernel can drop), index size
+on disk, queries/s (one batch of ``--queries``), and recall@10 against exact
+search over all the shards (each query a database vector plus noise). With
+sizes that double, the peak RSS column shows whether memory grows with the
+collection.
+
+    python benchmarks/index_build.py [--sizes 1250000,2500000,5000000] [--dim 512] \
+        [--factory OPQ64_256,IVF8192_HNSW32,PQ64] [--folder /tmp/index_build]
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+from deep_retrieval import search
+from deep_retrieval.descriptor_files import Descriptors, shard_name
+
+
+def write_shards(folder, count, rows, dim, clusters, spread, seed=0):
+    """``count`` shards of ``rows`` clustered unit vectors; returns their paths."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(folder, exist_ok=True)
+    centres = np.random.default_rng(seed).standard_normal((clusters, dim), dtype=np.float32)
+    paths = []
+    for i in range(count):
+        path = os.path.join(folder, shard_name(i, count))
+        paths.append(path)
+        if os.path.exists(path):
+            continue
+        rng = np.random.default_rng(seed + 1 + i)
+        x = centres[rng.integers(0, clusters, rows)] + spread * rng.standard_normal((rows, dim), dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        names = pa.array([f"s{i:05d}/{j:07d}.jpg" for j in range(rows)])
+        column = pa.ListArray.from_arrays(pa.array(np.arange(0, rows * dim + 1, dim, dtype=np.int32)),
+                                          pa.array(x.reshape(-1)))
+        pq.write_table(pa.table({"image": names, "descriptor": column}), path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return paths
+
+
+def run_sampled(command):
+    """Runs ``command``; returns (seconds, peak VmRSS, RssAnon, RssFile in bytes)."""
+    peaks = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def sample():
+        while process.poll() is None:
+            try:
+                with open(f"/proc/{process.pid}/status") as f:
+                    for line in f:
+                        key = line.split(":")[0]
+                        if key in peaks:
+                            peaks[key] = max(peaks[key], int(line.split()[1]) * 1024)
+            except OSError:
+                return
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    output = process.communicate()[0]
+    seconds = time.perf_counter() - start
+    thread.join()
+    if process.returncode:
+        sys.exit(f"{' '.join(command)} failed:\n{output}")
+    return seconds, peaks["VmRSS"], peaks["RssAnon"], peaks["RssFile"], output.strip().splitlines()[-1]
+
+
+def exact_top10(queries, paths):
+    """Exact top-10 positions over the shards, one shard in memory at a time."""
+    best_s = np.full((len(queries), 0), -np.inf, np.float32)
+    best_i = np.zeros((len(queries), 0), np.int64)
+    offset = 0
+    for path in paths:
+        for _, x in Descriptors(path).batches(rows=262144):
+            s, i = search.topk(queries, x, 10)
+            best_s, best_i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i + offset], 1)
+            keep = np.argsort(-best_s, axis=1, kind="stable")[:, :10]
+            best_s, best_i = np.take_along_axis(best_s, keep, 1), np.take_along_axis(best_i, keep, 1)
+            offset += len(x)
+    return best_i
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1250000,2500000,5000000")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--shard_rows", type=int, default=250000)
+    parser.add_argument("--clusters", type=int, default=20000)
+    parser.add_argument("--spread", type=float, default=0.5, help="noise around a centre, relative to its norm")
+    parser.add_argument("--factory", default="OPQ64_256,IVF8192_HNSW32,PQ64")
+    parser.add_argument("--nprobe", type=int, default=32)
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--noise", type=float, default=0.5, help="query noise norm (the vectors have norm 1)")
+    parser.add_argument("--folder", default="/tmp/index_build")
+    args = parser.parse_args()
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    shards = -(-max(sizes) // args.shard_rows)
+    t0 = time.perf_counter()
+    paths = write_shards(os.path.join(args.folder, "shards"), shards, args.shard_rows, args.dim, args.clusters,
+                         args.spread)
+    on_disk = sum(os.path.getsize(p) for p in paths)
+    print(f"{shards} shards of {args.shard_rows} x {args.dim} float32 ({on_disk / 1e9:.1f} GB of Parquet) "
+          f"ready in {time.perf_counter() - t0:.0f} s; factory {args.factory}, nprobe {args.nprobe}", flush=True)
+    rng = np.random.default_rng(1)
+    print("| descriptors | shards | build | peak RSS | anonymous | file-backed | index on disk | queries/s "
+          "| recall@10 |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+    for size in sizes:
+        count = -(-size // args.shard_rows)
+        subset = os.path.join(args.folder, f"first-{count}")
+        shutil.rmtree(subset, ignore_errors=True)
+        os.makedirs(subset)
+        for path in paths[:count]:
+            os.symlink(path, os.path.join(subset, os.path.basename(path)))
+        output = os.path.join(args.folder, f"index-{count}")
+        seconds, rss, anon, file_backed, said = run_sampled(
+            [sys.executable, "-m", "serving.index", "--descriptors", subset, "--output", output, "--kind", "ivfpq",
+             "--factory", args.factory, "--nprobe", str(args.nprobe), "--noprogress"])
+        size_on_disk = sum(os.path.getsize(os.path.join(output, f)) for f in os.listdir(output))
+        # Queries: database vectors plus noise of norm --noise.
+        sources = np.sort(rng.choice(count * args.shard_rows, args.queries, replace=False))
+        picked, offset = [], 0
+        for path in paths[:count]:
+            for _, x in Descriptors(path).batches(rows=262144):
+                lo, hi = np.searchsorted(sources, [offset, offset + len(x)])
+                picked.append(x[sources[lo:hi] - offset])
+                offset += len(x)
+        queries = np.concatenate(picked)
+        queries += (args.noise / np.sqrt(args.dim)) * rng.standard_normal(queries.shape, dtype=np.float32)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        want = exact_top10(queries, paths[:count])
+        index = search.Index.load(output)
+        index.search(queries[:10], 10)  # warm: touch the code paths
+        t0 = time.perf_counter()
+        _, got = index.search(queries, 10)
+        qps = len(queries) / (time.perf_counter() - t0)
+        position = {name: i for i, name in enumerate(index.ids)}
+        recall = np.mean([len({position[n] for n in g if n is not None} & set(w.tolist())) / 10
+                          for g, w in zip(got, want)])
+        print(f"| {count * args.shard_rows:,} | {count} | {seconds:.0f} s | {rss / 2**30:.2f} GiB "
+              f"| {anon / 2**30:.2f} GiB | {file_backed / 2**30:.2f} GiB | {size_on_disk / 2**30:.2f} GiB "
+              f"| {qps:.0f} | {recall:.3f} |", flush=True)
+        del index, position
+    print(f"(last build said: {said})")
+
+
+if __name__ == "__main__":
+    main()
