@@ -138,13 +138,7 @@ def main():
         size_on_disk = sum(os.path.getsize(os.path.join(output, f)) for f in os.listdir(output))
         # Queries: database vectors plus noise of norm --noise.
         sources = np.sort(rng.choice(count * args.shard_rows, args.queries, replace=False))
-        picked, offset = [], 0
-        for path in paths[:count]:
-            for _, x in Descriptors(path).batches(rows=262144):
-                lo, hi = np.searchsorted(sources, [offset, offset + len(x)])
-                picked.append(x[sources[lo:hi] - offset])
-                offset += len(x)
-        queries = np.concatenate(picked)
+        queries = Descriptors(subset).take(sources)[1]
         queries += (args.noise / np.sqrt(args.dim)) * rng.standard_normal(queries.shape, dtype=np.float32)
         queries /= np.linalg.norm(queries, axis=1, keepdims=True)
         want = exact_top10(queries, paths[:count])

@@ -127,6 +127,20 @@ class Descriptors:
             except Exception as e:
                 raise ValueError(f"{path}: cannot read Parquet: {e}") from e
 
+    def take(self, positions, vectors=True):
+        """``(names, vectors)`` of the rows at sorted ``positions`` (counted
+        over all files), read in one pass (``vectors`` False: names only)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        names, out, start = [], [], 0
+        for batch_names, batch_vectors in self.batches(vectors=vectors):
+            lo, hi = np.searchsorted(positions, [start, start + len(batch_names)])
+            here = positions[lo:hi] - start
+            names += [batch_names[p] for p in here]
+            if vectors:
+                out.append(batch_vectors[here])
+            start += len(batch_names)
+        return names, (np.concatenate(out) if vectors else None)
+
 
 def _vectors(batch, path, dim=None):
     """The ``descriptor`` list column of a record batch as ``[n, dim]`` float32."""
@@ -175,16 +189,11 @@ def repeated_rows(descriptors, scratch, bucket_rows=1 << 22):
     candidates = np.sort(np.concatenate(candidates))
     if not len(candidates):
         return candidates
-    first, repeated, position = {}, [], 0
-    for names, _ in descriptors.batches(vectors=False):
-        lo, hi = np.searchsorted(candidates, [position, position + len(names)])
-        for p in candidates[lo:hi]:
-            name = names[p - position]
-            if name in first:
-                repeated.append(p)
-            else:
-                first[name] = p
-        position += len(names)
+    seen, repeated = set(), []
+    for position, name in zip(candidates, descriptors.take(candidates, vectors=False)[0]):
+        if name in seen:
+            repeated.append(position)
+        seen.add(name)
     return np.asarray(repeated, dtype=np.int64)
 
 
@@ -207,23 +216,14 @@ def _sample(descriptors, count, seed=0):
     """``count`` vectors drawn at random (without replacement) from the
     files, read in one pass."""
     rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.choice(len(descriptors), size=min(count, len(descriptors)), replace=False))
-    out, position = [], 0
-    for _, vectors in descriptors.batches():
-        lo, hi = np.searchsorted(chosen, [position, position + len(vectors)])
-        out.append(vectors[chosen[lo:hi] - position])
-        position += len(vectors)
-    return np.concatenate(out)
+    return descriptors.take(np.sort(rng.choice(len(descriptors), size=min(count, len(descriptors)),
+                                               replace=False)))[1]
 
 
 def _warn_repeated(source, descriptors, skip):
     if not len(skip):
         return
-    names, position, wanted = [], 0, skip[:5]
-    for batch, _ in descriptors.batches(vectors=False):
-        lo, hi = np.searchsorted(wanted, [position, position + len(batch)])
-        names += [batch[p - position] for p in wanted[lo:hi]]
-        position += len(batch)
+    names = descriptors.take(skip[:5], vectors=False)[0]
     # One entry per image: a repeated row would rank twice and break the
     # one-id-one-vector contract of the index.
     print(f"warning: {source}: {len(skip)} repeated image row(s) skipped, the first of each kept: "
