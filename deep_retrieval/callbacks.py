@@ -42,10 +42,11 @@ class Mining(keras.callbacks.Callback):
 
 
 class Evaluation(keras.callbacks.Callback):
-    """Scores the held-out benchmark (`Trainer.evaluate`) after the rounds
-    that reach a multiple of ``eval_every`` (not the last one: the trainer
-    evaluates the final model itself); the scores join the epoch's logs, so
-    `keras.callbacks.TensorBoard` records them."""
+    """Scores the validation split (`Trainer.evaluate`), which selects the
+    saved model, after the rounds that reach a multiple of ``eval_every``
+    (not the last one: the trainer evaluates the final model itself); the
+    scores join the epoch's logs, so `keras.callbacks.TensorBoard` records
+    them."""
 
     def __init__(self, trainer):
         super().__init__()
@@ -55,9 +56,9 @@ class Evaluation(keras.callbacks.Callback):
         c = self.trainer.config
         step = (epoch + 1) * c.mine_every
         if step < c.steps and _reached(c.eval_every, epoch, c.mine_every):
-            record = self.trainer.evaluate(step)
+            record = self.trainer.evaluate(step, validation_only=True)
             if record is not None and logs is not None:
-                logs.update({f"eval_{k}": v for k, v in record.items() if k not in ("step", "time")})
+                logs.update({f"eval_{k}": v for k, v in record.items() if k not in ("step", "time", "dataset")})
 
 
 class Backup(keras.callbacks.Callback):

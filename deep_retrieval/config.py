@@ -34,8 +34,8 @@ class DescriptorConfig:
     """What defines a DIR descriptor model."""
 
     backbone: str = setting("resnet101",
-        '"resnet101", "resnet50", "vgg16", "efficientnet_lite0", "tiny" (a small CNN for tests and the CPU '
-        'demo), or "torchvision_resnet50/101/152" (torchvision\'s layout, for imported PyTorch models).')
+        '"resnet101", "resnet50", "vgg16", "efficientnet_lite0", "efficientnet_lite2", "tiny" (a small CNN for '
+        'tests), or "torchvision_resnet50/101/152" (torchvision\'s layout, for imported PyTorch models).')
     weights: Optional[str] = setting("imagenet",
         '"imagenet" (downloaded by Keras), a local weights file for the backbone, or None (random initialisation).')
     levels: int = setting(3, "R-MAC grid scales L.")
@@ -110,16 +110,22 @@ class SyntheticConfig:
     """The built-in landmark dataset (see `deep_retrieval.data.synthetic`)."""
 
     source: str = setting("photos",
-        '"photos" (views of real photographs from the Debian package gcompris-qt-data, one photo per landmark), '
-        '"folder" (views of the photos in photos_dir, one instance each; what --instances_dir sets) or "facades" '
-        '(procedural facades; no package needed).')
+        '"photos" (views of real photographs from the Debian packages gcompris-qt-data, tuxpaint-stamps-default and '
+        'tuxpaint-data, one photo per landmark), "folder" (views of the photos in photos_dir, one instance each; what '
+        '--instances_dir sets) or "facades" (procedural facades; no package needed).')
     photos_dir: str = setting("/usr/share/gcompris-qt/rcc",
-        "with \"photos\", the package's rcc/ folder; with \"folder\", the folder of photos (searched recursively).")
-    train_landmarks: int = setting(76, "landmarks in the training split.")
+        "with \"photos\", GCompris's rcc/ folder; with \"folder\", the folder of photos (searched recursively).")
+    tuxpaint_dir: str = setting("/usr/share/tuxpaint", "Tux Paint's data folder (its stamps/ and templates/).")
+    train_landmarks: int = setting(0, "landmarks in the training split (0: every photo not held out).")
     images_per_landmark: int = setting(6, "photographs of each training landmark.")
-    test_landmarks: int = setting(30, "landmarks of the held-out query/database split (disjoint from training).")
+    test_landmarks: int = setting(30, "landmarks of the held-out query/database split drawn from the training "
+                                  "sources (disjoint from training).")
     test_images_per_landmark: int = setting(5, "database photographs of each test landmark.")
     distractors: int = setting(150, "database images with no landmark (held-out split).")
+    scene_images_per_landmark: int = setting(5,
+        "database views of each landmark of the scenes validation split (photographed places from other sources "
+        "than training: the split that selects the model).")
+    scene_distractors: int = setting(1000, "landmark-free database images of the scenes split (0: no scenes split).")
     label_noise: float = setting(0.0, "share of training images given a wrong label.")
     junk_noise: float = setting(0.0,
         "share of training images replaced by landmark-free junk that keeps a landmark label.")
@@ -171,6 +177,10 @@ class TrainConfig:
     num_negatives: int = setting(5, "hard negatives kept per query (one is drawn per triplet).")
     whitening_images: int = setting(500, "training images whose regions fit the PCA-whitening.")
     whitening_power: float = setting(0.5, "0.5 whitens, 0 is plain PCA.")
+    cache_features: bool = setting(True,
+        "with train_from (one image size, grid regions): compute the frozen layers' output once per image and "
+        "train, mine and evaluate from it (deep_retrieval.frozen_trunk; training images are then used as they are, "
+        "without random crop and colour jitter). False recomputes them at every step, with that augmentation.")
     train_from: str = setting("",
         "name (or name prefix, e.g. blocks_11) of the first backbone layer that ranking training updates; the layers "
         "before it stay frozen and no gradient flows through them. Empty trains the whole backbone.")

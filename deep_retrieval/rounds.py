@@ -34,6 +34,7 @@ class TripletRounds:
     def __init__(self, paths, image_size, batch_size, micro_steps, steps_per_round, seed, size):
         self.paths, self.image_size, self.batch_size = paths, image_size, batch_size
         self.micro_steps, self.steps_per_round, self.seed, self.size = micro_steps, steps_per_round, seed, size
+        self.maps = None  # [n, h, w, C] frozen-trunk maps to train on instead of the images (`frozen_trunk`)
         self.index = None  # the current round
         self._triplets = None
         self._served = []  # the round each pass of the pipeline read
@@ -73,13 +74,17 @@ class TripletRounds:
 
             def one_round(_):
                 triplets, seed = tf.py_function(self._serve, [], (tf.int64, tf.int64))
+                if self.maps is not None:
+                    return pipeline.map_triplet_dataset(
+                        self.maps, tf.ensure_shape(triplets, [None, 3]), batch // self.micro_steps,
+                        tf.ensure_shape(seed, []), shard=shard, repeat=True)
                 return pipeline.triplet_dataset(
                     self.paths, tf.ensure_shape(triplets, [None, 3]), self.image_size, batch // self.micro_steps,
                     tf.ensure_shape(seed, []), shard=shard, repeat=True, size=self.size,
                 )
 
             ds = tf.data.Dataset.from_tensors(0).flat_map(one_round).take(count)
-            if self.size is not None:
+            if self.size is not None and self.maps is None:
                 # One size: the streams stacked in one tensor (a dict input
                 # cannot pass Keras's first-batch check under tf.distribute).
                 ds = ds.map(lambda x: tf.stack([x[k] for k in STREAMS], axis=1))

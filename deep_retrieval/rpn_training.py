@@ -169,6 +169,7 @@ class RPNTraining:
             if model.head.pca is not None:
                 model.head.pca.set_weights(self.model.head.pca.get_weights())
         self.model = model
+        self.part, self.caches = None, None  # the cached trunk served the grid model
         self._compile_inference()
         self._log("ranking with the rigid grid done: training the RPN on its features")
         self.train_rpn()

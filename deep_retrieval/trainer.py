@@ -45,6 +45,7 @@ from deep_retrieval.data import pipeline
 from deep_retrieval.data.images import diagnose
 from deep_retrieval.distribution import is_chief, make_strategy, worker_index
 from deep_retrieval.files import atomic_text, atomic_write
+from deep_retrieval.frozen_trunk import FeatureCache, TrainedPart, split_backbone
 from deep_retrieval.model import build_descriptor_model
 from deep_retrieval.ranking import RankingModel
 from deep_retrieval.rounds import TripletRounds
@@ -108,13 +109,20 @@ class Trainer(RPNTraining):
                         # From scratch they keep learning, from the statistics
                         # of the global batch so that replicas stay equal.
                         layer.synchronized = True
-            if config.train_from:
+            # What no longer trains is computed once (`frozen_trunk`): one
+            # image size, grid regions while ranking.
+            self.part = None
+            if config.train_from and config.cache_features and self.train_size is not None \
+                    and self.model.head.rpn is None:
+                self.frozen, trained = split_backbone(self.model.backbone, config.train_from)
+                self.part = TrainedPart(self.model, trained, name="trained_part")
+            elif config.train_from:
                 freeze_backbone_before(self.model.backbone, config.train_from)
             if self.model.head.rpn is not None:
                 # Ranking leaves the RPN as its first stage trained it.
                 self.model.head.rpn.trainable = False
             self.ranking = RankingModel(
-                self.model, config.margin, config.batch_size // self.micro_steps,
+                self.part or self.model, config.margin, config.batch_size // self.micro_steps,
                 weight_decay=config.weight_decay if config.weight_decay_mode == "l2" else 0.0,
                 replicas=replicas,
                 vector_logs=self.tensorflow and isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy),
@@ -127,6 +135,8 @@ class Trainer(RPNTraining):
         self.backup = callbacks.Backup(backup_dir, config)
         self.rounds = TripletRounds(self.paths, config.image_size, config.batch_size, self.micro_steps,
                                     config.mine_every, config.seed, self.train_size)
+        self.caches = None  # frozen-trunk maps: training images, then each benchmark
+        self.best = None  # (validation Medium mAP, step) of model.keras
         self._compile_inference()
 
     def _scope(self):
@@ -149,6 +159,37 @@ class Trainer(RPNTraining):
         self._describe = extraction.model_describer(
             self.model, self.config.image_size, progress=self.progress
         )
+        if self.part is not None:
+            self._embed_maps = extraction.compiled_fn(lambda maps: self.part.single_scale(maps, training=False))
+
+    def cache_frozen_trunk(self):
+        """Computes the frozen trunk's maps (`frozen_trunk.FeatureCache`) of
+        the training images at the training scale and of every benchmark's
+        images at the model's scales; training, mining, whitening and
+        evaluation then run from them."""
+        if self.part is None or self.caches is not None:
+            return
+        show = self.progress and self.chief
+        train = FeatureCache(self.model, self.frozen, self.paths, self.config.image_size, sizes=self.sizes,
+                             progress=show, desc="frozen trunk: training images")
+        if len(train.failed):
+            self.unusable |= set(train.failed.tolist())
+            self._log(f"{len(train.failed)} training image(s) failed to decode and are left out of training")
+        good = np.setdiff1d(np.arange(len(self.paths)), train.failed)
+        maps = np.zeros((len(self.paths),) + train.maps[good[0]][0].shape, np.float32)
+        maps[good] = train.stacked(good)
+        self.rounds.maps = maps
+        self.caches = {}
+        for dataset in self.data.eval_datasets if self.chief else ():
+            paths = list(dataset.images) + list(dataset.queries)
+            boxes = [[float("nan")] * 4] * len(dataset.images) + [
+                [float("nan")] * 4 if b is None else list(b) for b in dataset.query_boxes]
+            self.caches[dataset.name] = FeatureCache(
+                self.model, self.frozen, paths, self.config.image_size, self.model.config.scales, boxes,
+                progress=show, desc=f"frozen trunk: {dataset.name}")
+
+    def _train_maps(self, indices):
+        return self.rounds.maps[np.asarray(indices)]
 
     def _optimizer(self):
         c = self.config
@@ -170,13 +211,18 @@ class Trainer(RPNTraining):
         rng = np.random.default_rng([self.config.seed, 11])
         count = min(self.config.whitening_images, len(self.paths))
         chosen = rng.choice(len(self.paths), count, replace=False)
-        pool = extraction.compiled_fn(
-            lambda x: self.model.head.pool_regions(self.model.backbone(self.model.preprocess(x)))
-        )
+        if self.part is not None:
+            pool = extraction.compiled_fn(self.part.pool_regions)
+            inputs = ((i, (self._train_maps([i])[0],)) for i in chosen if i not in self.unusable)
+        else:
+            pool = extraction.compiled_fn(
+                lambda x: self.model.head.pool_regions(self.model.backbone(self.model.preprocess(x)))
+            )
+            inputs = pipeline.image_dataset([self.paths[i] for i in chosen], self.config.image_size)
         regions = []
         desc = "whitening: region descriptors"
         with tqdm(total=count, desc=desc, unit="img", disable=not (self.progress and self.chief)) as bar:
-            for _, (image,) in pipeline.image_dataset([self.paths[i] for i in chosen], self.config.image_size):
+            for _, (image,) in inputs:
                 pooled, valid = pool(image[None])
                 pooled = np.asarray(functional.l2_normalize(pooled))[0]
                 valid = np.asarray(valid)
@@ -193,11 +239,17 @@ class Trainer(RPNTraining):
         n = len(self.paths)
         everything = not c.pool_size or c.pool_size >= n
         pool = np.arange(n) if everything else np.sort(rng.choice(n, c.pool_size, replace=False))
-        desc, failed = extraction.extract(
-            self._embed_single, [self.paths[i] for i in pool], c.image_size,
-            progress=self.progress and self.chief, desc=f"mining round {round_index}", strict=False,
-            sizes=self.sizes[pool],
-        )
+        if self.part is not None:
+            pool = np.setdiff1d(pool, sorted(self.unusable))
+            desc = np.concatenate([np.asarray(self._embed_maps(self._train_maps(pool[i:i + 64])))
+                                   for i in range(0, len(pool), 64)])
+            failed = np.zeros(0, np.int64)
+        else:
+            desc, failed = extraction.extract(
+                self._embed_single, [self.paths[i] for i in pool], c.image_size,
+                progress=self.progress and self.chief, desc=f"mining round {round_index}", strict=False,
+                sizes=self.sizes[pool],
+            )
         if len(failed):
             # Images that read at startup but no longer decode: reported and
             # kept out of every later triplet, never dropped silently.
@@ -225,21 +277,49 @@ class Trainer(RPNTraining):
                              "and other labels must exist")
         self.rounds.start(round_index, triplets)
 
-    def evaluate(self, step):
-        """Scores the held-out benchmark; appends to metrics.jsonl and returns
-        that record (chief)."""
-        if self.data.eval_dataset is None or not self.chief:
+    def evaluate(self, step, validation_only=False):
+        """Scores the benchmarks (the validation split, the first, alone
+        with ``validation_only``), appends one metrics.jsonl line for each
+        and returns the validation's record (chief). The model that scores
+        best on the validation so far is model.keras (`select`)."""
+        if not self.data.eval_datasets or not self.chief:
             return None
-        start = time.time()
-        results = extraction.evaluate_model(self._describe, self.data.eval_dataset)
-        record = {"step": int(step), "time": round(time.time() - start, 2)}
-        for protocol, values in results.items():
-            for key, value in values.items():
-                record[f"{protocol}_{key.replace('@', '')}"] = round(float(value), 3)
-        with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        self._log(f"evaluation at step {step}:\n{evaluation.format_table(results)}")
-        return record
+        records = []
+        for dataset in self.data.eval_datasets[:1] if validation_only else self.data.eval_datasets:
+            start = time.time()
+            describe = self._describe
+            if self.caches is not None:
+                describe = self.caches[dataset.name].describer(self.part, progress=self.progress)
+            results = extraction.evaluate_model(describe, dataset)
+            record = {"step": int(step), "dataset": dataset.name, "time": round(time.time() - start, 2)}
+            for protocol, values in results.items():
+                for key, value in values.items():
+                    record[f"{protocol}_{key.replace('@', '')}"] = round(float(value), 3)
+            with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self._log(f"{dataset.name} at step {step}:\n{evaluation.format_table(results)}")
+            records.append(record)
+        self.select(records[0])
+        return records[0]
+
+    def select(self, record):
+        """Early stopping on the validation split: writes model.keras when
+        ``record`` (the validation's) beats every earlier evaluation of the
+        run (Medium mAP, else the first protocol's; ties keep the earlier)."""
+        key = "medium_map" if "medium_map" in record else next(k for k in record if k.endswith("_map"))
+        if self.best is None:
+            self.best = (-1.0, -1)
+            path = os.path.join(self.config.output_dir, "metrics.jsonl")
+            with open(path) as f:  # earlier evaluations, when resuming
+                for line in f:
+                    row = json.loads(line)
+                    if row.get("dataset") == record["dataset"] and row["step"] < record["step"]:
+                        self.best = max(self.best, (row[key], -row["step"]))
+        if (record[key], -record["step"]) > self.best:
+            self.best = (record[key], -record["step"])
+            self.save_model()
+            self._log(f"model.keras: the model at step {record['step']} ({record['dataset']} {key} "
+                      f"{record[key]:.2f})")
 
     def save_model(self, name="model.keras"):
         """Writes ``name`` (model.keras) in the output folder atomically (chief only)."""
@@ -291,9 +371,10 @@ class Trainer(RPNTraining):
         if self.chief:
             atomic_text(os.path.join(c.output_dir, "config.json"),
                         json.dumps(dataclasses.asdict(c), indent=1, default=str))
+        if not resumed and self.model.head.rpn is not None:
+            self.train_rpn()
+        self.cache_frozen_trunk()
         if not resumed:
-            if self.model.head.rpn is not None:
-                self.train_rpn()
             self.init_whitening()
             # The model before ranking training (pretrained backbone plus
             # fitted whitening), so what training buys can be measured.
@@ -317,7 +398,9 @@ class Trainer(RPNTraining):
             self.attach_rpn()
         elif self.model.head.rpn is not None and c.rpn_refresh_steps:
             self.rpn_steps(c.rpn_refresh_steps, "RPN refresh (final)")
-        self.evaluate(self.step)
+        if self.data.eval_datasets:
+            self.evaluate(self.step)
+            return os.path.join(c.output_dir, "model.keras") if self.chief else None
         return self.save_model()
 
     def _unreadable(self, error):

@@ -14,7 +14,8 @@ class TrainingData:
     """Resolved training and evaluation inputs."""
 
     manifest: manifest_lib.Manifest
-    eval_dataset: object
+    eval_datasets: list
+    """The benchmarks, the validation split (which selects the model) first."""
 
 
 def resolve_data(config, progress=True):
@@ -22,6 +23,7 @@ def resolve_data(config, progress=True):
     and the evaluation benchmark."""
     manifest_path, data_dir = config.manifest, config.data_dir
     eval_root, eval_name = config.eval_root, config.eval_dataset
+    names = []
     if manifest_path and config.instances_dir:
         raise ValueError("give --manifest or --instances_dir, not both")
     if not manifest_path:
@@ -32,16 +34,18 @@ def resolve_data(config, progress=True):
             )
         root = synthetic.ensure_dataset(source, progress=progress)
         manifest_path, data_dir = os.path.join(root, "train.csv"), root
-        eval_root = eval_root or root
-        eval_name = eval_name or synthetic.DATASET_NAME
+        if not eval_root:
+            eval_root, names = root, synthetic.benchmarks(root)
     data_dir = data_dir or os.path.dirname(os.path.abspath(manifest_path))
     manifest = manifest_lib.read_manifest(
         manifest_path, data_dir, allow_outside=config.allow_outside_data_dir
     )
     if len(manifest.frame) < 2:
         raise ValueError(f"{manifest_path}: no usable training images ({manifest.summary()}).")
-    dataset = groundtruth.load_dataset(eval_root, eval_name) if eval_root and eval_name else None
-    return TrainingData(manifest, dataset)
+    if eval_name:
+        names = [eval_name]
+    datasets = [groundtruth.load_dataset(eval_root, name) for name in names] if eval_root else []
+    return TrainingData(manifest, datasets)
 
 
 def common_size(frame, longest):

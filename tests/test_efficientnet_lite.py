@@ -1,5 +1,5 @@
-"""EfficientNet-Lite0 against the PyTorch reference implementation of the same
-weights (``efficientnet-lite-pytorch``), on real photographs."""
+"""EfficientNet-Lite0 and -Lite2 against the PyTorch reference implementation
+of the same weights (``efficientnet-lite-pytorch``), on real photographs."""
 
 import numpy as np
 import pytest
@@ -14,10 +14,9 @@ lite_pytorch = pytest.importorskip("efficientnet_lite_pytorch")
 
 
 def _real_photos(count=3):
-    """Real photographs cropped to sides that are multiples of 32 (where TF
-    "SAME" padding and the reference's padding, fixed for 224 px, agree)."""
+    """Real photographs, cropped to sides that are multiples of 32."""
     try:
-        found = photos.instance_photos()
+        found = [p for p in photos.training_photos() if not p.cutout]
     except FileNotFoundError as e:
         pytest.skip(str(e))
     out = []
@@ -29,12 +28,18 @@ def _real_photos(count=3):
     return out
 
 
-@pytest.fixture(scope="module")
-def torch_model():
+VARIANTS = ["efficientnet_lite0", "efficientnet_lite2"]
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def variant_and_torch_model(request):
+    variant = request.param
+    # image_size=None: TF "SAME" padding computed for each input, as the
+    # Keras layers do (by default the reference fixes it for 224 or 260 px).
     net = lite_pytorch.EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=efficientnet_lite.imagenet_checkpoint_path()
+        variant.replace("_", "-"), weights_path=efficientnet_lite.imagenet_checkpoint_path(variant), image_size=None
     )
-    return net.eval()
+    return variant, net.eval()
 
 
 def _torch_features(net, image):
@@ -49,10 +54,9 @@ def _cosine(a, b):
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
-def test_descriptors_match_pytorch_on_real_photos(torch_model):
-    model = build_descriptor_model(
-        DescriptorConfig(backbone="efficientnet_lite0", weights="imagenet", scales=(1.0,))
-    )
+def test_descriptors_match_pytorch_on_real_photos(variant_and_torch_model):
+    variant, torch_model = variant_and_torch_model
+    model = build_descriptor_model(DescriptorConfig(backbone=variant, weights="imagenet", scales=(1.0,)))
     for image in _real_photos():
         want_map = _torch_features(torch_model, image)
         got_map = np.asarray(model.backbone(model.preprocess(image[None])))[0]
@@ -63,19 +67,20 @@ def test_descriptors_match_pytorch_on_real_photos(torch_model):
         assert _cosine(got, want) >= 0.9999
 
 
-def test_architecture_and_converted_weights():
-    model, spec = backbones.build_backbone("efficientnet_lite0", weights="imagenet")
+@pytest.mark.parametrize("variant, blocks", [("efficientnet_lite0", 16), ("efficientnet_lite2", 21)])
+def test_architecture_and_converted_weights(variant, blocks):
+    model, spec = backbones.build_backbone(variant, weights="imagenet")
     assert spec.stride == 32 and spec.channels == 1280 and spec.preprocessing == "torch"
-    state = efficientnet_lite.checkpoints.load(efficientnet_lite.imagenet_checkpoint_path())
-    used = efficientnet_lite.load_torch_state(efficientnet_lite.build(), state)
+    state = efficientnet_lite.checkpoints.load(efficientnet_lite.imagenet_checkpoint_path(variant))
+    used = efficientnet_lite.load_torch_state(efficientnet_lite.build(variant=variant), state)
     # Every tensor of the trunk is used; only the classifier and BN counters are not.
     unused = {k for k in state if k not in used}
     assert all(k.startswith("_fc.") or k.endswith("num_batches_tracked") for k in unused)
-    assert len([k for k in state if k.endswith("_depthwise_conv.weight")]) == 16
+    assert len([k for k in state if k.endswith("_depthwise_conv.weight")]) == blocks
     # The cached conversion is what a second build loads.
+    last = f"_blocks.{blocks - 1}._project_conv.weight"
     np.testing.assert_array_equal(
-        model.get_layer("blocks_15_project_conv").kernel,
-        np.transpose(state["_blocks.15._project_conv.weight"], (2, 3, 1, 0)),
+        model.get_layer(f"blocks_{blocks - 1}_project_conv").kernel, np.transpose(state[last], (2, 3, 1, 0)),
     )
 
 

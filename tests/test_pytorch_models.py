@@ -110,7 +110,7 @@ class DirtorchNet(nn.Module):
 
 def _photos(count=3, size=(224, 320)):
     """Real photographs (GCompris's), as float32 ``[N, H, W, 3]`` in 0..255."""
-    found = photos.instance_photos()
+    found = [p for p in photos.training_photos() if not p.cutout]
     picked = [found[i * 7] for i in range(count)]
     return np.stack([np.asarray(p.image().resize(size[::-1]), np.float32) for p in picked])
 

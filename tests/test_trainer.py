@@ -243,10 +243,55 @@ def test_initial_model_is_the_step_zero_model(tmp_path):
     data = groundtruth.load_dataset(synthetic.ensure_dataset(SMALL_DATA, progress=False), "synthetic")
     results = extraction.evaluate_model(extraction.model_describer(initial, 64, progress=False), data)
     assert abs(results["medium"]["map"] - first["medium_map"]) < 1e-3
-    # Training moved the weights: the final model is another one.
-    final = keras.models.load_model(run / "model.keras")
-    assert any(not np.array_equal(a, b) for a, b in zip(initial.get_weights(), final.get_weights()))
-    assert initial.image_size == final.image_size == 64  # the training size travels with the model
+    # Training moved the weights; model.keras is the better scored of the two.
+    assert any(not np.array_equal(a, b) for a, b in zip(initial.get_weights(), trainer.model.get_weights()))
+    last = [json.loads(line) for line in open(run / "metrics.jsonl")][-1]
+    kept = keras.models.load_model(run / "model.keras")
+    expected = trainer.model if last["medium_map"] > first["medium_map"] else initial
+    for a, b in zip(kept.get_weights(), expected.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert initial.image_size == kept.image_size == 64  # the training size travels with the model
+
+
+def test_model_keras_is_the_best_validation_model_so_far(tmp_path):
+    import keras
+
+    trainer = Trainer(small_config(tmp_path / "run"), progress=False)
+    os.makedirs(tmp_path / "run")
+    marker = trainer.model.head.pca.mean  # marks which model model.keras holds
+    scores = {0: 50.0, 2: 60.0, 4: 55.0, 6: 60.0}  # step 2 is best; step 6 only ties it
+
+    def evaluated(step, trainer):
+        marker.assign(np.full(marker.shape, float(step), "float32"))
+        record = {"step": step, "dataset": "synthetic", "medium_map": scores[step]}
+        with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        trainer.select(record)
+        return keras.models.load_model(tmp_path / "run" / "model.keras").head.pca.mean.numpy()[0]
+
+    assert [evaluated(step, trainer) for step in (0, 2, 4)] == [0.0, 2.0, 2.0]
+    # A resumed run reads the best so far from metrics.jsonl.
+    resumed = Trainer(small_config(tmp_path / "run", resume=True), progress=False)
+    resumed.model.head.pca.mean.assign(np.zeros(marker.shape, "float32"))
+    marker = resumed.model.head.pca.mean
+    assert evaluated(6, resumed) == 2.0 and resumed.best == (60.0, -2)
+
+
+def test_cached_frozen_trunk_run_resumes_exactly(tmp_path):
+    first = Trainer(small_config(tmp_path / "run", train_from="conv3_1"), progress=False)
+    assert first.part is not None
+    first.run()
+    # conv2_2's output: 64x48 images at a quarter, 32 channels.
+    assert first.rounds.maps.shape == (len(first.paths), 12, 16, 32)
+    second = Trainer(small_config(tmp_path / "run", train_from="conv3_1", steps=4, resume=True), progress=False)
+    second.run()
+    whole = Trainer(small_config(tmp_path / "whole", train_from="conv3_1", steps=4), progress=False)
+    whole.run()
+    for a, b in zip(whole.model.get_weights(), second.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # Without the cache the same run recomputes the trunk (and augments the images).
+    plain = Trainer(small_config(tmp_path / "plain", train_from="conv3_1", cache_features=False), progress=False)
+    assert plain.part is None
 
 
 def test_train_from_freezes_the_layers_before(tmp_path):

@@ -4,8 +4,11 @@ r"""Runs a retrieval benchmark end to end and prints mAP and mP@1/5/10.
         --model runs/demo/model.keras [--qe 1 --qe_alpha 0 --dba 20 | --rerank] [--output_json results.json]
     python -m training.evaluate --backbone efficientnet_lite0 --weights imagenet
 
-Without ``--data_root`` (``--dataset synthetic`` or no ``--dataset``) it
-scores the built-in real-photo held-out split (the one ``python -m training.train`` evaluates on). Without
+Without ``--data_root`` it scores the built-in benchmarks that ``python -m
+training.train`` evaluates on: ``scenes``, the validation split (photographed
+places from other packages than any training photo, among 1,000 distractor
+views), and ``synthetic``, held-out photos of the training sources; both
+without ``--dataset``, or the one it names. Without
 ``--model``, ``--backbone`` (and ``--weights``) build the off-the-shelf model:
 that backbone and plain R-MAC (multi-resolution, no whitening, no training),
 so a trained model can be compared with its starting point.
@@ -36,10 +39,10 @@ def define_flags():
     """Defines the command-line flags (only when run as a program)."""
     flags.DEFINE_string("data_root", None, "Folder holding the dataset folder.")
     flags.DEFINE_string("dataset", None, "Dataset name (roxford5k, rparis6k, holidays, ...) under --data_root; "
-                        "'synthetic' alone is the built-in real-photo split (the default).")
+                        "without --data_root 'scenes' or 'synthetic' names one built-in split (default: both).")
     flags.DEFINE_string("model", None, "A .keras descriptor model or a SavedModel folder.")
     flags.DEFINE_string("backbone", None, "Without --model: evaluate this backbone with plain R-MAC, "
-                        "untrained (efficientnet_lite0, resnet101, resnet50, vgg16, tiny).")
+                        "untrained (efficientnet_lite0, efficientnet_lite2, resnet101, resnet50, vgg16, tiny).")
     flags.DEFINE_string("weights", "imagenet", "With --backbone: 'imagenet', a weights file, or 'none'.")
     flags.DEFINE_integer("image_size", None, "Longest image side of a .keras model (default: the one it "
                          "carries; a SavedModel resizes inside its graph); with --backbone, default the "
@@ -51,7 +54,8 @@ def define_flags():
     flags.DEFINE_integer("dba", 0, "Database-side augmentation with the top-k neighbours (0: off).")
     flags.DEFINE_boolean("rerank", False, "SuperGlobal re-ranking of each query's top 400 with global "
                          "descriptors (M=400, K=9, beta=0.15 as published); after --dba/--qe if given.")
-    flags.DEFINE_string("output_json", None, "Write {protocol: {map, mp@1, mp@5, mp@10}} here (percent).")
+    flags.DEFINE_string("output_json", None, "Write {protocol: {map, mp@1, mp@5, mp@10}} here (percent); "
+                        "{dataset: {protocol: ...}} for both built-in splits.")
     flags.DEFINE_boolean("progress", True, "Show progress bars.")
 
 
@@ -92,34 +96,38 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if bool(FLAGS.model) == bool(FLAGS.backbone):
         raise app.UsageError("give either --model or --backbone (the off-the-shelf model)")
+    from deep_retrieval import evaluation
     from deep_retrieval.data import synthetic
 
     data_root, dataset = FLAGS.data_root, FLAGS.dataset
-    built_in = not data_root and dataset in (None, synthetic.DATASET_NAME)
+    built_in_names = (synthetic.SCENES_NAME, synthetic.DATASET_NAME)
+    built_in = not data_root and dataset in (None,) + built_in_names
     if not built_in and not (data_root and dataset):
-        raise app.UsageError(f"--data_root and --dataset go together; only --dataset {synthetic.DATASET_NAME} "
-                             "(or neither) names the built-in split without a path")
+        raise app.UsageError(f"--data_root and --dataset go together; without a path only --dataset "
+                             f"{' or '.join(built_in_names)} (or neither) names a built-in split")
     weights = None if FLAGS.weights.lower() in ("", "none") else FLAGS.weights
+    names = [dataset]
     try:
         if built_in:
             from deep_retrieval.config import SyntheticConfig
 
             data_root = synthetic.ensure_dataset(SyntheticConfig(), progress=FLAGS.progress)
-            dataset = synthetic.DATASET_NAME
-            print(f"dataset: the built-in held-out split, {os.path.join(data_root, dataset)}")
+            names = [dataset] if dataset else synthetic.benchmarks(data_root)
         if FLAGS.backbone and not FLAGS.image_size:
             print(f"image size: {_demo_image_size()} px (the demo preset's; set --image_size)")
-        results = run(data_root, dataset, FLAGS.model, FLAGS.image_size, FLAGS.qe,
-                      FLAGS.qe_alpha, FLAGS.dba, FLAGS.progress, FLAGS.backbone, weights, FLAGS.rerank,
-                      FLAGS.dtype)
+        results = {}
+        for name in names:
+            if built_in:
+                print(f"dataset: the built-in {name} split, {os.path.join(data_root, name)}")
+            results[name] = run(data_root, name, FLAGS.model, FLAGS.image_size, FLAGS.qe,
+                                FLAGS.qe_alpha, FLAGS.dba, FLAGS.progress, FLAGS.backbone, weights, FLAGS.rerank,
+                                FLAGS.dtype)
+            print(evaluation.format_table(results[name]))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    from deep_retrieval import evaluation
-
-    print(evaluation.format_table(results))
     if FLAGS.output_json:
-        atomic_text(FLAGS.output_json, json.dumps(results, indent=1))
+        atomic_text(FLAGS.output_json, json.dumps(results if len(names) > 1 else results[names[0]], indent=1))
     return 0
 
 

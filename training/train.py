@@ -11,8 +11,9 @@ photos before and after training:
     python -m training.train --output_dir runs/demo --resume
 
 Writes to --output_dir: checkpoints/, tensorboard/, metrics.jsonl (one line
-per evaluation, mAP in percent), initial.keras (the model before ranking
-training) and model.keras (the final descriptor model).
+per evaluation and benchmark, mAP in percent), initial.keras (the model before
+ranking training) and model.keras (the descriptor model that scored best on
+the validation split, the first benchmark: the built-in data's "scenes").
 """
 
 import dataclasses
@@ -28,6 +29,21 @@ from training import config_flags
 
 config_flags.define_flags()
 flags.adopt_module_key_flags(config_flags)
+
+
+def summary(rows, selected):
+    """The table the run ends with: each benchmark's mAP at step 0 and at
+    ``selected``, the step model.keras holds (metrics.jsonl ``rows``)."""
+    lines = [f"model.keras is the model at step {selected}, the best on the validation split "
+             f"({rows[0].get('dataset', 'benchmark')})",
+             "mAP (%)              step     easy   medium     hard"]
+    for name in dict.fromkeys(row.get("dataset", "benchmark") for row in rows):
+        for step in dict.fromkeys((0, selected)):
+            row = next((r for r in rows if r.get("dataset", "benchmark") == name and r["step"] == step), None)
+            if row is not None and "medium_map" in row:
+                lines.append(f"{name:18} {step:6d}  " + "  ".join(f"{row[k + '_map']:7.2f}"
+                                                               for k in ("easy", "medium", "hard")))
+    return "\n".join(lines)
 
 
 def main(argv):
@@ -54,14 +70,10 @@ def main(argv):
     if path:
         print(f"model saved to {path}")
         metrics = os.path.join(cfg.output_dir, "metrics.jsonl")
-        if os.path.exists(metrics):
+        if os.path.exists(metrics) and trainer.best:
             with open(metrics) as f:
                 rows = [json.loads(line) for line in f]
-            if len(rows) >= 2 and "medium_map" in rows[0]:
-                first, last = rows[0], rows[-1]
-                print("mAP (%)     " + "  ".join(f"{k:>7}" for k in ("easy", "medium", "hard")))
-                for label, row in (("step %d" % first["step"], first), ("step %d" % last["step"], last)):
-                    print(f"{label:11} " + "  ".join(f"{row[k + '_map']:7.2f}" for k in ("easy", "medium", "hard")))
+            print(summary(rows, -trainer.best[1]))
     print(f"wall time {time.time() - start:.0f} s")
     return 0
 

@@ -1,14 +1,30 @@
-"""Real photographs that a fresh machine can install: GCompris's image sets.
+"""Real photographs that a fresh machine can install, by role.
 
-The Debian package ``gcompris-qt-data`` (``apt-get install gcompris-qt-data``;
-also in Ubuntu) ships the educational suite's activities as Qt resource
-bundles (``/usr/share/gcompris-qt/rcc/*.rcc``). Several hold photographs:
-monuments of the world (``explore_monuments``), animals (``erase``,
-``explore_world_animals``, ``explore_farm_animals``), and everyday objects,
-tools, fish, windmills and dams (``categorization``). The built-in dataset
-uses the monuments and animals as instances (one photo, one instance) and
-the objects as distractors; the object category ``monuments`` is left out,
-since it shows the same monuments again.
+Three Debian packages (also in Ubuntu) ship photographs:
+
+- ``gcompris-qt-data`` (GPL-3+): the educational suite's activities as Qt
+  resource bundles (``/usr/share/gcompris-qt/rcc/*.rcc``), several of them
+  photographs: monuments, animals, musicians, planets, hands, paintings,
+  everyday objects.
+- ``tuxpaint-stamps-default`` (GPL-2): Tux Paint's stamps
+  (``/usr/share/tuxpaint/stamps``), hundreds of them photographs of animals,
+  plants, food, vehicles and tools cut out on a transparent background
+  (the cartoons, letters and symbols are left out).
+- ``tuxpaint-data`` (GPL-2+): Tux Paint's templates
+  (``/usr/share/tuxpaint/templates``), photographed scenes: coasts, a
+  lighthouse, forests, rocks, machinery.
+
+The roles keep the photo sources apart, so that validation measures
+transfer to photographs of another kind than training saw:
+
+- `training_photos`: GCompris's animals, musicians, planets, hands,
+  paintings and the like, and the Tux Paint cutouts (``cutout=True``: they
+  are composited onto a background before views are made of them);
+- `scene_photos`: the validation instances, GCompris's monuments and Tux
+  Paint's templates: photographed places, which no training photo shows;
+- `scene_distractor_photos`: GCompris's everyday objects, tools, fish,
+  windmills and dams (``categorization``), the validation's distractors and
+  clutter, also unseen in training.
 
 `read_rcc` reads a bundle (Qt's documented ``qres`` format, versions 1 to
 3, zlib-compressed entries) without Qt. Nothing is executed: entries are
@@ -25,38 +41,58 @@ import zlib
 from PIL import Image
 
 DEFAULT_DIR = "/usr/share/gcompris-qt/rcc"
+TUXPAINT_DIR = "/usr/share/tuxpaint"
 PACKAGE = "gcompris-qt-data"
-INSTALL_HINT = f"apt-get install --no-install-recommends {PACKAGE}"
+PACKAGES = ("gcompris-qt-data", "tuxpaint-stamps-default", "tuxpaint-data")
+INSTALL_HINT = f"apt-get install --no-install-recommends {' '.join(PACKAGES)}"
+LICENCES = {"gcompris-qt-data": "GPL-3+", "tuxpaint-stamps-default": "GPL-2", "tuxpaint-data": "GPL-2+"}
+"""Each package's licence, from its ``/usr/share/doc/PACKAGE/copyright``."""
 
 # (bundle, path fragment that a photo's name must contain, fragments it must not).
-INSTANCE_SETS = (
-    ("explore_monuments.rcc", "/resource/", ()),
-    ("erase.rcc", "/resource/", ()),
-    ("explore_world_animals.rcc", "/resource/", ()),
-    ("explore_farm_animals.rcc", "/resource/", ()),
+TRAINING_SETS = tuple(
+    (f"{name}.rcc", "/resource/", ())
+    for name in ("erase", "explore_world_animals", "explore_farm_animals", "explore_world_music",
+                 "solar_system", "louis-braille", "leftright", "babyshapes", "chronos", "clickgame",
+                 "paintings")
 )
-DISTRACTOR_SETS = (
+SCENE_SETS = (("explore_monuments.rcc", "/resource/", ()),)
+SCENE_DISTRACTOR_SETS = (
     ("categorization.rcc", "/images/", ("/monuments/", "/numbers/", "/alphabets/")),
 )
 PHOTO_SUFFIXES = (".webp", ".jpg", ".jpeg", ".png")
 MIN_SIDE = 200  # icons and thumbnails are not photographs
+# Tux Paint stamps: folders of drawings and the hand-made mirror images of
+# other stamps are skipped; a cutout needs this many opaque pixels, and this
+# many distinct colours per square root of them (flat-shaded drawings have
+# few, photographs many).
+STAMP_SKIP = ("cartoon", "symbols/", "_mirror.")
+STAMP_MIN_PIXELS = 1500
+STAMP_MIN_RICHNESS = 8.0
 
 
 @dataclasses.dataclass(frozen=True)
 class Photo:
-    """One photograph of a bundle: ``source`` is ``bundle.rcc:path``."""
+    """One photograph: ``source`` is ``bundle.rcc:path`` or a path under the
+    package's folder; ``cutout`` marks a photo cut out on a transparent
+    background (a Tux Paint stamp)."""
 
     source: str
     data: bytes
+    package: str = PACKAGE
+    cutout: bool = False
 
     @property
     def sha1(self):
         return hashlib.sha1(self.data).hexdigest()
 
+    @property
+    def licence(self):
+        return LICENCES.get(self.package, "")
+
     def image(self):
-        """The photo as an RGB `PIL.Image`."""
+        """The photo as an RGB `PIL.Image` (RGBA for a cutout)."""
         with Image.open(io.BytesIO(self.data)) as im:
-            return im.convert("RGB")
+            return im.convert("RGBA" if self.cutout else "RGB")
 
 
 class RccError(ValueError):
@@ -107,29 +143,86 @@ def read_rcc(path):
     return files
 
 
+def _missing(path, package):
+    return FileNotFoundError(
+        f"{path}: missing. The built-in dataset renders real photographs from the Debian packages "
+        f"{', '.join(PACKAGES)}: install them ({INSTALL_HINT}), or pass --synthetic_photos_dir "
+        f"(GCompris's rcc/ folder) and --synthetic_tuxpaint_dir where they are. ({package})"
+    )
+
+
 def _collect(photo_dir, sets):
     photos = []
     for bundle, keep, drop in sets:
         path = os.path.join(photo_dir, bundle)
         if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{path}: missing. The built-in dataset renders real photographs from the "
-                f"Debian package {PACKAGE}: install it ({INSTALL_HINT}), or pass "
-                "--synthetic_photos_dir pointing at its rcc/ folder."
-            )
+            raise _missing(path, PACKAGE)
         for name, data in sorted(read_rcc(path).items()):
             if not name.lower().endswith(PHOTO_SUFFIXES) or keep not in name:
                 continue
             if any(d in name for d in drop):
                 continue
-            photo = Photo(f"{bundle}:{name}", data)
             with Image.open(io.BytesIO(data)) as im:
                 if min(im.size) < MIN_SIDE:
                     continue
-            photos.append(photo)
+            photos.append(Photo(f"{bundle}:{name}", data))
     return photos
 
 
+def _files(folder, package):
+    if not os.path.isdir(folder):
+        raise _missing(folder, package)
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(PHOTO_SUFFIXES)]
+    return found
+
+
+def is_photographic_cutout(image):
+    """Whether an RGBA stamp is a photograph (many colours over enough opaque
+    pixels) rather than a flat-shaded drawing."""
+    import numpy as np
+
+    rgba = np.asarray(image.convert("RGBA"))
+    opaque = rgba[..., 3] > 200
+    count = int(opaque.sum())
+    if count < STAMP_MIN_PIXELS:
+        return False
+    q = rgba[..., :3][opaque].astype(np.int32) // 4
+    colours = len(np.unique(q[:, 0] * 4096 + q[:, 1] * 64 + q[:, 2]))
+    return colours / count ** 0.5 >= STAMP_MIN_RICHNESS
+
+
+def stamp_photos(tuxpaint_dir=TUXPAINT_DIR):
+    """Tux Paint's photographic stamps, as cutouts (sorted by path)."""
+    stamps = os.path.join(tuxpaint_dir, "stamps")
+    photos = []
+    for path in _files(stamps, "tuxpaint-stamps-default"):
+        name = os.path.relpath(path, stamps)
+        if not name.lower().endswith(".png") or any(d in name for d in STAMP_SKIP):
+            continue
+        with open(path, "rb") as f:
+            data = f.read()
+        with Image.open(io.BytesIO(data)) as im:
+            if im.mode not in ("RGBA", "LA", "P") or not is_photographic_cutout(im):
+                continue
+        photos.append(Photo(f"stamps/{name}", data, "tuxpaint-stamps-default", cutout=True))
+    return photos
+
+
+def template_photos(tuxpaint_dir=TUXPAINT_DIR):
+    """Tux Paint's photographed templates (sorted by path)."""
+    templates = os.path.join(tuxpaint_dir, "templates")
+    photos = []
+    for path in _files(templates, "tuxpaint-data"):
+        with open(path, "rb") as f:
+            data = f.read()
+        with Image.open(io.BytesIO(data)) as im:
+            if min(im.size) < MIN_SIDE:
+                continue
+        photos.append(Photo(f"templates/{os.path.relpath(path, templates)}", data, "tuxpaint-data"))
+    return photos
 
 
 def folder_photos(directory):
@@ -163,11 +256,25 @@ def folder_photos(directory):
     return found, problems
 
 
-def instance_photos(photo_dir=DEFAULT_DIR):
-    """The photographs used as instances (monuments and animals), sorted by source."""
-    return _collect(photo_dir, INSTANCE_SETS)
+def training_photos(photo_dir=DEFAULT_DIR, tuxpaint_dir=TUXPAINT_DIR):
+    """The training instances: GCompris's `TRAINING_SETS` and Tux Paint's
+    photographic stamps (cutouts)."""
+    return _unique(_collect(photo_dir, TRAINING_SETS) + stamp_photos(tuxpaint_dir))
 
 
-def distractor_photos(photo_dir=DEFAULT_DIR):
-    """The photographs used as distractors and clutter (objects, tools, fish...)."""
-    return _collect(photo_dir, DISTRACTOR_SETS)
+def _unique(photos):
+    """The first of each set of byte-identical photos (a package may ship one
+    twice under two names)."""
+    seen = set()
+    return [p for p in photos if not (p.sha1 in seen or seen.add(p.sha1))]
+
+
+def scene_photos(photo_dir=DEFAULT_DIR, tuxpaint_dir=TUXPAINT_DIR):
+    """The validation instances: GCompris's monuments and Tux Paint's templates."""
+    return _collect(photo_dir, SCENE_SETS) + template_photos(tuxpaint_dir)
+
+
+def scene_distractor_photos(photo_dir=DEFAULT_DIR):
+    """The validation's distractors and clutter: GCompris's everyday objects,
+    tools, fish, windmills and dams."""
+    return _collect(photo_dir, SCENE_DISTRACTOR_SETS)

@@ -90,16 +90,8 @@ def triplet_dataset(
     if size is None and batch_size != 1:
         raise ValueError(f"images of mixed sizes batch one triplet at a time, not {batch_size}")
     paths = path_tensor(paths)
-    triplets = tf.convert_to_tensor(triplets, tf.int64)
     seed = tf.cast(seed, tf.int64)
-    # One order per seed (stateless), the same on every pass.
-    order = tf.argsort(tf.random.stateless_uniform(tf.shape(triplets)[:1], tf.stack([seed, seed + 1])))
-    ds = tf.data.Dataset.from_tensor_slices(tf.gather(triplets, order))
-    if shard is not None:
-        ds = ds.shard(*shard)
-    if repeat:
-        ds = ds.repeat()
-    ds = ds.enumerate()
+    ds = _triplet_order(triplets, seed, shard, repeat)
 
     def load(i, triplet):
         images = {}
@@ -114,6 +106,34 @@ def triplet_dataset(
 
     # No ignore_errors: a file that stopped decoding since mining read it
     # stops the run with its name (`Trainer.run`), backups kept.
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def _triplet_order(triplets, seed, shard, repeat):
+    """``(position, triplet)`` pairs: the triplets in one order per seed
+    (stateless, the same on every pass), sharded, repeated."""
+    triplets = tf.convert_to_tensor(triplets, tf.int64)
+    order = tf.argsort(tf.random.stateless_uniform(tf.shape(triplets)[:1], tf.stack([seed, seed + 1])))
+    ds = tf.data.Dataset.from_tensor_slices(tf.gather(triplets, order))
+    if shard is not None:
+        ds = ds.shard(*shard)
+    if repeat:
+        ds = ds.repeat()
+    return ds.enumerate()
+
+
+def map_triplet_dataset(maps, triplets, batch_size, seed, shard=None, repeat=False):
+    """`triplet_dataset` over precomputed feature maps (`frozen_trunk`):
+    batches ``[B, 3, h, w, C]`` of the query, positive and negative maps
+    (``maps``: ``[n, h, w, C]`` numpy, one per training index), the
+    triplets in `triplet_dataset`'s order for the same seed."""
+    shape = (3,) + maps.shape[1:]
+    ds = _triplet_order(triplets, tf.cast(seed, tf.int64), shard, repeat)
+
+    def load(i, triplet):
+        return tf.ensure_shape(tf.numpy_function(lambda t: maps[t], [triplet], tf.float32, stateful=False), shape)
+
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 

@@ -1,13 +1,22 @@
 """The built-in landmark dataset, generated deterministically on first use.
 
 With ``source="photos"`` (the default) each landmark is a real photograph
-(`deep_retrieval.data.photos`: monuments and animals from a Debian package):
-one photo is one instance, and each image of it is a new view (`views.photo_view`)
-under perspective change, zoom and crop, rotation, occlusion by other
-photographs, a photographed background, lighting, colour, blur and JPEG
-quality. The held-out split uses other photos than training, and its
-distractors are views of unrelated photographs (objects, tools, fish).
-``sources.csv`` records every photo used (bundle, path, SHA-1) and its role.
+(`deep_retrieval.data.photos`: animals, musicians, planets, paintings and
+photographed objects from Debian packages): one photo is one instance, and
+each image of it is a new view (`views.photo_view`) under perspective
+change, zoom and crop, rotation, occlusion by other photographs, a
+photographed background, lighting, colour, blur and JPEG quality. Two
+benchmarks are written beside the training set:
+
+- ``synthetic``: held-out photos of the training sources among views of
+  unrelated photographs: other photos, the same kind of photo.
+- ``scenes``: the validation split, photographs of another kind and
+  another source than any training photo (monuments, coasts, forests,
+  machinery) among 1,000 landmark-free views. It is what transfer is
+  measured and the model selected on.
+
+``sources.csv`` records every photo used (package, path, licence, SHA-1) and
+its role.
 
 With ``source="facades"`` each landmark is a procedural planar facade (a wall
 colour and texture, a grid of windows, ornaments, a sign) placed in a
@@ -25,7 +34,9 @@ Layout written under the cache directory::
     synthetic/gnd_synthetic.pkl     Revisited Oxford ground truth
     synthetic/boxes.csv             image,x0,y0,x1,y1: the landmark box of every
                                     held-out image showing one (proposal recall)
-    sources.csv                     role,index,source,sha1 (photos only)
+    scenes/jpg/*.jpg, scenes/gnd_scenes.pkl
+                                    the validation split (photos only)
+    sources.csv                     role,index,source,package,licence,sha1 (photos only)
     COMPLETE                        written last; its presence marks a full dataset
 """
 
@@ -42,10 +53,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from deep_retrieval.config import SyntheticConfig
-from deep_retrieval.data.views import clutter_scene, make_facade, photo_view, photograph
+from deep_retrieval.data.views import clutter_scene, composite_cutout, make_facade, photo_view, photograph
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 DATASET_NAME = "synthetic"
+SCENES_NAME = "scenes"
 
 
 def default_cache_dir():
@@ -111,11 +123,12 @@ class _Facades:
 
 class _Photos:
     """Real photographs (`deep_retrieval.data.photos`): each instance photo is
-    one landmark; the held-out split takes a seeded draw of the photos and
-    training the others. The distractor photos are split in three: the
-    backgrounds and occluders of training views, those of held-out views,
-    and the held-out split's distractor images; so what training learns to
-    ignore is not what the held-out split shows."""
+    one landmark; the held-out split takes a seeded draw of the training
+    sources' photos and training the others. Training views are set in
+    (and occluded by) other training photos; the held-out split's views and
+    its distractors use GCompris's everyday objects, which training never
+    sees. A Tux Paint cutout becomes a photograph once (`composite_cutout`,
+    over a training photo) before its views are made."""
 
     WORK_SIDE = 640  # photos are downscaled once to this longest side
     # A zoomed view shows a part of the photo: that is hard, not junk, as
@@ -129,6 +142,7 @@ class _Photos:
 
         self.config = config
         self.problems = []
+        self._cache = {}
         if config.source == "folder":
             # A user's collection: every photo, a fifth (at least two) held out.
             instances, self.problems = photos_lib.folder_photos(config.photos_dir)
@@ -140,50 +154,57 @@ class _Photos:
             test = max(2, len(instances) // 5)
             self.counts = {"train": len(instances) - test, "test": test}
             try:
-                distractors = photos_lib.distractor_photos()
+                clutter = [p for p in photos_lib.training_photos() if not p.cutout]
+                distractors = photos_lib.scene_distractor_photos()
             except FileNotFoundError:
-                distractors = []  # procedural clutter instead, below
+                clutter, distractors = [], []  # procedural clutter instead, below
         else:
-            instances = photos_lib.instance_photos(config.photos_dir)
-            distractors = photos_lib.distractor_photos(config.photos_dir)
-            self.counts = {"train": config.train_landmarks, "test": config.test_landmarks}
+            instances = photos_lib.training_photos(config.photos_dir, config.tuxpaint_dir)
+            distractors = photos_lib.scene_distractor_photos(config.photos_dir)
+            test = config.test_landmarks
+            train = config.train_landmarks or len(instances) - test
+            self.counts = {"train": train, "test": test}
+            clutter = None  # the training photos themselves, below
         need = self.counts["train"] + self.counts["test"]
         if len(instances) < need:
             raise ValueError(
-                f"{config.photos_dir}: {len(instances)} instance photographs, but "
-                f"train_landmarks + test_landmarks = {need}"
+                f"{len(instances)} instance photographs, but train_landmarks + test_landmarks = {need}"
             )
         order = np.random.default_rng([config.seed, 23]).permutation(len(instances))
         self.split = {
             "test": [instances[i] for i in order[:self.counts["test"]]],
             "train": [instances[i] for i in order[self.counts["test"]:need]],
         }
+        if clutter is None:
+            clutter = [p for p in self.split["train"] if not p.cutout]
         order = np.random.default_rng([config.seed, 29]).permutation(len(distractors))
-        parts = np.array_split(order, 3)
-        self._cache = {}
-        self.clutter = {
-            split: [self._image(distractors[i]) for i in part]
-            for split, part in zip(("train", "test"), parts)
-        }
-        self.distractors = [self._image(distractors[i]) for i in parts[2]]
-        if not distractors:
-            for k, split in enumerate(("train", "test", "distractor")):
-                rng = np.random.default_rng([config.seed, 31, k])
-                pool = [clutter_scene(rng, (self.WORK_SIDE, self.WORK_SIDE * 3 // 4)) for _ in range(16)]
-                if split == "distractor":
-                    self.distractors = pool
-                else:
-                    self.clutter[split] = pool
+        test_clutter, held_out = ([distractors[i] for i in part] for part in np.array_split(order, 2))
+        self.clutter = {"train": [self._image(p) for p in clutter],
+                        "test": [self._image(p) for p in test_clutter]}
+        self.distractors = [self._image(p) for p in held_out]
+        for k, split in enumerate(("train", "test", "distractor")):
+            rng = np.random.default_rng([config.seed, 31, k])
+            pool = [clutter_scene(rng, (self.WORK_SIDE, self.WORK_SIDE * 3 // 4)) for _ in range(16)]
+            if split == "distractor" and not self.distractors:
+                self.distractors = pool
+            elif split != "distractor" and not self.clutter[split]:
+                self.clutter[split] = pool
         self.sources = (
             [("train", i, p) for i, p in enumerate(self.split["train"])]
             + [("test", i, p) for i, p in enumerate(self.split["test"])]
-            + [("distractor", i, distractors[j]) for i, j in enumerate(parts[2])]
-            + [("train_clutter", i, distractors[j]) for i, j in enumerate(parts[0])]
-            + [("test_clutter", i, distractors[j]) for i, j in enumerate(parts[1])]
+            + [("distractor", i, p) for i, p in enumerate(held_out)]
+            + [("test_clutter", i, p) for i, p in enumerate(test_clutter)]
         )
+        if config.source == "folder":
+            self.sources += [("train_clutter", i, p) for i, p in enumerate(clutter)]
 
     def _load(self, photo):
         img = photo.image()
+        if photo.cutout:
+            rng = np.random.default_rng([self.config.seed, 37, int(photo.sha1[:8], 16)])
+            backgrounds = self.clutter["train"]
+            img = composite_cutout(img, backgrounds[int(rng.integers(len(backgrounds)))], rng,
+                                   (self.WORK_SIDE, self.WORK_SIDE * 3 // 4))
         img.thumbnail((self.WORK_SIDE, self.WORK_SIDE), Image.BILINEAR)
         return img
 
@@ -206,23 +227,125 @@ class _Photos:
         return view
 
 
+class _Scenes:
+    """The validation split (`SCENES_NAME`): photographed places (GCompris's
+    monuments, Tux Paint's templates) among views of GCompris's everyday
+    objects; no photo of either kind is in training."""
+
+    easy, junk = _Photos.easy, _Photos.junk
+    difficulty = _Photos.difficulty
+
+    def __init__(self, config):
+        from deep_retrieval.data import photos as photos_lib
+
+        side = _Photos.WORK_SIDE
+        self.instances = photos_lib.scene_photos(config.photos_dir, config.tuxpaint_dir)
+        self.others = photos_lib.scene_distractor_photos(config.photos_dir)
+        self.counts = {"test": len(self.instances)}
+        self._images = {}
+        for p in self.instances + self.others:
+            img = p.image()
+            img.thumbnail((side, side), Image.BILINEAR)
+            self._images[p.source] = img
+        self.clutter = [self._images[p.source] for p in self.others]
+        self.sources = ([("scene", i, p) for i, p in enumerate(self.instances)]
+                        + [("scene_distractor", i, p) for i, p in enumerate(self.others)])
+
+    def landmark(self, split, index):
+        img = self._images[self.instances[index].source]
+        return lambda rng, size, difficulty: photo_view(img, rng, size, difficulty, self.clutter)
+
+    def background(self, rng, size, index, split):
+        img = self.clutter[index % len(self.clutter)]
+        view, _, _ = photo_view(img, rng, size, rng.uniform(0, 1), self.clutter)
+        return view
+
+
+def _write_benchmark(source, name, out_dir, config, per_landmark, distractors, seeds, bar):
+    """Writes a Revisited-Oxford benchmark ``out_dir/name``: one query per
+    landmark of ``source``'s "test" split (cropped to its box by the
+    evaluation), ``per_landmark`` database views of each, ``distractors``
+    landmark-free views; Easy/Hard/Junk by the share of the landmark
+    visible. Returns the ``(image, x0, y0, x1, y1)`` landmark boxes."""
+    size = (config.image_width, config.image_height)
+    image_dir = os.path.join(out_dir, name, "jpg")
+    os.makedirs(image_dir)
+    imlist, qimlist, gnd, boxes = [], [], [], []
+    db_labels, db_visible = [], []
+    query_tag, view_tag, distractor_tag = seeds
+    for lm in range(source.counts["test"]):
+        render = source.landmark("test", lm)
+        rng = np.random.default_rng([config.seed, query_tag, lm])
+        qname = f"q{lm:04d}"
+        img, box, _ = render(rng, size, 0.1)
+        _save_jpeg(img, os.path.join(image_dir, qname + ".jpg"), rng)
+        qimlist.append(qname)
+        gnd.append({"bbx": np.asarray(box, dtype=np.float64)})
+        boxes.append((qname,) + tuple(box))
+        bar.update()
+        for k in range(per_landmark):
+            rng = np.random.default_rng([config.seed, view_tag, lm, k])
+            view = f"t{lm:04d}_{k:02d}"
+            img, box, visible = render(rng, size, rng.uniform(*source.difficulty))
+            if box[2] > box[0] and box[3] > box[1]:
+                boxes.append((view,) + tuple(box))
+            _save_jpeg(img, os.path.join(image_dir, view + ".jpg"), rng)
+            imlist.append(view)
+            db_labels.append(lm)
+            db_visible.append(visible)
+            bar.update()
+    for d in range(distractors):
+        rng = np.random.default_rng([config.seed, distractor_tag, d])
+        view = f"x{d:04d}"
+        _save_jpeg(source.background(rng, size, d, "test"), os.path.join(image_dir, view + ".jpg"), rng)
+        imlist.append(view)
+        db_labels.append(-1)
+        db_visible.append(0.0)
+        bar.update()
+    db_labels, db_visible = np.asarray(db_labels), np.asarray(db_visible)
+    for q, entry in enumerate(gnd):
+        same = db_labels == q
+        # Easy: most of the landmark visible; hard: partly; junk: barely.
+        entry["easy"] = np.nonzero(same & (db_visible >= source.easy))[0]
+        entry["hard"] = np.nonzero(same & (db_visible >= source.junk) & (db_visible < source.easy))[0]
+        entry["junk"] = np.nonzero(same & (db_visible < source.junk))[0]
+    with open(os.path.join(out_dir, name, f"gnd_{name}.pkl"), "wb") as f:
+        pickle.dump({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}, f)
+    return boxes
+
+
+def _scenes(config):
+    """The validation split's source, or None (facades; or a user's folder
+    without the packages)."""
+    if config.source == "facades" or not config.scene_distractors:
+        return None
+    try:
+        return _Scenes(config)
+    except FileNotFoundError as e:
+        if config.source != "folder":
+            raise
+        tqdm.write(f"no {SCENES_NAME} validation split: {e}")
+        return None
+
+
 def generate(config, out_dir, progress=True):
     """Writes the dataset for ``config`` into ``out_dir`` (see module docs)."""
     size = (config.image_width, config.image_height)
     source = _Facades(config) if config.source == "facades" else _Photos(config)
+    scenes = _scenes(config)
     for path, reason in source.problems[:20]:
         tqdm.write(f"  skipped {path}: {reason}")
     n_train, n_test = source.counts["train"], source.counts["test"]
     train_dir = os.path.join(out_dir, "train")
-    test_dir = os.path.join(out_dir, DATASET_NAME, "jpg")
     os.makedirs(train_dir)
-    os.makedirs(test_dir)
     total = (
         n_train * config.images_per_landmark
         + n_test * (config.test_images_per_landmark + 1)
         + config.distractors
     )
-    bar = tqdm(total=total, desc="synthetic dataset", unit="img", disable=not progress)
+    if scenes:
+        total += scenes.counts["test"] * (config.scene_images_per_landmark + 1) + config.scene_distractors
+    bar = tqdm(total=total, desc="built-in dataset", unit="img", disable=not progress)
 
     rows, noise = [], []
     noisy_rng = np.random.default_rng([config.seed, 17])
@@ -249,56 +372,28 @@ def generate(config, out_dir, progress=True):
     pd.DataFrame(noise, columns=["image", "kind", "true_label"]).to_csv(
         os.path.join(out_dir, "train_noise.csv"), index=False
     )
-
-    imlist, qimlist, gnd, test_boxes = [], [], [], []
-    db_labels, db_visible = [], []
-    for lm in range(n_test):
-        render = source.landmark("test", lm)
-        rng = np.random.default_rng([config.seed, 3, lm])
-        qname = f"q{lm:04d}"
-        img, box, _ = render(rng, size, 0.1)
-        _save_jpeg(img, os.path.join(test_dir, qname + ".jpg"), rng)
-        qimlist.append(qname)
-        gnd.append({"bbx": np.asarray(box, dtype=np.float64)})
-        test_boxes.append((qname,) + tuple(box))
-        bar.update()
-        for k in range(config.test_images_per_landmark):
-            rng = np.random.default_rng([config.seed, 4, lm, k])
-            name = f"t{lm:04d}_{k:02d}"
-            img, box, visible = render(rng, size, rng.uniform(*source.difficulty))
-            if box[2] > box[0] and box[3] > box[1]:
-                test_boxes.append((name,) + tuple(box))
-            _save_jpeg(img, os.path.join(test_dir, name + ".jpg"), rng)
-            imlist.append(name)
-            db_labels.append(lm)
-            db_visible.append(visible)
-            bar.update()
-    for d in range(config.distractors):
-        rng = np.random.default_rng([config.seed, 5, d])
-        name = f"x{d:04d}"
-        _save_jpeg(source.background(rng, size, d, "test"), os.path.join(test_dir, name + ".jpg"), rng)
-        imlist.append(name)
-        db_labels.append(-1)
-        db_visible.append(0.0)
-        bar.update()
-    bar.close()
-    db_labels, db_visible = np.asarray(db_labels), np.asarray(db_visible)
-    for q, entry in enumerate(gnd):
-        same = db_labels == q
-        # Easy: most of the landmark visible; hard: partly; junk: barely.
-        entry["easy"] = np.nonzero(same & (db_visible >= source.easy))[0]
-        entry["hard"] = np.nonzero(same & (db_visible >= source.junk) & (db_visible < source.easy))[0]
-        entry["junk"] = np.nonzero(same & (db_visible < source.junk))[0]
+    test_boxes = _write_benchmark(source, DATASET_NAME, out_dir, config, config.test_images_per_landmark,
+                                  config.distractors, (3, 4, 5), bar)
     pd.DataFrame(test_boxes, columns=["image", "x0", "y0", "x1", "y1"]).to_csv(
         os.path.join(out_dir, DATASET_NAME, "boxes.csv"), index=False
     )
-    if source.sources:
+    if scenes:
+        _write_benchmark(scenes, SCENES_NAME, out_dir, config, config.scene_images_per_landmark,
+                         config.scene_distractors, (6, 7, 8), bar)
+    bar.close()
+    described = source.sources + (scenes.sources if scenes else [])
+    if described:
         pd.DataFrame(
-            [(role, i, p.source, p.sha1) for role, i, p in source.sources],
-            columns=["role", "index", "source", "sha1"],
+            [(role, i, p.source, p.package, p.licence, p.sha1) for role, i, p in described],
+            columns=["role", "index", "source", "package", "licence", "sha1"],
         ).to_csv(os.path.join(out_dir, "sources.csv"), index=False)
-    with open(os.path.join(out_dir, DATASET_NAME, f"gnd_{DATASET_NAME}.pkl"), "wb") as f:
-        pickle.dump({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}, f)
+
+
+def benchmarks(root):
+    """The benchmarks of a built-in dataset folder that exist, validation
+    (`SCENES_NAME`) first: ``[name, ...]``."""
+    return [name for name in (SCENES_NAME, DATASET_NAME)
+            if os.path.exists(os.path.join(root, name, f"gnd_{name}.pkl"))]
 
 
 def ensure_dataset(config=None, cache_dir=None, progress=True):

@@ -253,3 +253,20 @@ def photo_view(photo, rng, size, difficulty, clutter):
     if rng.random() < 0.5:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.6 + 1.4 * difficulty)))
     return img, box, float(min(visible, 1.0))
+
+
+def composite_cutout(cutout, background, rng, size):
+    """A photograph of a cut-out object: ``cutout`` (RGBA) at 55-80 % of the
+    frame over an out-of-focus crop of ``background`` (RGB), at ``size``.
+    Made once per instance: its views are then taken of this photograph."""
+    scene = _photo_crop(background, rng, size).filter(ImageFilter.GaussianBlur(rng.uniform(2.0, 4.0)))
+    alpha = cutout.getchannel("A")
+    box = alpha.getbbox() or (0, 0) + cutout.size
+    cutout = cutout.crop(box)
+    w, h = size
+    fit = min(w / cutout.width, h / cutout.height) * rng.uniform(0.55, 0.8)
+    cutout = cutout.resize((max(1, round(cutout.width * fit)), max(1, round(cutout.height * fit))), Image.BICUBIC)
+    x = int(rng.integers(0, w - cutout.width + 1))
+    y = int(rng.integers(0, h - cutout.height + 1))
+    scene.paste(cutout, (x, y), cutout)
+    return scene

@@ -72,35 +72,68 @@ def test_rejects_other_files(tmp_path):
         photos.read_rcc(str(path))
 
 
-def test_collections_filter_names_and_small_images(tmp_path):
-    _write_rcc(tmp_path / "explore_monuments.rcc", {
+def _rgba_png(pixels):
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGBA").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_collections_by_role_filter_names_and_small_images(tmp_path):
+    rcc, tux = tmp_path / "rcc", tmp_path / "tuxpaint"
+    rcc.mkdir()
+    _write_rcc(rcc / "explore_monuments.rcc", {
         "src/resource/big.png": _png((300, 240), "blue"),
         "src/resource/icon.png": _png((64, 64), "green"),   # too small: an icon
         "src/resource/notes.qml": b"Item {}",
     })
-    for bundle in ("erase.rcc", "explore_world_animals.rcc", "explore_farm_animals.rcc"):
-        _write_rcc(tmp_path / bundle, {"src/resource/p.png": _png((400, 300), "white")})
-    found = photos.instance_photos(str(tmp_path))
-    assert [p.source for p in found] == [
-        "explore_monuments.rcc:src/resource/big.png",
-        "erase.rcc:src/resource/p.png",
-        "explore_world_animals.rcc:src/resource/p.png",
-        "explore_farm_animals.rcc:src/resource/p.png",
-    ]
-    assert found[0].image().size == (300, 240)
-    assert np.asarray(found[0].image())[0, 0].tolist() == [0, 0, 255]
+    bundles = [bundle for bundle, _, _ in photos.TRAINING_SETS]
+    for i, bundle in enumerate(bundles):
+        _write_rcc(rcc / bundle, {"src/resource/p.png": _png((400, 300), (10 * i, 0, 0))})
+    # The same photo shipped twice is one instance.
+    _write_rcc(rcc / bundles[-1], {"src/resource/p.png": _png((400, 300), (0, 0, 0))})
+    rng = np.random.default_rng(0)
+    photo = np.zeros((80, 80, 4), np.uint8)
+    photo[10:70, 10:70, :3] = rng.integers(0, 256, (60, 60, 3))  # a photograph's many colours
+    photo[10:70, 10:70, 3] = 255
+    drawing = photo.copy()
+    drawing[10:70, 10:70, :3] = [200, 30, 30]  # flat shading
+    for name, pixels in (("animals/photo.png", photo), ("animals/drawing.png", drawing),
+                         ("cartoon/photo.png", photo), ("animals/photo_mirror.png", photo)):
+        (tux / "stamps" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tux / "stamps" / name).write_bytes(_rgba_png(pixels))
+    (tux / "templates").mkdir()
+    (tux / "templates" / "coast.jpg").write_bytes(_png((320, 240), "white"))
+    (tux / "templates" / "thumb.png").write_bytes(_png((100, 80), "white"))
+
+    training = photos.training_photos(str(rcc), str(tux))
+    assert [p.source for p in training] == [f"{b}:src/resource/p.png" for b in bundles[:-1]] + [
+        "stamps/animals/photo.png"]
+    assert [p.cutout for p in training] == [False] * (len(bundles) - 1) + [True]
+    assert training[-1].image().mode == "RGBA" and training[-1].package == "tuxpaint-stamps-default"
+    assert training[0].licence == "GPL-3+" and training[-1].licence == "GPL-2"
+    scenes = photos.scene_photos(str(rcc), str(tux))
+    assert [p.source for p in scenes] == ["explore_monuments.rcc:src/resource/big.png", "templates/coast.jpg"]
+    assert np.asarray(scenes[0].image())[0, 0].tolist() == [0, 0, 255]
     with pytest.raises(FileNotFoundError, match="gcompris-qt-data"):
-        photos.distractor_photos(str(tmp_path))
+        photos.scene_distractor_photos(str(rcc))
+    with pytest.raises(FileNotFoundError, match="tuxpaint-stamps-default"):
+        photos.training_photos(str(rcc), str(tmp_path / "nowhere"))
 
 
-def test_installed_package_holds_real_photographs():
+def test_installed_packages_hold_real_photographs_apart_by_role():
     try:
-        instances = photos.instance_photos()
-        distractors = photos.distractor_photos()
+        training = photos.training_photos()
+        scenes = photos.scene_photos()
+        distractors = photos.scene_distractor_photos()
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    assert len(instances) >= 100 and len(distractors) >= 90
+    assert len(training) >= 400 and len(scenes) >= 60 and len(distractors) >= 90
+    assert sum(p.cutout for p in training) >= 200
     assert not any("/monuments/" in p.source for p in distractors)
-    assert len({p.sha1 for p in instances + distractors}) == len(instances) + len(distractors)
-    img = instances[0].image()
+    assert not any("monuments" in p.source or p.source.startswith("templates/") for p in training)
+    everything = training + scenes + distractors
+    assert len({p.sha1 for p in everything}) == len(everything)
+    img = training[0].image()
     assert min(img.size) >= photos.MIN_SIDE and np.asarray(img).std() > 20
+
+

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from deep_retrieval.config import SyntheticConfig
-from deep_retrieval.data import groundtruth, synthetic
+from deep_retrieval.data import groundtruth, photos, synthetic
 
 SMALL = SyntheticConfig(
     source="facades", train_landmarks=3, images_per_landmark=3, test_landmarks=2,
@@ -46,6 +46,7 @@ def test_layout_ground_truth_and_boxes(tmp_path):
         assert 0 <= x0 < x1 <= 96 and 0 <= y0 < y1 <= 72
     with Image.open(ds.images[0]) as im:
         assert im.size == (96, 72) and im.mode == "RGB"
+    assert synthetic.benchmarks(root) == ["synthetic"]  # procedural facades: no scenes split
 
 
 def test_deterministic_and_cached(tmp_path):
@@ -60,11 +61,11 @@ def test_deterministic_and_cached(tmp_path):
 
 
 def test_photo_views_use_disjoint_real_photographs(tmp_path):
-    from deep_retrieval.data import photos
 
     config = SyntheticConfig(
         source="photos", train_landmarks=3, images_per_landmark=2, test_landmarks=2,
-        test_images_per_landmark=3, distractors=2, image_width=96, image_height=72, seed=2,
+        test_images_per_landmark=3, distractors=2, scene_images_per_landmark=1, scene_distractors=3,
+        image_width=96, image_height=72, seed=2,
     )
     try:
         root = synthetic.ensure_dataset(config, cache_dir=str(tmp_path), progress=False)
@@ -74,13 +75,17 @@ def test_photo_views_use_disjoint_real_photographs(tmp_path):
     train = set(sources[sources.role == "train"].source)
     test = set(sources[sources.role == "test"].source)
     distractors = set(sources[sources.role == "distractor"].source)
-    train_clutter = set(sources[sources.role == "train_clutter"].source)
     test_clutter = set(sources[sources.role == "test_clutter"].source)
-    assert len(train) == 3 and len(test) == 2
-    assert not (train & test) and not ((train | test) & (distractors | train_clutter | test_clutter))
-    assert not (train_clutter & test_clutter) and not (distractors & (train_clutter | test_clutter))
-    by_source = {p.source: p for p in photos.instance_photos(config.photos_dir)}
+    scenes = set(sources[sources.role == "scene"].source)
+    scene_distractors = set(sources[sources.role == "scene_distractor"].source)
+    assert len(train) == 3 and len(test) == 2 and len(scenes) >= 60
+    assert not (train & test) and not ((train | test) & (distractors | test_clutter | scenes | scene_distractors))
+    assert not (distractors & test_clutter) and not (scenes & scene_distractors)
+    # What validates (the scenes split) is another kind of photo than any training source.
+    assert not any(s.startswith("explore_monuments") or s.startswith("templates/") for s in train | test)
+    by_source = {p.source: p for p in photos.training_photos(config.photos_dir) + photos.scene_photos()}
     assert all(by_source[s].sha1 == h for s, h in zip(sources.source, sources.sha1) if s in by_source)
+    assert set(sources.licence) <= set(photos.LICENCES.values())
     ds = groundtruth.load_dataset(root, "synthetic")
     assert len(ds.queries) == 2 and len(ds.images) == 2 * 3 + 2
     for q, g in enumerate(ds.gnd):
@@ -88,6 +93,9 @@ def test_photo_views_use_disjoint_real_photographs(tmp_path):
         assert sorted(members.tolist()) == [3 * q, 3 * q + 1, 3 * q + 2]
     with Image.open(ds.images[0]) as im:
         assert im.size == (96, 72) and im.mode == "RGB"
+    val = groundtruth.load_dataset(root, "scenes")
+    assert len(val.queries) == len(scenes) and len(val.images) == len(scenes) + 3
+    assert synthetic.benchmarks(root) == ["scenes", "synthetic"]
 
 
 def test_folder_of_own_photos_becomes_instances(tmp_path):
@@ -101,7 +109,8 @@ def test_folder_of_own_photos_becomes_instances(tmp_path):
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really")
     (folder / "notes.txt").write_text("ignored")
     config = SyntheticConfig(source="folder", photos_dir=str(tmp_path / "mine"), images_per_landmark=2,
-                             test_images_per_landmark=2, distractors=2, image_width=96, image_height=72)
+                             test_images_per_landmark=2, distractors=2, scene_images_per_landmark=1,
+                             scene_distractors=3, image_width=96, image_height=72)
     root = synthetic.ensure_dataset(config, cache_dir=str(tmp_path / "cache"), progress=False)
     sources = pd.read_csv(os.path.join(root, "sources.csv"))
     mine = sources[sources.role.isin(["train", "test"])]
@@ -111,6 +120,13 @@ def test_folder_of_own_photos_becomes_instances(tmp_path):
     assert len(train) == 3 * 2 and train.label.nunique() == 3
     ds = groundtruth.load_dataset(root, "synthetic")
     assert len(ds.queries) == 2 and len(ds.images) == 2 * 2 + 2
+    # The packages' scenes validate a user's collection too, when installed.
+    try:
+        photos.scene_photos()
+        expected = ["scenes", "synthetic"]
+    except FileNotFoundError:
+        expected = ["synthetic"]
+    assert synthetic.benchmarks(root) == expected
     # A changed collection is a new dataset.
     Image.fromarray(np.zeros((240, 320, 3), np.uint8)).save(folder / "p5.jpg")
     assert synthetic.dataset_dir(config, str(tmp_path / "cache")) != root

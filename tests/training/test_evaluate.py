@@ -89,7 +89,7 @@ def test_built_in_split_is_named_without_a_path(tmp_path):
     result = subprocess.run([*command, "--dataset", "synthetic"], capture_output=True, text=True, env=env,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"the built-in held-out split, {built_in}/synthetic" in result.stdout
+    assert f"the built-in synthetic split, {built_in}/synthetic" in result.stdout
     assert "medium" in result.stdout.lower()
     result = subprocess.run([*command, "--dataset", "roxford5k"], capture_output=True, text=True, env=env,
                             timeout=120)
