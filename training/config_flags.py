@@ -46,7 +46,7 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_enum(
         "preset", "demo", sorted(PRESETS),
         "Starting configuration: 'demo' (ImageNet EfficientNet-Lite0 fine-tuned on views of "
-        "real photographs, about 11 minutes on 2 CPU cores), 'tiny' (small CNN from scratch "
+        "real photographs, about 12 minutes on 2 CPU cores), 'tiny' (small CNN from scratch "
         "on procedural facades, for tests) or 'paper' (ResNet-101, 800 px, as published). "
         "Other flags override it.",
         **fv,

