@@ -177,6 +177,12 @@ def saved_model_describer(path, batch_size=16, progress=True):
     return describe
 
 
+def query_boxes(dataset):
+    """The query boxes of a `RetrievalDataset` as ``[n, 4]`` rows, NaN for a
+    query without one (what `extract` takes)."""
+    return [[float("nan")] * 4 if b is None else list(b) for b in dataset.query_boxes]
+
+
 def evaluate_model(describe, dataset, qe=0, qe_alpha=3.0, dba=0, rerank=False):
     """Describes a `RetrievalDataset` (queries cropped to their boxes), ranks
     it, optionally with DBA, αQE and SuperGlobal re-ranking (in that order),
@@ -189,9 +195,7 @@ def evaluate_model(describe, dataset, qe=0, qe_alpha=3.0, dba=0, rerank=False):
     from deep_retrieval import evaluation, search
 
     db = describe(dataset.images, desc=f"{dataset.name} database")
-    boxes = None
-    if any(b is not None for b in dataset.query_boxes):
-        boxes = [[float("nan")] * 4 if b is None else list(b) for b in dataset.query_boxes]
+    boxes = query_boxes(dataset) if any(b is not None for b in dataset.query_boxes) else None
     q = describe(dataset.queries, boxes, desc=f"{dataset.name} queries")
     if dba:
         db = search.database_augmentation(db, dba)

@@ -135,7 +135,7 @@ class Trainer(RPNTraining):
         self.backup = callbacks.Backup(backup_dir, config)
         self.rounds = TripletRounds(self.paths, config.image_size, config.batch_size, self.micro_steps,
                                     config.mine_every, config.seed, self.train_size)
-        self.caches = None  # frozen-trunk maps: training images, then each benchmark
+        self.caches = None  # each benchmark's describer from its cached frozen-trunk maps
         self.best = None  # (validation Medium mAP, step) of model.keras
         self._compile_inference()
 
@@ -182,11 +182,11 @@ class Trainer(RPNTraining):
         self.caches = {}
         for dataset in self.data.eval_datasets if self.chief else ():
             paths = list(dataset.images) + list(dataset.queries)
-            boxes = [[float("nan")] * 4] * len(dataset.images) + [
-                [float("nan")] * 4 if b is None else list(b) for b in dataset.query_boxes]
-            self.caches[dataset.name] = FeatureCache(
-                self.model, self.frozen, paths, self.config.image_size, self.model.config.scales, boxes,
-                progress=show, desc=f"frozen trunk: {dataset.name}")
+            boxes = [[float("nan")] * 4] * len(dataset.images) + extraction.query_boxes(dataset)
+            cache = FeatureCache(self.model, self.frozen, paths, self.config.image_size, self.model.config.scales,
+                                 boxes, progress=show, desc=f"frozen trunk: {dataset.name}")
+            # One describer (one compiled function) for the whole run.
+            self.caches[dataset.name] = cache.describer(self.part, progress=self.progress)
 
     def _train_maps(self, indices):
         return self.rounds.maps[np.asarray(indices)]
@@ -289,7 +289,7 @@ class Trainer(RPNTraining):
             start = time.time()
             describe = self._describe
             if self.caches is not None:
-                describe = self.caches[dataset.name].describer(self.part, progress=self.progress)
+                describe = self.caches[dataset.name]
             results = extraction.evaluate_model(describe, dataset)
             record = {"step": int(step), "dataset": dataset.name, "time": round(time.time() - start, 2)}
             for protocol, values in results.items():
