@@ -13,22 +13,45 @@ A checkpoint is untrusted input: a pickle can name any callable. Unpickling
 goes through `CheckpointUnpickler`, which resolves only torch's
 tensor-rebuild functions, its storage types and builtin containers (to
 placeholders that build numpy arrays) and refuses every other global with an
-error naming the file and the global, before anything runs.
+error naming the file and the global, before anything runs. It also bounds
+what a file may cost: `check_pickle` walks each pickle's opcodes first
+(memo indices in sequence, nesting), the storages' declared sizes are summed
+against a memory budget before any is read, a compressed member is never
+inflated past its declared size, and every tensor's extent (offset, sizes
+and strides) must lie inside its storage before a view of it is taken.
 
 Example:
 >>> state = load("efficientnet-lite0.pth")   # {"_conv_stem.weight": ndarray, ...}
 """
 
 import collections
+import functools
 import io
 import os
 import pickle
 import struct
 import zipfile
+import zlib
 
 import numpy as np
 
-__all__ = ["CheckpointError", "CheckpointUnpickler", "load"]
+__all__ = ["CheckpointError", "CheckpointUnpickler", "check_pickle", "load"]
+
+MAX_BYTES = 4 << 30
+"""What one checkpoint may materialise by default (storages and tensors):
+the largest published retrieval network (cirtorch's VGG16, 0.5 GB) twice
+over, with room."""
+
+VIEW_SLACK = 64 << 20
+"""Tensors may hold this much more than their storages (views that repeat
+elements: zero strides); a file whose tensors expand further is refused."""
+
+MAX_NESTING = 1000
+"""Deepest ``MARK`` nesting a pickle may have."""
+
+MAX_RATIO = 100
+"""Largest compression ratio of a zip member (torch stores storages
+uncompressed)."""
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
@@ -78,12 +101,38 @@ def _bfloat16(raw):
     return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
-def _rebuild_tensor(storage, offset, size, stride, *unused):
-    """``torch._utils._rebuild_tensor_v2`` in numpy: a strided view, copied."""
+class Budget:
+    """Bytes a checkpoint may still materialise (`MAX_BYTES` by default);
+    ``spend`` refuses what goes past it, naming ``what``."""
+
+    def __init__(self, limit=MAX_BYTES):
+        self.limit, self.used, self.storages = int(limit), 0, 0
+
+    def spend(self, nbytes, what):
+        if nbytes < 0 or self.used + nbytes > self.limit:
+            raise CheckpointError(f"{what} would bring the checkpoint to {(self.used + nbytes) / 2**20:.0f} MiB, "
+                                  f"past its budget of {self.limit / 2**20:.0f} MiB")
+        self.used += nbytes
+
+
+def _rebuild_tensor(storage, offset, size, stride, *unused, budget=None):
+    """``torch._utils._rebuild_tensor_v2`` in numpy: a strided view, copied,
+    once its extent is known to lie inside ``storage`` (torch never writes
+    negative strides; zero strides repeat elements, and the copy is charged
+    to ``budget``)."""
+    if not isinstance(storage, np.ndarray) or storage.ndim != 1:
+        raise CheckpointError("a tensor without a storage")
+    offset = int(offset)
     size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-    if not size:
-        return storage[offset].copy()
-    if any(s == 0 for s in size):
+    if len(size) != len(stride) or any(n < 0 for n in size) or any(s < 0 for s in stride):
+        raise CheckpointError(f"a tensor of sizes {size[:8]} and strides {stride[:8]} (negative or mismatched)")
+    count = int(np.prod(size, dtype=object))
+    if budget is not None:
+        budget.spend(count * storage.itemsize, f"a tensor of shape {size[:8]}")
+        if budget.used > 2 * budget.storages + VIEW_SLACK:
+            raise CheckpointError(f"the tensors expand their storages past {VIEW_SLACK >> 20} MiB more than "
+                                  "the storages hold (zero strides?)")
+    if count == 0:
         return np.zeros(size, storage.dtype)
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))
     if offset < 0 or last >= storage.size:
@@ -93,6 +142,36 @@ def _rebuild_tensor(storage, offset, size, stride, *unused):
         storage[offset:], size, tuple(s * item for s in stride), writeable=False
     )
     return np.array(view)
+
+
+def check_pickle(file, source, max_nesting=MAX_NESTING):
+    """Walks the opcodes of the pickle at ``file``'s position, then seeks
+    back: refuses memo indices out of sequence (the C unpickler sizes its
+    memo by the largest index given: 2**28 would cost 4 GiB) and nesting
+    deeper than ``max_nesting``, before anything is built."""
+    import pickletools
+
+    start, memo, depth = file.tell(), 0, 0
+    try:
+        for op, arg, _ in pickletools.genops(file):
+            if op.name == "MEMOIZE":
+                memo += 1
+            elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                if int(arg) > memo:
+                    raise CheckpointError(f"{source}: memo index {int(arg)} out of sequence (after {memo} entries)")
+                memo = max(memo, int(arg) + 1)
+            elif op.name == "MARK":
+                depth += 1
+                if depth > max_nesting:
+                    raise CheckpointError(f"{source}: nested deeper than {max_nesting}")
+            elif pickletools.markobject in op.stack_before:
+                depth -= 1
+    except CheckpointError:
+        raise
+    except ValueError as e:  # an unknown opcode, a truncated pickle
+        raise CheckpointError(f"{source}: not a pickle ({e})") from None
+    finally:
+        file.seek(start)
 
 
 def _rebuild_parameter(data, requires_grad=None, backward_hooks=None, *unused):
@@ -106,7 +185,6 @@ def _skip(*unused):
 _REBUILDERS = {
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
 }
 
 
@@ -124,18 +202,26 @@ class CheckpointUnpickler(pickle.Unpickler):
             (the legacy format's first pass, before its storages are read).
     """
 
-    def __init__(self, file, storage, source, extra_globals=None, build_tensors=True):
+    def __init__(self, file, storage, source, extra_globals=None, build_tensors=True, budget=None):
         super().__init__(file, encoding="latin1")
+        self._file = file
         self._storage = storage
         self._source = source
         self._extra = dict(extra_globals or {})
         self._build = build_tensors
+        self._budget = budget
         self._cache = {}
+
+    def load(self):
+        check_pickle(self._file, self._source)
+        return super().load()
 
     def find_class(self, module, name):
         key = (module, name)
+        if key == ("torch._utils", "_rebuild_parameter"):
+            return _rebuild_parameter if self._build else _skip
         if key in _REBUILDERS:
-            return _REBUILDERS[key] if self._build else _skip
+            return functools.partial(_rebuild_tensor, budget=self._budget) if self._build else _skip
         if key in _CONTAINERS:
             return _CONTAINERS[key]
         if module == "torch" and name in _STORAGE_DTYPES:
@@ -153,6 +239,8 @@ class CheckpointUnpickler(pickle.Unpickler):
         storage_type, key, _location, numel = pid[1:5]
         if not isinstance(storage_type, _StorageType):
             raise CheckpointError(f"{self._source}: storage of unknown type {storage_type!r:.80}")
+        if not isinstance(numel, int) or numel < 0:
+            raise CheckpointError(f"{self._source}: storage {key!r:.40} of {numel!r:.40} elements")
         key = str(key)
         if key not in self._cache:
             self._cache[key] = self._storage(storage_type, key, int(numel))
@@ -178,7 +266,15 @@ def _as_array(raw, storage_type, numel, source, key):
     return np.frombuffer(raw, storage_type.dtype.newbyteorder("<")).astype(storage_type.dtype)
 
 
-def _load_zip(path, extra):
+def _declare(wanted, budget, path):
+    """Charges the storages ``wanted`` (``{key: (type, numel)}``) to
+    ``budget`` before any is read."""
+    total = sum(numel * storage_type.itemsize for storage_type, numel in wanted.values())
+    budget.spend(total, f"{path}: its {len(wanted)} storages")
+    budget.storages = total
+
+
+def _load_zip(path, extra, budget):
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
         pickles = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
@@ -186,19 +282,46 @@ def _load_zip(path, extra):
             raise CheckpointError(f"{path}: a zip checkpoint holds one data.pkl, found {len(pickles)}")
         prefix = pickles[0][: -len("data.pkl")]
         byteorder = prefix + "byteorder"
-        if byteorder in names and archive.read(byteorder).strip() not in (b"little", b""):
+        if byteorder in names and _read(archive, byteorder, 16, path).strip() not in (b"little", b""):
             raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
+        data = _read(archive, pickles[0], budget.limit, path)
+        wanted = {}
+
+        def declared(storage_type, key, numel):
+            if f"{prefix}data/{key}" not in names:
+                raise CheckpointError(f"{path}: storage {key} is missing from the archive")
+            wanted[key] = (storage_type, numel)
+
+        # First pass: the storages the object needs, charged before any is read.
+        CheckpointUnpickler(io.BytesIO(data), declared, path, extra, build_tensors=False).load()
+        _declare(wanted, budget, path)
 
         def storage(storage_type, key, numel):
-            name = f"{prefix}data/{key}"
-            if name not in names:
-                raise CheckpointError(f"{path}: storage {key} is missing from the archive")
-            return _as_array(archive.read(name), storage_type, numel, path, key)
+            raw = _read(archive, f"{prefix}data/{key}", numel * storage_type.itemsize, path)
+            return _as_array(raw, storage_type, numel, path, key)
 
-        return CheckpointUnpickler(io.BytesIO(archive.read(pickles[0])), storage, path, extra).load()
+        return CheckpointUnpickler(io.BytesIO(data), storage, path, extra, budget=budget).load()
 
 
-def _load_legacy(path, data, extra):
+def _read(archive, name, limit, path):
+    """At most ``limit`` bytes of the member ``name``, inflated a chunk at a
+    time (never past ``limit``); a member compressed past `MAX_RATIO` is
+    refused."""
+    info = archive.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_RATIO * max(info.compress_size, 1024):
+        raise CheckpointError(f"{path}: {name} inflates {info.compress_size} bytes to {info.file_size} "
+                              f"(more than {MAX_RATIO}:1; torch stores its data uncompressed)")
+    out = bytearray()
+    with archive.open(info) as f:
+        while len(out) < limit:
+            chunk = f.read(min(1 << 20, limit - len(out)))
+            if not chunk:
+                break
+            out += chunk
+    return bytes(out)
+
+
+def _load_legacy(path, data, extra, budget):
     stream = io.BytesIO(data)
 
     def plain():
@@ -225,6 +348,7 @@ def _load_legacy(path, data, extra):
     # First pass: which storages the object needs (no tensor is built).
     obj_start = stream.tell()
     CheckpointUnpickler(stream, storage, path, extra, build_tensors=False).load()
+    _declare(wanted, budget, path)
     keys = plain()
     arrays = {}
     for key in keys:
@@ -232,9 +356,11 @@ def _load_legacy(path, data, extra):
         if len(header) < 8:
             raise CheckpointError(f"{path}: truncated before storage {key}")
         (numel,) = struct.unpack("<q", header)
-        storage_type, _ = wanted.get(str(key), (None, numel))
+        storage_type, declared = wanted.get(str(key), (None, numel))
         if storage_type is None:
             raise CheckpointError(f"{path}: storage {key} is not referenced by the object")
+        if numel != declared:
+            raise CheckpointError(f"{path}: storage {key} holds {numel} elements, the object declares {declared}")
         nbytes = numel * storage_type.itemsize
         arrays[str(key)] = _as_array(stream.read(nbytes), storage_type, numel, path, key)
     missing = set(wanted) - set(arrays)
@@ -242,16 +368,17 @@ def _load_legacy(path, data, extra):
         raise CheckpointError(f"{path}: storages {sorted(missing)[:5]} are missing")
     # Second pass over the object's pickle, now with the arrays.
     stream.seek(obj_start)
-    return CheckpointUnpickler(stream, lambda t, key, n: arrays[key], path, extra).load()
+    return CheckpointUnpickler(stream, lambda t, key, n: arrays[key], path, extra, budget=budget).load()
 
 
-def load(path, extra_globals=None):
+def load(path, extra_globals=None, max_bytes=MAX_BYTES):
     """Reads a ``torch.save`` file; tensors come back as numpy arrays.
 
     Args:
         path: the checkpoint file (legacy or zip format).
         extra_globals: further globals to resolve (see `CheckpointUnpickler`;
             `pickled_data.globals_for` gives numpy arrays and plain objects).
+        max_bytes: the memory budget: storages and tensors together.
 
     Returns:
         The saved object (usually a dict of name -> ndarray).
@@ -263,12 +390,18 @@ def load(path, extra_globals=None):
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
+        budget = Budget(max_bytes)
         if zipfile.is_zipfile(path):
-            return _load_zip(path, extra_globals)
+            return _load_zip(path, extra_globals, budget)
+        if os.path.getsize(path) > max_bytes:
+            raise CheckpointError(f"{path}: {os.path.getsize(path)} bytes, past the budget of {max_bytes}")
         with open(path, "rb") as f:
-            return _load_legacy(path, f.read(), extra_globals)
-    except CheckpointError:
-        raise
+            return _load_legacy(path, f.read(), extra_globals, budget)
+    except CheckpointError as e:
+        if str(e).startswith(path):
+            raise
+        raise CheckpointError(f"{path}: {e}") from None
     except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, struct.error, KeyError,
-            TypeError, IndexError, AttributeError) as e:
+            TypeError, IndexError, AttributeError, RecursionError, MemoryError, OverflowError,
+            NotImplementedError, zlib.error) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None

@@ -65,7 +65,8 @@ def main(argv):
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from serving.beam_inference import build, run_info
+    from deep_retrieval.files import atomic_write
+    from serving.beam_inference import build, drop_stale, fill_missing, run_info
     from serving.extract import check_unique, list_images, report_skipped
 
     try:
@@ -80,11 +81,36 @@ def main(argv):
     except SystemExit:
         return 1  # an unknown Beam option: argparse said which
     report_skipped(skipped)
-    with beam.Pipeline(options=options) as pipeline:
-        build(pipeline, items, FLAGS.saved_model, FLAGS.output, FLAGS.signature_name, FLAGS.batch_size,
-              FLAGS.max_file_bytes, run_info(FLAGS.saved_model, FLAGS.signature_name), FLAGS.shard_size)
+    info = run_info(FLAGS.saved_model, FLAGS.signature_name)
+
+    def extract(output, errors):
+        with beam.Pipeline(options=options) as pipeline:
+            paths = build(pipeline, items, FLAGS.saved_model, output, FLAGS.signature_name, FLAGS.batch_size,
+                          FLAGS.max_file_bytes, info, FLAGS.shard_size, errors)
+        fill_missing(paths, info)
+        return paths
+
     errors = FLAGS.output + ".errors.csv"
-    if os.path.exists(FLAGS.output):  # a local output: count it, and drop an empty errors file
+    if "://" in FLAGS.output:  # a remote file system: written in place, then an earlier run's shards dropped
+        paths = extract(FLAGS.output, errors)
+        if FLAGS.shard_size:
+            drop_stale(FLAGS.output, paths)
+    else:  # staged beside it and swapped in whole: a failed run leaves the previous output
+        staged = []
+
+        def write(tmp):
+            staged.append(tmp + ".errors.csv")
+            if FLAGS.shard_size:
+                os.makedirs(tmp)
+            extract(tmp, staged[0])
+
+        try:
+            atomic_write(FLAGS.output, write)
+            os.replace(staged[0], errors)
+        finally:
+            if staged and os.path.exists(staged[0]):
+                os.remove(staged[0])
+    if "://" not in FLAGS.output:  # a local output: count it, and drop an empty errors file
         import pandas as pd
         import pyarrow.parquet as pq
 

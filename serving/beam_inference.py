@@ -38,13 +38,35 @@ def read_image(item, max_bytes):
 
 
 def size_key(item):
-    """``((height, width, shard), item)``: the grouping key of an encoded image."""
+    """``((height, width, spread), item)``: the grouping key of an encoded
+    image, ``item`` being ``((name, shard), bytes)``."""
     import zlib
 
     from serving.extract import header_size
 
-    name, data = item
+    (name, _), data = item
     return (*header_size(data), zlib.crc32(name.encode("utf-8", "surrogateescape")) % KEY_SPREAD), item
+
+
+def batches(keyed, batch_size):
+    """The images of one grouping key in lists of at most ``batch_size``.
+
+    A ``GroupByKey`` then this, rather than ``GroupIntoBatches``: the
+    bundle-based DirectRunner emits ``GroupIntoBatches``'s last, partial
+    batches from its end-of-window timer after the watermark has reached
+    infinity, once a downstream ``GroupByKey`` (each file sink has one)
+    has completed, and fails on an assertion (apache/beam#28716). That
+    happens as soon as a key holds fewer images than a batch.
+    """
+    _, items = keyed
+    group = []
+    for item in items:
+        group.append(item)
+        if len(group) == batch_size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def describe_group(signature, group):
@@ -111,51 +133,119 @@ def error_line(row):
     return buffer.getvalue()
 
 
-def build(pipeline, items, saved_model, output, signature_name="serving_default", batch_size=16,
-          max_file_bytes=64 << 20, run_info=None, shard_size=None):
-    """Adds the extraction of ``items`` (``[(name, path)]``) to ``pipeline``:
-    ``output`` (Parquet; with ``shard_size``, a folder of
-    ``ceil(len(items) / shard_size)`` shards, named as
-    `deep_retrieval.descriptor_files.shard_name` names them, that Beam fills
-    about evenly) and ``output.errors.csv``."""
-    import json
-    import os
+def shard_paths(output, count):
+    """The files of an output of ``count`` shards (``None``: one file)."""
+    if count is None:
+        return [output]
+    from deep_retrieval.descriptor_files import shard_name
 
-    import apache_beam as beam
+    return [f"{output.rstrip('/')}/{shard_name(i, count)}" for i in range(count)]
+
+
+def schema(run_info):
+    """`serving.extract`'s Parquet schema, with the run record."""
+    import json
+
     import pyarrow as pa
-    from apache_beam.ml.inference.base import RunInference
 
     from deep_retrieval.descriptor_files import METADATA_KEY
 
+    return pa.schema([("image", pa.string()), ("descriptor", pa.list_(pa.float32()))],
+                     metadata={METADATA_KEY: json.dumps(run_info or {})})
+
+
+def write_shard(path, schema, rows, row_group=4096):
+    """Writes ``rows`` (``(name, descriptor)``, an iterable read once) to the
+    Parquet file ``path`` on any Beam file system, a row group at a time.
+    A retried bundle writes the same file again, whole."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.create(path) as f, pq.ParquetWriter(f, schema) as writer:
+        names, vectors = [], []
+
+        def flush():
+            column = pa.array([np.asarray(v, np.float32) for v in vectors], schema.field("descriptor").type)
+            writer.write_table(pa.table([pa.array(names, pa.string()), column], schema=schema))
+            names.clear()
+            vectors.clear()
+
+        for name, vector in rows:
+            names.append(name)
+            vectors.append(vector)
+            if len(names) == row_group:
+                flush()
+        if names:
+            flush()
+
+
+def build(pipeline, items, saved_model, output, signature_name="serving_default", batch_size=16,
+          max_file_bytes=64 << 20, run_info=None, shard_size=None, errors=None):
+    """Adds the extraction of ``items`` (``[(name, path)]``) to ``pipeline``:
+    ``output`` (Parquet; with ``shard_size``, a folder of
+    ``ceil(len(items) / shard_size)`` shards named as
+    `deep_retrieval.descriptor_files.shard_name` names them, image ``i``
+    of ``items`` in shard ``i % count``, so that their sizes differ by one
+    at most) and ``errors`` (default ``output.errors.csv``). A shard whose
+    images all failed is not written (`fill_missing` writes it empty)."""
+    import apache_beam as beam
+    from apache_beam.ml.inference.base import RunInference
+
+    count = max(1, -(-len(items) // shard_size)) if shard_size else None
+    paths = shard_paths(output, count)
+    layout = schema(run_info)
+    keyed = [((name, i % len(paths)), path) for i, (name, path) in enumerate(items)]
     read = (pipeline
-            | "List" >> beam.Create(items)
+            | "List" >> beam.Create(keyed)
             | "Read" >> beam.Map(read_image, max_file_bytes))
     images = read | "Readable" >> beam.Filter(lambda r: isinstance(r[1], bytes))
     unreadable = read | "Unreadable" >> beam.Filter(lambda r: not isinstance(r[1], bytes))
     results = (images
                | "BySize" >> beam.Map(size_key).with_output_types(
-                   typing.Tuple[typing.Tuple[int, int, int], typing.Tuple[str, bytes]])  # a deterministic key coder
-               | "Group" >> beam.GroupIntoBatches(batch_size)
-               | "Groups" >> beam.Values()
+                   typing.Tuple[typing.Tuple[int, int, int], typing.Any])  # a deterministic key coder
+               | "Group" >> beam.GroupByKey()
+               | "Batches" >> beam.FlatMap(batches, batch_size)
                | "Describe" >> RunInference(SavedModelHandler(saved_model, signature_name))
                | "Results" >> beam.Map(lambda prediction: prediction.inference))
-    rows = (results
-            | "Described" >> beam.FlatMap(lambda r: r[0])
-            | "Rows" >> beam.Map(lambda r: {"image": r[0], "descriptor": r[1].tolist()}))
+    _ = (results
+         | "Described" >> beam.FlatMap(lambda r: r[0])
+         | "ByShard" >> beam.Map(lambda r: (r[0][1], (r[0][0], r[1]))).with_output_types(
+             typing.Tuple[int, typing.Any])
+         | "Shards" >> beam.GroupByKey()
+         | "Write" >> beam.MapTuple(lambda shard, rows: write_shard(paths[shard], layout, rows)))
     failed = results | "Failed" >> beam.FlatMap(lambda r: r[1])
-    schema = pa.schema([("image", pa.string()), ("descriptor", pa.list_(pa.float32()))],
-                       metadata={METADATA_KEY: json.dumps(run_info or {})})
-    if shard_size:
-        rows | "Write" >> beam.io.WriteToParquet(os.path.join(output, "descriptors"), schema,
-                                                 num_shards=max(1, -(-len(items) // shard_size)),
-                                                 shard_name_template="-SSSSS-of-NNNNN", file_name_suffix=".parquet")
-    else:
-        rows | "Write" >> beam.io.WriteToParquet(output, schema, num_shards=1, shard_name_template="")
     ((unreadable, failed)
      | "Errors" >> beam.Flatten()
-     | "ErrorLines" >> beam.Map(error_line)
-     | "WriteErrors" >> beam.io.WriteToText(output + ".errors.csv", num_shards=1, shard_name_template="",
-                                            header="image,reason"))
+     | "ErrorLines" >> beam.MapTuple(lambda key, reason: error_line((key[0], reason)))
+     | "WriteErrors" >> beam.io.WriteToText(errors or output + ".errors.csv", num_shards=1,
+                                            shard_name_template="", header="image,reason"))
+    return paths
+
+
+def fill_missing(paths, run_info):
+    """Writes each of ``paths`` that the pipeline did not (a shard whose
+    images all failed) as an empty Parquet file."""
+    from apache_beam.io.filesystems import FileSystems
+
+    layout = schema(run_info)
+    for path in paths:
+        if not FileSystems.exists(path):
+            write_shard(path, layout, [])
+
+
+def drop_stale(output, paths):
+    """Deletes the shards of an earlier run in the folder ``output`` that
+    are not among ``paths`` (a rerun with fewer images, or another
+    ``--shard_size``)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    keep = set(paths)
+    stale = [m.path for result in FileSystems.match([f"{output.rstrip('/')}/descriptors-*-of-*.parquet"])
+             for m in result.metadata_list if m.path not in keep]
+    if stale:
+        FileSystems.delete(stale)
 
 
 def run_info(saved_model, signature_name):

@@ -118,3 +118,89 @@ def test_truncated_and_foreign_files_name_the_file(tmp_path):
         checkpoints.load(str(text))
     with pytest.raises(checkpoints.CheckpointError, match="no such"):
         checkpoints.load(str(tmp_path / "missing.pth"))
+
+
+class _Strided:
+    """Pickles as torch's tensor rebuild with the extent given (as a
+    crafted file would declare it)."""
+
+    def __init__(self, storage, offset, size, stride):
+        self.args = (storage, offset, size, stride, False, collections.OrderedDict())
+
+    def __reduce__(self):
+        return (torch._utils._rebuild_tensor_v2, self.args)
+
+
+def _crafted(tmp_path, offset, size, stride, zip_format=True, elements=16):
+    import warnings
+
+    path = str(tmp_path / "crafted.pth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TypedStorage is deprecated, and is what torch.save writes
+        storage = torch.arange(elements, dtype=torch.float32).storage()
+    torch.save({"w": _Strided(storage, offset, size, stride)}, path, _use_new_zipfile_serialization=zip_format)
+    return path
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_a_crafted_extent_inside_the_storage_reads_as_torch_reads_it(tmp_path, zip_format):
+    path = _crafted(tmp_path, 3, (3, 2), (4, 1), zip_format)  # rows 3-4, 7-8, 11-12 of arange(16)
+    np.testing.assert_array_equal(checkpoints.load(path)["w"], [[3, 4], [7, 8], [11, 12]])
+    expanded = _crafted(tmp_path, 0, (4, 3), (0, 1), zip_format)  # a legitimate expand (zero stride)
+    np.testing.assert_array_equal(checkpoints.load(expanded)["w"], [[0, 1, 2]] * 4)
+
+
+@pytest.mark.parametrize("extent", [
+    (15, (4,), (-1,)),            # negative stride: read memory before the storage
+    (8, (3, 3), (-4, 3)),         # mixed signs: crashed the reader (SIGSEGV)
+    (12, (2, 3), (4, 1)),         # past the end
+    (-1, (2,), (1,)),             # negative offset
+    (0, (2, 2), (1,)),            # sizes and strides of different lengths
+], ids=["negative", "mixed", "past-end", "negative-offset", "mismatched"])
+def test_a_tensor_outside_its_storage_is_refused(tmp_path, extent):
+    with pytest.raises(checkpoints.CheckpointError, match="crafted.pth"):
+        checkpoints.load(_crafted(tmp_path, *extent))
+
+
+def test_zero_strides_cannot_materialise_past_the_budget(tmp_path):
+    path = _crafted(tmp_path, 0, (1 << 14, 1 << 14), (0, 0))  # 64 bytes of storage seen as 1 GiB
+    with pytest.raises(checkpoints.CheckpointError, match="crafted.pth.*expand|crafted.pth.*budget"):
+        checkpoints.load(path)
+
+
+def test_a_checkpoint_past_the_memory_budget_is_refused_before_reading(tmp_path):
+    path = str(tmp_path / "big.pth")
+    torch.save({"w": torch.zeros(1 << 16)}, path)  # 256 KiB
+    assert checkpoints.load(path)["w"].shape == (1 << 16,)
+    with pytest.raises(checkpoints.CheckpointError, match="big.pth.*budget of 0 MiB"):
+        checkpoints.load(path, max_bytes=100_000)
+
+
+def test_a_deflated_storage_bomb_is_refused(tmp_path):
+    plain = str(tmp_path / "plain.pth")
+    torch.save({"w": torch.zeros(2 << 20)}, plain)  # an 8 MiB storage, stored
+    bomb = str(tmp_path / "bomb.pth")
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as out:
+        for info in src.infolist():
+            out.writestr(info.filename, src.read(info))  # every member deflated: 8 MiB in a few KiB
+    assert os.path.getsize(bomb) < 100_000
+    with pytest.raises(checkpoints.CheckpointError, match="bomb.pth.*inflates"):
+        checkpoints.load(bomb)
+
+
+def test_memo_and_nesting_abuse_is_refused_before_unpickling(tmp_path):
+    import struct
+
+    memo = tmp_path / "memo.pth"  # an empty list memoised at index 2**28: the C unpickler grows its memo to it
+    memo.write_bytes(b"\x80\x02]r" + struct.pack("<I", 1 << 28) + b".")
+    with pytest.raises(checkpoints.CheckpointError, match="memo.pth: memo index 268435456 out of sequence"):
+        checkpoints.load(str(memo))
+    nested = tmp_path / "nested.pth"
+    nested.write_bytes(b"\x80\x02" + b"(" * 5000 + b"t" * 5000 + b".")
+    with pytest.raises(checkpoints.CheckpointError, match="nested.pth: nested deeper than 1000"):
+        checkpoints.load(str(nested))
+    ordinary = tmp_path / "ordinary.pkl"  # what pickle writes passes the scan
+    ordinary.write_bytes(pickle.dumps([{"a": (1, 2)}, [3.0] * 3, "x"] * 50, protocol=2))
+    with open(ordinary, "rb") as f:
+        checkpoints.check_pickle(f, "ordinary.pkl")
+        assert f.tell() == 0

@@ -18,7 +18,10 @@ the upright copies are written once, losslessly (PNG), under
 
 Ground-truth pickles are untrusted input: `load_groundtruth` unpickles them
 with `SafeUnpickler`, which builds only builtin containers and numpy arrays
-and refuses every other global, so a crafted pickle cannot run code.
+and refuses every other global, so a crafted pickle cannot run code; its
+opcodes are walked first (`deep_retrieval.checkpoints.check_pickle`: memo
+indices in sequence, bounded nesting), so it cannot make the unpickler
+allocate what the file does not hold.
 """
 
 import dataclasses
@@ -43,14 +46,32 @@ _ALLOWED_GLOBALS = {
 } | {
     (module, name)
     for module in ("builtins", "__builtin__")  # Python 3 and 2 pickles
-    for name in ("dict", "list", "tuple", "set", "frozenset", "bytes", "bytearray")
+    for name in ("dict", "list", "tuple", "set", "frozenset")
 }
+
+
+def _empty(kind):
+    """``bytes()`` / ``bytearray()`` as protocol-2 pickles hold an empty
+    buffer; with an argument (``bytes(2**40)`` allocates) it is refused."""
+
+    def build(*args):
+        if args and not (len(args) == 2 and isinstance(args[0], str)):  # (text, encoding): bounded by the file
+            raise pickle.UnpicklingError(f"refused {kind.__name__}() with arguments")
+        return kind(*args)
+
+    return build
+
+
+_BUFFERS = {(module, kind.__name__): _empty(kind) for module in ("builtins", "__builtin__")
+            for kind in (bytes, bytearray)}
 
 
 class SafeUnpickler(pickle.Unpickler):
     """Unpickles builtin containers, strings, numbers and numpy arrays only."""
 
     def find_class(self, module, name):
+        if (module, name) in _BUFFERS:
+            return _BUFFERS[(module, name)]
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(
@@ -60,8 +81,13 @@ class SafeUnpickler(pickle.Unpickler):
 
 
 def safe_load(data):
-    """`pickle.loads` through `SafeUnpickler` (``latin1`` for Python 2 pickles)."""
-    return SafeUnpickler(io.BytesIO(data), encoding="latin1").load()
+    """`pickle.loads` through `SafeUnpickler` (``latin1`` for Python 2
+    pickles), once `check_pickle` has walked it."""
+    from deep_retrieval.checkpoints import check_pickle
+
+    stream = io.BytesIO(data)
+    check_pickle(stream, "the pickle")
+    return SafeUnpickler(stream, encoding="latin1").load()
 
 
 def load_groundtruth(path):

@@ -89,3 +89,16 @@ def test_rotation_must_be_a_quarter_turn(tmp_path):
     data = groundtruth.load_dataset(str(tmp_path), "h")
     with Image.open(data.images[0]) as im:
         assert im.size == (4, 8) and data.query_indices == [0]
+
+
+def test_pickles_that_would_allocate_past_the_file_are_refused(tmp_path):
+    import struct
+
+    memo = tmp_path / "gnd_memo.pkl"  # a memo index of 2**28 cost 4 GiB before the unpickler failed
+    memo.write_bytes(b"\x80\x02}r" + struct.pack("<I", 1 << 28) + b".")
+    with pytest.raises(ValueError, match="gnd_memo.pkl: .*memo index 268435456 out of sequence"):
+        groundtruth.load_groundtruth(str(memo))
+    buffer = tmp_path / "gnd_bytes.pkl"  # bytes(2**40): a terabyte asked for in 30 bytes
+    buffer.write_bytes(b"\x80\x02c__builtin__\nbytes\n\x8a\x06\x00\x00\x00\x00\x00\x01\x85R.")
+    with pytest.raises(ValueError, match="gnd_bytes.pkl: .*refused bytes\\(\\) with arguments"):
+        groundtruth.load_groundtruth(str(buffer))

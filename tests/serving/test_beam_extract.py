@@ -61,14 +61,19 @@ def _check_output(out, saved_model, good, bad, shards=None):
     assert reasons["corrupt.jpg"].startswith("INVALID_ARGUMENT: ")
 
 
+def _beam_extract(exported, images, out, *flags):
+    return subprocess.run(
+        [sys.executable, "-m", "serving.beam_extract", "--saved_model", exported["version"], "--images", str(images),
+         "--output", str(out), *flags], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
 def test_direct_runner_over_a_folder_with_bad_files(exported, photos, tmp_path):
+    # The default --batch_size (16) exceeds every size group here: with GroupIntoBatches, the DirectRunner
+    # emitted the partial batches after the file sinks' GroupByKey had completed and died on an assertion.
     root, good, bad = photos
     out = tmp_path / "out" / "d.parquet"
     out.parent.mkdir()
-    result = subprocess.run(
-        [sys.executable, "-m", "serving.beam_extract", "--saved_model", exported["version"], "--images", str(root),
-         "--output", str(out), "--batch_size", "2", "--runner", "DirectRunner", "--direct_num_workers=1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = _beam_extract(exported, root, out, "--runner", "DirectRunner")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{len(good)} descriptors written" in result.stdout and f"{len(bad)} images failed" in result.stdout
     assert "notes.txt: .txt: not an image type" in result.stderr  # skipped files reported, as serving.extract does
@@ -103,3 +108,24 @@ def test_a_retried_bundle_adds_no_row_twice(exported, photos, tmp_path, monkeypa
                              run_info=beam_inference.run_info(exported["version"], "serving_default"), shard_size=3)
     assert open(calls).read().count("call") > 1  # the failure happened and the bundle ran again
     _check_output(out, exported["version"], good, bad, shards=3)  # 8 files, 3 to a shard
+
+
+def test_a_rerun_replaces_the_output_whole_with_even_shards(exported, photos, tmp_path):
+    root, good, bad = photos
+    out = tmp_path / "shards"
+    first = _beam_extract(exported, root, out, "--shard_size", "3")  # 8 files: 3 shards, errors listed
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert len(os.listdir(out)) == 3 and os.path.exists(f"{out}.errors.csv")
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    for i in range(7):
+        (fewer / f"{i}.jpg").write_bytes(encoded(60, 80, 10 + i))
+    second = _beam_extract(exported, fewer, out, "--shard_size", "2")  # 7 images: 4 shards of 2, 2, 2, 1
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "7 descriptors written" in second.stdout
+    files = sorted(os.listdir(out))
+    assert files == [f"descriptors-{i:05d}-of-00004.parquet" for i in range(4)]  # the 3 old shards are gone
+    sizes = sorted(len(pd.read_parquet(out / f)) for f in files)
+    assert sizes == [1, 2, 2, 2]
+    assert sorted(pd.read_parquet(out)["image"]) == [f"{i}.jpg" for i in range(7)]
+    assert not os.path.exists(f"{out}.errors.csv")  # no failure this time: the old list is gone too
