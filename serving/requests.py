@@ -109,6 +109,35 @@ def check_pixels(key, value, spec, limits):
     return sizes
 
 
+def image_size(data):
+    """``(width, height)`` from an encoded image's header, or None."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Exception:  # noqa: BLE001 - an unreadable header: the decoder names the image
+        return None
+
+
+def check_boxes(images, boxes):
+    """Refuses crop ``boxes`` (``[N, 4]``) that cannot crop their encoded
+    ``images`` (``[N]``): `deep_retrieval.data.images.box_problem`, the one
+    check that gRPC, REST, the web page and `serving.search` share."""
+    from deep_retrieval.data.images import box_problem
+
+    if len(boxes) != len(images):
+        raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"{len(images)} images and {len(boxes)} boxes: one box per image")
+    for position, (data, box) in enumerate(zip(images.reshape(-1), boxes)):
+        size = image_size(data)
+        problem = box_problem(box, *size) if size else None
+        if problem:
+            raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f"boxes[{position}]: {problem}")
+
+
 class PixelBudget:
     """Decoded pixels all requests together may hold at once.
 

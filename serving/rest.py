@@ -13,11 +13,17 @@ answers ``outputs``. Binary strings (encoded images) travel as
 gRPC and runs through `serving.service.predict`, so it gets the same checks,
 request caps, pixel limits and memory budget. Errors answer
 ``{"error": "..."}``, with 400 for a bad request, 404 for an unknown model
-or version, 413 for an oversized body and 429 when the server is full.
+or version, 413 for an oversized body and 429 when the server is full;
+every one is counted in the metrics.
+
+A body costs memory before any image cap can see it: a prediction slot and
+the body's bytes (``max_bytes_in_flight`` for all requests together) are
+taken before it is read, and its JSON structure is counted on the raw
+bytes before it is parsed (`MAX_JSON_CONTAINERS`, `MAX_JSON_VALUES`), so
+that a body of empty lists cannot grow into gigabytes of objects.
 """
 
 import base64
-import http.server
 import json
 import re
 import threading
@@ -25,14 +31,37 @@ import threading
 import grpc
 import numpy as np
 
+from serving import httpd
 from serving import metrics as metrics_lib
 from serving.requests import LIMITS, InvalidRequest, PixelBudget, bounded
+
+MAX_JSON_CONTAINERS = 1 << 20
+"""Lists and objects one body may hold (an image as nested lists holds
+one per pixel row: send encoded images as ``{"b64": ...}`` instead)."""
+
+MAX_JSON_VALUES = 1 << 24
+"""Values one body may hold (about 16 MB of pixels as JSON numbers)."""
 
 _MODEL = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[0-9]+))?"
                     r"(?:/labels/(?P<label>[^/:]+))?(?P<rest>/metadata|:[a-z]+)?$")
 
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400, "NOT_FOUND": 404,
                "RESOURCE_EXHAUSTED": 429, "CANCELLED": 499, "DEADLINE_EXCEEDED": 504, "UNAVAILABLE": 503}
+
+
+def check_json(raw):
+    """Refuses a body whose JSON would hold more containers or values than
+    `MAX_JSON_CONTAINERS` and `MAX_JSON_VALUES`, counted on the raw bytes
+    (brackets and commas inside strings count too: a bound, not a parse)."""
+    containers = raw.count(b"[") + raw.count(b"{")
+    if containers > MAX_JSON_CONTAINERS:
+        raise InvalidRequest(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"the body holds {containers} JSON lists and objects, at most {MAX_JSON_CONTAINERS} "
+                             '(send images encoded, as {"b64": ...})')
+    values = raw.count(b",") + 1
+    if values > MAX_JSON_VALUES:
+        raise InvalidRequest(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"the body holds about {values} JSON values, at most {MAX_JSON_VALUES}")
 
 
 def _strings(value, key):
@@ -60,12 +89,33 @@ def _array(key, value, spec):
         else:
             if not isinstance(value, (list, int, float)) or isinstance(value, bool):
                 raise ValueError(f"expected numbers, got {type(value).__name__}")
-            array = np.asarray(value, dtype=spec.dtype.as_numpy_dtype)
-    except (ValueError, TypeError) as e:
+            array = _numbers(value, spec.dtype.as_numpy_dtype)
+    except (ValueError, TypeError, OverflowError) as e:
         raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f"input {key}: {bounded(e, 300)}") from None
     if array.dtype == object and any(isinstance(v, list) for v in array.reshape(-1)):
         raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f"input {key}: ragged lists")
     return array
+
+
+def _numbers(value, dtype):
+    """JSON numbers as ``dtype``, refused (ValueError) unless each is finite
+    and, for an integer type, a whole number in its range."""
+    dtype = np.dtype(dtype)
+    array = np.asarray(value)
+    if array.dtype == object or array.dtype.kind not in "biuf":
+        raise ValueError("expected numbers of one shape (ragged lists or other values)")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ValueError("values out of range (infinite or too large)")
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if array.size and (array.min() < info.min or array.max() > info.max):
+            raise ValueError(f"values out of range for {dtype.name} ({info.min} to {info.max}), "
+                             f"got {array.min()} to {array.max()}")
+        if array.dtype.kind == "f" and not (array == np.floor(array)).all():
+            raise ValueError(f"{dtype.name} values are whole numbers")
+    elif dtype.kind == "f" and array.size and np.abs(array).max() > np.finfo(dtype).max:
+        raise ValueError(f"values out of range for {dtype.name}")
+    return array.astype(dtype)
 
 
 def _columns(body, specs):
@@ -147,31 +197,23 @@ def _metadata(manager, version):
                                                                     preserving_proto_field_name=True)}}
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
+class Handler(httpd.Handler):
     """One HTTP request (see the module docstring); state is on ``server``."""
 
-    protocol_version = "HTTP/1.1"
-    timeout = 60  # a client that stops sending is dropped
     server_version = "deep-retrieval"
 
-    def log_message(self, format, *args):  # noqa: A002 - the base class's name
-        pass
-
-    def _send(self, code, payload, content_type="application/json"):
-        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
     def _error(self, code, message):
-        self._send(code, {"error": message})
+        self.send_json(code, {"error": message})
 
-    def do_GET(self):
+    def _refuse(self, code, status, message):
+        """An error answered before the request reached `serving.service.predict`, counted."""
+        self.server.metrics.record(self.server.manager.name, "(unknown)", "rest", status, 0.0)
+        self._error(code, message)
+
+    def get(self):
         app = self.server
         if self.path == metrics_lib.PATH:
-            return self._send(200, app.metrics.render().encode(), "text/plain; version=0.0.4")
+            return self.send(200, app.metrics.render().encode(), "text/plain; version=0.0.4")
         match = _MODEL.match(self.path)
         if not match or match["rest"] not in (None, "/metadata"):
             return self._error(404, f"no such resource: {bounded(self.path)}")
@@ -186,44 +228,58 @@ class Handler(http.server.BaseHTTPRequestHandler):
             version = app.manager.get(spec)
         except InvalidRequest as e:
             return self._error(HTTP_STATUS.get(e.code.name, 500), str(e))
-        self._send(200, _metadata(app.manager, version) if match["rest"] else _status(version))
+        self.send_json(200, _metadata(app.manager, version) if match["rest"] else _status(version))
 
-    def do_POST(self):
+    def post(self):
         app = self.server
         match = _MODEL.match(self.path)
         if not match or match["rest"] is None or not match["rest"].startswith(":"):
             return self._error(404, f"no such resource: {bounded(self.path)}")
         if match["rest"] != ":predict":
             return self._error(400, f"{bounded(match['rest'][1:])}: only predict is served (descriptors)")
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        length = self.content_length(app.max_body_bytes)
+        if length is None:
+            status = "RESOURCE_EXHAUSTED" if self.refused == 413 else "INVALID_ARGUMENT"
+            return app.metrics.record(app.manager.name, "(unknown)", "rest", status, 0.0)
+        if not app.slots.acquire(blocking=False):  # before the body is read: a full server holds no more bodies
             self.close_connection = True
-            return self._error(411, "a Content-Length is required")
-        if int(length) > app.max_body_bytes:
-            self.close_connection = True  # the body is not read
-            return self._error(413, f"the body has {length} bytes, at most {app.max_body_bytes}")
-        raw = self.rfile.read(int(length))
-        if not app.slots.acquire(blocking=False):
-            return self._error(429, "the server is at its limit of concurrent requests; retry later")
+            return self._refuse(429, "RESOURCE_EXHAUSTED",
+                                "the server is at its limit of concurrent requests; retry later")
         try:
-            self._predict(app, match, raw)
+            if not app.bodies.hold(length):
+                self.close_connection = True
+                return self._refuse(429, "RESOURCE_EXHAUSTED", f"the server holds {app.bodies.used} bytes of "
+                                    f"request bodies, at most {app.bodies.capacity}; retry later")
+            try:
+                self._predict(app, match, length)
+            finally:
+                app.bodies.release(length)
         finally:
             app.slots.release()
 
-    def _predict(self, app, match, raw):
+    def _predict(self, app, match, length):
         from serving.service import predict
 
+        raw = self.rfile.read(length)
+        if len(raw) < length:
+            self.close_connection = True
+            return self._refuse(400, "INVALID_ARGUMENT", f"the body ended after {len(raw)} of {length} bytes")
         try:
             try:
+                check_json(raw)
                 body = json.loads(raw)
+                del raw
                 request, rows = predict_request(app.manager, match["name"], match["version"], match["label"],
                                                 body)
-            except (ValueError, UnicodeDecodeError, InvalidRequest) as e:  # counted here: predict never saw it
+                del body
+            except (ValueError, UnicodeDecodeError, RecursionError, InvalidRequest) as e:  # predict never saw it
                 app.metrics.record(app.manager.name, "(unknown)", "rest", getattr(e, "code", grpc.StatusCode
                                                                                   .INVALID_ARGUMENT).name, 0.0)
                 if isinstance(e, InvalidRequest):
                     raise
-                raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f"the body is not JSON: {e}") from None
+                if isinstance(e, RecursionError):
+                    raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, "the body's JSON is nested too deeply")
+                raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f"the body is not JSON: {bounded(e)}") from None
             _, _, outputs = predict(app.manager, request, app.limits, app.budget, app.metrics, "rest")
         except InvalidRequest as e:
             return self._error(HTTP_STATUS.get(e.code.name, 500), str(e))
@@ -237,12 +293,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         else:
             payload = {"outputs": _json(next(iter(outputs.values()))) if len(outputs) == 1
                        else {k: _json(v) for k, v in outputs.items()}}
-        self._send(200, payload)
+        self.send_json(200, payload)
 
 
-class RestServer(http.server.ThreadingHTTPServer):
-    """The REST endpoint: a thread per connection, at most
-    ``max_concurrent`` predictions running at once.
+class RestServer(httpd.Server):
+    """The REST endpoint: a thread per connection (`serving.httpd.Server`),
+    at most ``max_concurrent`` predictions running at once.
 
     Args:
         manager: the `serving.model_manager.ModelManager` (shared with gRPC).
@@ -250,27 +306,18 @@ class RestServer(http.server.ThreadingHTTPServer):
         limits, budget, metrics: shared with the gRPC server.
         max_body_bytes: largest request body read.
         max_concurrent: predictions at once; more get 429.
+        max_bytes_in_flight: request bodies all requests may hold at once;
+            more get 429.
+        allowed_hosts: ``Host`` names answered (`serving.httpd`).
     """
 
-    daemon_threads = True
-    allow_reuse_address = False  # a port in use is refused, never shared
-
     def __init__(self, manager, port, host="127.0.0.1", limits=LIMITS, budget=None, metrics=None,
-                 max_body_bytes=256 << 20, max_concurrent=32):
+                 max_body_bytes=256 << 20, max_concurrent=32, max_bytes_in_flight=1 << 30, allowed_hosts=None):
         self.manager, self.limits = manager, limits
         self.budget = budget or PixelBudget(LIMITS.pixels)
         self.metrics = metrics or metrics_lib.Metrics()
         self.max_body_bytes = int(max_body_bytes)
         self.slots = threading.BoundedSemaphore(max_concurrent)
-        try:
-            super().__init__((host, port), Handler)
-        except OSError as e:
-            raise ValueError(f"cannot listen on {host}:{port} for REST: {e.strerror or e}") from None
-
-    @property
-    def port(self):
-        return self.server_address[1]
-
-    def start(self):
-        """Serves in a background thread."""
-        threading.Thread(target=self.serve_forever, name="rest", daemon=True).start()
+        self.bodies = httpd.ByteBudget(max(max_bytes_in_flight, max_body_bytes))
+        super().__init__((host, port), Handler, "REST", max_connections=max(64, 2 * max_concurrent),
+                         allowed_hosts=allowed_hosts)

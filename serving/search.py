@@ -47,23 +47,28 @@ def define_flags():
 
 
 def check_box(data, box):
-    """``box`` as four floats (None without one), refused unless inside the
-    encoded image; a ValueError when ``data`` is not a readable image."""
+    """``(box, pixels)``: ``box`` (``--box`` values, or None) as four floats,
+    refused unless it crops the encoded image
+    (`deep_retrieval.data.images.box_problem`), and the pixels the image's
+    header declares; a ValueError when ``data`` is not a readable image."""
     from PIL import Image
+
+    from deep_retrieval.data.images import box_problem
 
     try:
         im = Image.open(io.BytesIO(data))
     except (OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"the query is not a readable image ({type(e).__name__}: {e})") from e
     with im:
-        if box is None:
-            return None
-        if len(box) != 4:
-            raise ValueError(f"--box needs x0,y0,x1,y1, got {','.join(box)}")
-        x0, y0, x1, y1 = (float(v) for v in box)
-        if not (0 <= x0 < x1 <= im.width and 0 <= y0 < y1 <= im.height):
-            raise ValueError(f"--box {','.join(box)} is not inside the {im.width}x{im.height} query image")
-    return [x0, y0, x1, y1]
+        width, height = im.size
+    if box is None:
+        return None, width * height
+    if len(box) != 4:
+        raise ValueError(f"--box needs x0,y0,x1,y1, got {','.join(box)}")
+    problem = box_problem(box, width, height)
+    if problem:
+        raise ValueError(f"--{problem}")
+    return [float(v) for v in box], width * height
 
 
 class Describer:
@@ -179,7 +184,7 @@ def main(argv):
         index = search.Index.load(FLAGS.index)
         with open(FLAGS.query, "rb") as f:
             data = f.read()
-        box = check_box(data, FLAGS.box)
+        box, _ = check_box(data, FLAGS.box)
         run = index.metadata.get("extraction") or {}
         version = run.get("model_version") if run.get("model_name") == FLAGS.model_name else None
         vector = Describer(FLAGS.server, FLAGS.model_name, FLAGS.saved_model, version)(data, box)

@@ -20,6 +20,7 @@ from serving.requests import (
     PixelBudget,
     bounded,
     check_alive,
+    check_boxes,
     check_pixels,
     check_proto,
     chunks,
@@ -70,6 +71,8 @@ def run_signature(version, request, limits=LIMITS, budget=None, context=None):
             raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, f"input {key}: empty batch")
         sizes = check_pixels(key, value, spec, limits) or sizes
         args[key] = value
+    if "boxes" in args and "images" in args and specs["images"].dtype == tf.string:
+        check_boxes(args["images"], args["boxes"])
     wanted = list(request.output_filter) or list(fn.structured_outputs)
     missing = [k for k in wanted if k not in fn.structured_outputs]
     if missing:

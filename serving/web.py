@@ -15,27 +15,32 @@ searches with an indexed image, as that click does.
 The query is described as `serving.search` does (through the server,
 asking for the model version the index was extracted with, or by the
 SavedModel in process), and a body that is not an image gets 400 with the
-reason. Only the standard library serves it.
+reason. Concurrent searches share a budget of declared pixels
+(``--max_pixels_in_flight``, as the gRPC server does) and of request bytes;
+a search that does not fit the bytes gets 429, one that does not fit the
+pixels waits its turn. Indexed files are served only as the image type
+their content shows. Only the standard library serves it
+(`serving.httpd`: connection cap, ``Host`` check).
 """
 
-import email.parser
-import email.policy
-import http.server
-import json
-import mimetypes
 import os
+import re
 import sys
-import threading
 from importlib import resources
 
 from absl import app, flags
 
 from deep_retrieval import cli
+from deep_retrieval.data.images import MAX_PIXELS
+from serving import httpd
 
 FLAGS = flags.FLAGS
 
 MAX_QUERY_BYTES = 32 << 20
 """Largest request body (the query image and the form fields)."""
+
+MAX_PARTS = 8
+"""Most parts a search form may have (it has three)."""
 
 
 def define_flags():
@@ -47,36 +52,56 @@ def define_flags():
     flags.DEFINE_integer("port", 8080, "Port of the page.")
     flags.DEFINE_string("host", "127.0.0.1", "Address to bind; 0.0.0.0 exposes the page on every interface.")
     flags.DEFINE_integer("max_top", 200, "Most results one search may ask for.")
+    flags.DEFINE_integer("max_pixels_in_flight", 2 * MAX_PIXELS, "Declared query pixels all searches together "
+                         "may hold at once; more wait.")
+    flags.DEFINE_list("allowed_hosts", None, "Host names the page answers to (default: loopback names when "
+                      "bound to loopback, any otherwise; * for any).")
 
 
 class BadQuery(ValueError):
     """A search request that is wrong (answered 400)."""
 
 
-def form_fields(content_type, body):
-    """``{name: bytes}`` of a ``multipart/form-data`` body."""
+def form_fields(content_type, body, max_parts=MAX_PARTS):
+    """``{name: bytes}`` of a ``multipart/form-data`` body, cut out of it
+    in one pass (each value copied once), at most ``max_parts`` parts."""
     if not content_type.startswith("multipart/form-data"):
         raise BadQuery("send the query as multipart/form-data (fields image, box, top)")
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
-    if not message.is_multipart():
+    match = re.search(r'boundary=(?:"([^"]+)"|([^;\s]+))', content_type)
+    if not match:
+        raise BadQuery("the multipart body has no boundary")
+    delimiter = b"--" + (match[1] or match[2]).encode("latin-1")
+    if body.count(delimiter) > max_parts + 1:
+        raise BadQuery(f"the form has more than {max_parts} parts")
+    fields, position = {}, body.find(delimiter)
+    if position < 0:
         raise BadQuery("the multipart body does not parse")
-    fields = {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
+    while True:
+        start = position + len(delimiter)
+        if body.startswith(b"--", start):
+            return fields
+        start += 2 if body.startswith(b"\r\n", start) else 0
+        end = body.find(b"\r\n" + delimiter, start)
+        head = body.find(b"\r\n\r\n", start, end)
+        if end < 0 or head < 0:
+            raise BadQuery("the multipart body does not parse")
+        name = re.search(r'(?im)^content-disposition:[^\r\n]*?\bname="([^"]*)"', body[start:head].decode("latin-1"))
         if name:
-            fields[name] = part.get_payload(decode=True) or b""
-    return fields
+            fields[name[1]] = body[head + 4:end]
+        position = end + 2
 
 
 class Searcher:
     """Describes a query and searches the index (thread-safe)."""
 
-    def __init__(self, index, describer, images_root=None, max_top=200):
+    def __init__(self, index, describer, images_root=None, max_top=200, max_pixels_in_flight=2 * MAX_PIXELS):
+        from serving.requests import PixelBudget
+
         self.index, self.describer = index, describer
         self.images_root = images_root or index.metadata.get("images_root")
         self.names = set(index.ids)
         self.max_top = max_top
+        self.budget = PixelBudget(max_pixels_in_flight)
 
     def search(self, fields):
         """``{"results": [...]}`` for the form ``fields``; BadQuery says why not."""
@@ -93,10 +118,16 @@ class Searcher:
             raise BadQuery(f"top must be between 1 and {self.max_top}, got {top}")
         box = fields.get("box")
         try:
-            box = check_box(data, box.decode().split(",") if box else None)
-            vector = self.describer(data, box)
+            box, pixels = check_box(data, box.decode().split(",") if box else None)
         except (ValueError, UnicodeDecodeError) as e:
             raise BadQuery(str(e).replace("--box", "box")) from None
+        if pixels > MAX_PIXELS:
+            raise BadQuery(f"the query declares {pixels} pixels, more than {MAX_PIXELS} (decompression bomb?)")
+        with self.budget.hold(pixels):  # as the gRPC server's budget: concurrent queries wait their turn
+            try:
+                vector = self.describer(data, box)
+            except ValueError as e:
+                raise BadQuery(str(e)) from None
         if len(vector) != self.index.dim:
             raise ValueError(f"the model gives {len(vector)}-D descriptors, the index holds {self.index.dim}-D")
         scores, ids = self.index.search(vector[None], top)
@@ -112,83 +143,78 @@ class Searcher:
         return path if path.startswith(root + os.sep) and os.path.isfile(path) else None
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
+def image_type(data):
+    """The image MIME type ``data``'s content shows (not its name), or None."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            kind = Image.MIME.get(im.format or "")
+    except Exception:  # noqa: BLE001 - not an image PIL reads
+        return None
+    return kind if kind and kind.startswith("image/") else None
+
+
+class Handler(httpd.Handler):
     """The page, its API and the indexed images; state is on ``server``."""
 
-    protocol_version = "HTTP/1.1"
-    timeout = 60
     server_version = "deep-retrieval-web"
 
-    def log_message(self, format, *args):  # noqa: A002 - the base class's name
-        pass
-
-    def _send(self, code, data, content_type):
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.end_headers()
-        self.wfile.write(data)
-
     def _json(self, code, payload):
-        self._send(code, json.dumps(payload).encode(), "application/json")
+        self.send_json(code, payload)
 
-    def do_GET(self):
+    def get(self):
         from urllib.parse import unquote, urlsplit
 
         path = urlsplit(self.path).path
         if path in ("/", "/index.html"):
-            return self._send(200, self.server.page, "text/html; charset=utf-8")
+            return self.send(200, self.server.page, "text/html; charset=utf-8")
         if path.startswith("/images/"):
             file = self.server.searcher.image_path(unquote(path[len("/images/"):]))
             if file is None:
                 return self._json(404, {"error": "not an indexed image"})
             with open(file, "rb") as f:
                 data = f.read()
-            return self._send(200, data, mimetypes.guess_type(file)[0] or "application/octet-stream")
+            kind = image_type(data)
+            if kind is None:
+                return self._json(415, {"error": "the indexed file is not an image this page serves"})
+            return self.send(200, data, kind, [("Content-Security-Policy", "sandbox")])
         self._json(404, {"error": f"no such page: {path[:200]}"})
 
-    def do_POST(self):
+    def post(self):
         if self.path.split("?", 1)[0] != "/api/search":
             return self._json(404, {"error": "POST /api/search"})
-        length = self.headers.get("Content-Length", "")
-        if not length.isdigit():
+        length = self.content_length(MAX_QUERY_BYTES)
+        if length is None:
+            return
+        bodies = self.server.bodies
+        if not bodies.hold(length):
             self.close_connection = True
-            return self._json(411, {"error": "a Content-Length is required"})
-        if int(length) > MAX_QUERY_BYTES:
-            self.close_connection = True
-            return self._json(413, {"error": f"the query has {length} bytes, at most {MAX_QUERY_BYTES}"})
-        body = self.rfile.read(int(length))
+            return self._json(429, {"error": "the page is busy with other searches; retry later"})
         try:
-            answer = self.server.searcher.search(form_fields(self.headers.get("Content-Type", ""), body))
+            fields = form_fields(self.headers.get("Content-Type", ""), self.rfile.read(length))
+            answer = self.server.searcher.search(fields)
         except BadQuery as e:
             return self._json(400, {"error": str(e)})
         except ValueError as e:  # the model and the index disagree, or the server is down
             return self._json(502, {"error": str(e)})
+        finally:
+            bodies.release(length)
         self._json(200, answer)
 
 
-class WebServer(http.server.ThreadingHTTPServer):
-    """The search page for a `Searcher` (port 0 picks one)."""
+class WebServer(httpd.Server):
+    """The search page for a `Searcher` (port 0 picks one); request bodies
+    in flight at most ``max_bytes_in_flight``."""
 
-    daemon_threads = True
-    allow_reuse_address = False
-
-    def __init__(self, searcher, port, host="127.0.0.1"):
+    def __init__(self, searcher, port, host="127.0.0.1", max_bytes_in_flight=4 * MAX_QUERY_BYTES,
+                 allowed_hosts=None):
         self.searcher = searcher
         self.page = resources.files("serving").joinpath("static/search.html").read_bytes()
-        try:
-            super().__init__((host, port), Handler)
-        except OSError as e:
-            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-
-    @property
-    def port(self):
-        return self.server_address[1]
-
-    def start(self):
-        """Serves in a background thread."""
-        threading.Thread(target=self.serve_forever, name="web", daemon=True).start()
+        self.bodies = httpd.ByteBudget(max_bytes_in_flight)
+        super().__init__((host, port), Handler, "the page", allowed_hosts=allowed_hosts)
 
 
 def main(argv):
@@ -203,7 +229,8 @@ def main(argv):
         run = index.metadata.get("extraction") or {}
         version = run.get("model_version") if run.get("model_name") == FLAGS.model_name else None
         describer = Describer(FLAGS.server, FLAGS.model_name, FLAGS.saved_model, version)
-        web = WebServer(Searcher(index, describer, FLAGS.images_root, FLAGS.max_top), FLAGS.port, FLAGS.host)
+        searcher = Searcher(index, describer, FLAGS.images_root, FLAGS.max_top, FLAGS.max_pixels_in_flight)
+        web = WebServer(searcher, FLAGS.port, FLAGS.host, allowed_hosts=FLAGS.allowed_hosts)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -272,6 +272,34 @@ def diagnose(path):
     return None
 
 
+BOX_SLACK = 1.0
+"""How far (pixels) a box corner may lie outside its image (rounding)."""
+
+
+def box_problem(box, width, height):
+    """Why ``box = (x0, y0, x1, y1)`` cannot crop a ``width`` x ``height``
+    image, or None: its corners must be finite numbers inside the image
+    (within `BOX_SLACK`), and the box, rounded as `crop_box` rounds it and
+    clipped to the image, at least one pixel wide and high."""
+    import math
+
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        return f"box {str(box)[:80]}: a box is 4 numbers x0,y0,x1,y1"
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        return f"box {x0:g},{y0:g},{x1:g},{y1:g} has a coordinate that is not a finite number"
+    if not (-BOX_SLACK <= min(x0, x1) and max(x0, x1) <= width + BOX_SLACK
+            and -BOX_SLACK <= min(y0, y1) and max(y0, y1) <= height + BOX_SLACK):
+        return f"box {x0:g},{y0:g},{x1:g},{y1:g} is not inside the {width}x{height} image"
+    left, top = max(0, math.floor(x0 + 0.5)), max(0, math.floor(y0 + 0.5))
+    right, bottom = min(width, math.floor(x1 + 0.5)), min(height, math.floor(y1 + 0.5))
+    if right - left < 1 or bottom - top < 1:
+        return (f"box {x0:g},{y0:g},{x1:g},{y1:g} covers no whole pixel of the {width}x{height} image "
+                "(x0 < x1 and y0 < y1, at least one pixel each way)")
+    return None
+
+
 def crop_box(image, box):
     """Crops ``[H, W, 3]`` to ``box = (x0, y0, x1, y1)`` in pixels.
 

@@ -31,7 +31,7 @@ def test_query_with_box_saved_model_and_picture(exported, tmp_path):
     scores, ids = index.search(vector[None], 3)
     assert ids[0][0] == "3.jpg" and scores[0][0] == pytest.approx(1.0, abs=1e-4)
 
-    box = search_cmd.check_box(data, ["10", "5", "60", "45"])
+    box, _ = search_cmd.check_box(data, ["10", "5", "60", "45"])
     cropped = search_cmd.Describer(saved_model=exported["version"])(data, box)
     want = reference_descriptors(exported["model"], [data], exported["image_size"], [box])[0]
     assert np.abs(cropped - want).max() <= 1e-5
