@@ -21,7 +21,7 @@ import sys
 import numpy as np
 
 from deep_retrieval import search
-from deep_retrieval.files import atomic_write
+from deep_retrieval.files import atomic_write, exclusive_lock, remove_stale_temporaries
 
 METADATA_KEY = b"deep_retrieval"
 
@@ -244,6 +244,20 @@ def build_index(source, output, kind=None, factory=None, nprobe=16, images_root=
     the images not yet held and refuses another model version (it reads the
     held ids). ``model_info`` (an export's ``model_info.json``) is stored too.
     """
+    output = output.rstrip("/")
+    busy = (f"{output}: another serving.index is writing it (lock held on {output}.lock); "
+            "wait for it, or write another --output")
+    with exclusive_lock(output + ".lock", busy):
+        remove_stale_temporaries(output)  # of builds that were killed: nobody else writes here
+        try:
+            return _build_index(source, output, kind, factory, nprobe, images_root, model_info, append,
+                                train_size, progress)
+        except OSError as e:  # a full disk, a folder that cannot be written
+            raise ValueError(f"{output}: cannot write the index: {e.strerror or e}"
+                             + (f" ({e.filename})" if e.filename else "")) from None
+
+
+def _build_index(source, output, kind, factory, nprobe, images_root, model_info, append, train_size, progress):
     import faiss
     from tqdm import tqdm
 
@@ -296,6 +310,7 @@ def build_index(source, output, kind=None, factory=None, nprobe=16, images_root=
                     yield vectors
 
             if kind == "ivfpq":
+                search.check_free_space(folder, template, len(descriptors) + (len(previous) if previous is not None else 0))
                 count = search.write_on_disk(template, batches(), folder,
                                              previous._faiss if previous is not None else None)
             else:

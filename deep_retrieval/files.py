@@ -1,6 +1,9 @@
 """Writing files so that a crash never leaves a partial one."""
 
+import contextlib
 import csv
+import fcntl
+import glob
 import os
 import shutil
 import threading
@@ -62,3 +65,33 @@ def atomic_csv(path, frame):
     quoted: a name holding a carriage return, which pandas leaves unquoted
     otherwise, stays in its row."""
     return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False, quoting=csv.QUOTE_NONNUMERIC))
+
+
+@contextlib.contextmanager
+def exclusive_lock(path, busy):
+    """Holds an exclusive lock on the file ``path`` (created if missing) for
+    the block; ``busy`` is the ValueError message when another process
+    holds it. The lock goes with the process: a killed holder frees it."""
+    handle = open(path, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ValueError(busy) from None
+    try:
+        yield handle
+    finally:
+        handle.close()
+
+
+def remove_stale_temporaries(path):
+    """Removes the temporaries `atomic_write` left beside ``path`` in
+    processes that were killed (SIGKILL runs no cleanup). Only for a caller
+    that holds ``path``'s `exclusive_lock`: no other writer is running."""
+    folder, name = os.path.split(os.path.abspath(path.rstrip("/")))
+    for tmp in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.tmp-*")):
+        if os.path.isdir(tmp) and not os.path.islink(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)

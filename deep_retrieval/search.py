@@ -37,7 +37,7 @@ import sys
 
 import numpy as np
 
-from deep_retrieval.files import atomic_write
+from deep_retrieval.files import atomic_write, exclusive_lock, remove_stale_temporaries
 
 FORMAT_VERSION = 1
 
@@ -323,6 +323,44 @@ def write_on_disk(template, batches, folder, previous=None, part_rows=1 << 20):
     return total
 
 
+def check_free_space(folder, template, count):
+    """Refuses (ValueError) to build ``count`` vectors of the serialised
+    index ``template`` into ``folder`` when its disk cannot hold them: the
+    parts and then the lists file, each ``count`` codes and ids. The lists
+    file is written through a memory map, where a full disk is not an error
+    but a SIGBUS that kills the process."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(faiss.deserialize_index(template))
+    needed = 2 * count * (ivf.code_size + 8) + (64 << 20)
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise ValueError(f"{folder}: the index needs about {needed / 2**30:.2f} GiB of disk, "
+                         f"{free / 2**30:.2f} GiB are free")
+
+
+def check_lists(index, path):
+    """Refuses an index whose on-disk lists file is shorter than its header
+    declares, or whose lists reach past it (a truncated copy, a build that
+    ran out of disk): searching it would read past the end of a memory map
+    and die of SIGBUS."""
+    import faiss
+
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    if not isinstance(lists, faiss.OnDiskInvertedLists):
+        return
+    try:
+        size = os.path.getsize(lists.filename)
+    except OSError as e:
+        raise ValueError(f"{path}: corrupt index ({LISTS_FILE}: {e.strerror})") from None
+    entry = lists.code_size + 8  # codes, then int64 ids
+    reach = max((lists.lists.at(i).offset + lists.lists.at(i).capacity * entry for i in range(lists.nlist)),
+                default=0)
+    if size < max(lists.totsize, reach):
+        raise ValueError(f"{path}: corrupt index ({LISTS_FILE} holds {size} bytes, its header declares "
+                         f"{max(lists.totsize, reach)}: truncated?)")
+
+
 def empty_template(path):
     """The trained, empty copy of the ``ivfpq`` index saved in folder
     ``path``, serialised (a `write_on_disk` template for extending it)."""
@@ -500,7 +538,10 @@ class Index:
                 ids.write(self.ids)
             write_meta(folder, self.dim, len(self), self.kind, self.factory, self.nprobe, self.metadata)
 
-        atomic_write(path.rstrip("/"), write)
+        path = path.rstrip("/")
+        with exclusive_lock(path + ".lock", f"{path}: another process is writing this index"):
+            remove_stale_temporaries(path)
+            atomic_write(path, write)
 
     @classmethod
     def load(cls, path, expected_dim=None):
@@ -523,6 +564,7 @@ class Index:
             kind = meta.get("kind", "exact")
             if kind == "ivfpq":
                 stored = read_faiss(os.path.join(path, "faiss.index"))
+                check_lists(stored, path)
                 count, vectors_dim = stored.ntotal, stored.d
             else:
                 descriptors = np.load(os.path.join(path, "descriptors.npy"), allow_pickle=False)

@@ -31,7 +31,6 @@ unchanged.
 """
 
 import concurrent.futures
-import fcntl
 import itertools
 import os
 import sys
@@ -42,7 +41,7 @@ from absl import app, flags
 from deep_retrieval import cli
 from deep_retrieval.data.images import EXTENSIONS, file_problem
 from deep_retrieval.descriptor_files import shard_name, write_descriptors
-from deep_retrieval.files import atomic_csv, atomic_text, atomic_write
+from deep_retrieval.files import atomic_csv, atomic_text, atomic_write, exclusive_lock
 from serving import client
 
 FLAGS = flags.FLAGS
@@ -359,17 +358,14 @@ class PartStore:
         self.folder = output + ".parts"
         os.makedirs(self.folder, exist_ok=True)
         # One run per output: a second one would duplicate rows.
-        self._lock = open(os.path.join(self.folder, "lock"), "w")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock.close()
-            raise ValueError(f"{output}: another extraction is writing it (lock held on "
-                             f"{self.folder}/lock); wait for it or choose another --output") from None
+        self._lock = exclusive_lock(os.path.join(self.folder, "lock"),
+                                    f"{output}: another extraction is writing it (lock held on "
+                                    f"{self.folder}/lock); wait for it or choose another --output")
+        self._lock.__enter__()
 
     def close(self):
         """Releases the output's lock."""
-        self._lock.close()
+        self._lock.__exit__(None, None, None)
 
     def run_info(self):
         """What the parts were extracted with (model name, version,

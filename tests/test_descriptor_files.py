@@ -157,3 +157,70 @@ def test_shards_of_two_models_or_sizes_are_refused(tmp_path):
     with pytest.raises(ValueError, match="no .parquet files"):
         build_index(str(empty), str(tmp_path / "idx"))
     assert not os.path.exists(tmp_path / "idx")
+
+
+def _ivfpq(tmp_path, n=3000):
+    vectors = _clustered(n, 16, 5)
+    _parquet(tmp_path / "v.parquet", [f"{i}" for i in range(n)], vectors)
+    out = str(tmp_path / "idx")
+    build_index(str(tmp_path / "v.parquet"), out, "ivfpq", "IVF8,PQ8", nprobe=4, train_size=3000)
+    return out, vectors
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_index(tmp_path):
+    from deep_retrieval.files import exclusive_lock
+
+    _parquet(tmp_path / "a.parquet", ["a", "b"], np.eye(2, 8))
+    out = str(tmp_path / "idx")
+    build_index(str(tmp_path / "a.parquet"), out)
+    _parquet(tmp_path / "b.parquet", ["c"], np.eye(1, 8))
+    with exclusive_lock(out + ".lock", "held"):  # what a running serving.index --append holds
+        with pytest.raises(ValueError, match="idx: another serving.index is writing it"):
+            build_index(str(tmp_path / "b.parquet"), out, append=True)
+        with pytest.raises(ValueError, match="another process is writing this index"):
+            search.Index.load(out).save(out)
+    assert build_index(str(tmp_path / "b.parquet"), out, append=True)["count"] == 3  # once it is free
+
+
+def test_a_truncated_lists_file_is_a_one_line_error_not_a_crash(tmp_path):
+    out, vectors = _ivfpq(tmp_path)
+    assert search.Index.load(out).search(vectors[:2], 3)[1][0][0] == "0"  # then unmapped
+    lists = os.path.join(out, search.LISTS_FILE)
+    os.truncate(lists, os.path.getsize(lists) // 2)  # searching this mapped file died of SIGBUS
+    with pytest.raises(ValueError, match=r"idx: corrupt index \(lists.ivfdata holds .* truncated\?\)"):
+        search.Index.load(out)
+
+
+def test_temporaries_of_a_killed_build_are_removed_by_the_next(tmp_path):
+    _parquet(tmp_path / "a.parquet", ["a", "b"], np.eye(2, 8))
+    stale = tmp_path / ".idx.tmp-999999-1"  # what atomic_write leaves when SIGKILL stops it mid-build
+    (stale / "parts").mkdir(parents=True)
+    (stale / "parts" / "00000.index").write_bytes(b"x" * 1000)
+    (tmp_path / ".idx.old.tmp-999999-1").write_text("another file's temporary, not the index's")
+    build_index(str(tmp_path / "a.parquet"), str(tmp_path / "idx"))
+    assert not stale.exists()
+    assert sorted(os.listdir(tmp_path)) == [".idx.old.tmp-999999-1", "a.parquet", "idx", "idx.lock"]
+
+
+def test_a_full_disk_is_a_one_line_error_and_the_previous_index_stays(tmp_path, monkeypatch):
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    out, vectors = _ivfpq(tmp_path)
+    before = search.Index.load(out).ids
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - 4096, 4096))
+    with pytest.raises(ValueError, match=r"idx\.tmp-.*: the index needs about .* GiB of disk, 0\.00 GiB are free"):
+        build_index(str(tmp_path / "v.parquet"), out, "ivfpq", "IVF8,PQ8", nprobe=4, train_size=3000)
+    monkeypatch.undo()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "descriptors.npy")
+
+    monkeypatch.setattr(np, "save", full)
+    with pytest.raises(ValueError, match=r"idx: cannot write the index: No space left on device \(descriptors.npy\)"):
+        build_index(str(tmp_path / "v.parquet"), out, "exact")
+    monkeypatch.undo()
+    assert search.Index.load(out).ids == before
+    assert sorted(os.listdir(tmp_path)) == ["idx", "idx.lock", "v.parquet"]
