@@ -310,7 +310,8 @@ def _build_index(source, output, kind, factory, nprobe, images_root, model_info,
                     yield vectors
 
             if kind == "ivfpq":
-                search.check_free_space(folder, template, len(descriptors) + (len(previous) if previous is not None else 0))
+                held = len(previous) if previous is not None else 0
+                search.check_free_space(folder, template, held + len(descriptors))
                 count = search.write_on_disk(template, batches(), folder,
                                              previous._faiss if previous is not None else None)
             else:
