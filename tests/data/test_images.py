@@ -1,6 +1,7 @@
 """`images.scale_views` against PIL: DIR's query crops and multi-resolution."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from PIL import Image
 
@@ -117,3 +118,22 @@ def test_jpeg_xl_is_refused_with_its_reason():
         assert int(images.header_pixels(data)) == images.JPEG_XL
         with pytest.raises(tf.errors.InvalidArgumentError, match="JPEG XL is not accepted"):
             images.decode(data)
+
+
+@pytest.mark.parametrize("box, words", [
+    ((0, 0, 60, 80), None),                   # the whole 60x80 image
+    ((-0.5, -1, 61, 81), None),               # a pixel outside, from rounding: clipped
+    ((10.2, 10.2, 10.7, 11.6), None),         # rounds to x 10..11, y 10..12: one pixel wide
+    ((10.2, 10.2, 10.4, 10.4), "no whole pixel"),  # rounds to x 10..10
+    ((50, 40, 10, 5), "no whole pixel"),      # reversed
+    ((10, 10, 10, 30), "no whole pixel"),     # empty
+    ((59.6, 0, 61, 80), "no whole pixel"),    # rounds to x 60..60 once clipped to the image
+    ((100, 100, 160, 160), "not inside"),
+    ((0, 0, 1e30, 1e30), "not inside"),
+    ((0, 0, float("inf"), 10), "not a finite number"),
+    ((0, 0, float("nan"), 10), "not a finite number"),
+    (("a", 0, 1, 1), "4 numbers"),
+])
+def test_box_problem_by_hand(box, words):
+    problem = images.box_problem(box, 60, 80)
+    assert problem is None if words is None else words in problem

@@ -169,3 +169,121 @@ def test_a_port_in_use_is_refused(both, exported, tmp_path):
             RestServer(manager, both["rest"])
     finally:
         manager.stop()
+
+
+def _raw_post(port, body, length=None, headers=(), timeout=30):
+    """POSTs ``body`` with a ``Content-Length`` of ``length`` (default: the body's)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    connection.putrequest("POST", PREDICT)
+    connection.putheader("Content-Length", str(len(body)) if length is None else length)
+    for key, value in headers:
+        connection.putheader(key, value)
+    connection.endheaders()
+    if body:
+        connection.send(body)
+    response = connection.getresponse()
+    answer = json.loads(response.read())
+    connection.close()
+    return response.status, answer
+
+
+def _max_rss_mib():
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@pytest.fixture(scope="module")
+def roomy(exported, tmp_path_factory):
+    """A REST endpoint with TF Serving-sized bodies (64 MiB) and one prediction slot."""
+    base = tmp_path_factory.mktemp("roomy") / "deep_retrieval"
+    shutil.copytree(exported["version"], base / "1")
+    manager = ModelManager("deep_retrieval", str(base), poll_seconds=0)
+    rest = RestServer(manager, 0, max_body_bytes=64 << 20, max_concurrent=1)
+    rest.start()
+    yield rest
+    rest.shutdown()
+    manager.stop()
+
+
+def test_a_body_of_empty_lists_is_refused_before_it_is_parsed(roomy):
+    # 16 MiB of [] parsed into 5.6M lists cost about 1 GB and 18 s before the 256-image cap answered.
+    body = b'{"instances":[' + b"[]," * ((16 << 20) // 3) + b"[]]}"
+    before = _max_rss_mib()
+    status, answer = _raw_post(roomy.port, body)
+    assert status == 429 and "JSON lists and objects, at most 1048576" in answer["error"]
+    assert _max_rss_mib() - before < 200  # the body itself (16 MiB), never its objects
+    status, ok = _raw_post(roomy.port, json.dumps({"instances": [_b64(JPEGS[0])]}).encode())
+    assert status == 200 and len(ok["predictions"]) == 1
+
+
+@pytest.mark.parametrize("body, words", [
+    (b'{"instances":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    (json.dumps({"signature_name": "pixels", "instances": [[[[300, 0, 0]]]]}).encode(), "out of range for uint8"),
+    (json.dumps({"signature_name": "pixels", "instances": [[[[-1, 0, 0]]]]}).encode(), "out of range for uint8"),
+    (b'{"signature_name": "pixels", "instances": [[[[1e300, 0, 0]]]]}', "out of range for uint8"),
+    (b'{"signature_name": "pixels", "instances": [[[[1.5, 0, 0]]]]}', "whole numbers"),
+    (json.dumps({"signature_name": "crops", "instances": [{"images": _b64(JPEGS[0]), "boxes": [0, 0, 1e39, 9]}]})
+     .encode(), "out of range for float32"),
+], ids=["nesting", "300", "-1", "1e300", "fraction", "box-overflow"])
+def test_values_the_json_cannot_hold_get_400(both, body, words):
+    # These closed the connection with no status and a 140 KB traceback in the log.
+    status, answer = _raw_post(both["rest"], body)
+    assert status == 400 and words in answer["error"], answer
+
+
+def test_a_content_length_that_is_not_ascii_digits_gets_400_and_is_counted(both):
+    def errors():
+        text = _http(both["rest"], "GET", "/monitoring/prometheus/metrics")[1]
+        key = 'deep_retrieval_requests_total{model_name="deep_retrieval",signature_name="(unknown)",' \
+              'entrypoint="rest",status="INVALID_ARGUMENT"}'
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(key))
+
+    before = errors()
+    status, answer = _raw_post(both["rest"], b"", length="\u00b2")  # '²'.isdigit() is True
+    assert status == 400 and "is not a number of bytes" in answer["error"]
+    assert errors() == before + 1
+
+
+def test_a_full_server_refuses_before_reading_the_body(roomy):
+    assert roomy.slots.acquire(blocking=False)  # the one prediction slot is busy
+    try:
+        # A declared 32 MiB that never comes: the old server read (and waited for) it before refusing.
+        status, answer = _raw_post(roomy.port, b"", length=str(32 << 20), timeout=10)
+        assert status == 429 and "limit of concurrent requests" in answer["error"]
+    finally:
+        roomy.slots.release()
+
+
+def test_an_internal_failure_answers_500_and_logs_one_line(both, monkeypatch, capfd):
+    from serving import rest
+
+    def broken(*args):
+        raise RuntimeError("boom\nwith a second line")
+
+    monkeypatch.setattr(rest, "predict_request", broken)
+    capfd.readouterr()
+    status, answer = _raw_post(both["rest"], json.dumps({"instances": [_b64(JPEGS[0])]}).encode())
+    assert status == 500 and "internal error" in answer["error"]
+    log = capfd.readouterr().err.strip().splitlines()
+    assert log == ["REST: POST /v1/models/deep_retrieval:predict: RuntimeError: boom with a second line"]
+
+
+BAD_BOXES = {  # for the 60x80 (width x height) JPEGS[0]
+    "reversed": [50, 40, 10, 5], "empty": [10, 10, 10, 30], "sub-pixel": [10.2, 10.2, 10.4, 10.4],
+    "outside": [100, 100, 160, 160], "huge": [0, 0, 1e30, 1e30], "nan": [0, 0, float("nan"), 10],
+}
+
+
+@pytest.mark.parametrize("box", BAD_BOXES.values(), ids=BAD_BOXES.keys())
+def test_degenerate_crop_boxes_are_refused_on_grpc_and_rest(both, box):
+    # Each answered 200 with a descriptor: a constant one, or silently the full image's.
+    request = client.predict_request("deep_retrieval", JPEGS[:1], "crops", [box])
+    with pytest.raises(grpc.RpcError) as info:
+        both["stub"].Predict(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "boxes[0]: box " in info.value.details()
+    body = json.dumps({"signature_name": "crops", "instances": [{"images": _b64(JPEGS[0]), "boxes": box}]})
+    status, answer = _raw_post(both["rest"], body.encode())
+    assert status == 400 and ("boxes[0]: box " in answer["error"] or "out of range" in answer["error"]), answer
+    good = client.predict_request("deep_retrieval", JPEGS[:1], "crops", [[0, 0, 60, 80]])  # the whole image
+    assert client.descriptors(both["stub"].Predict(good)).shape[0] == 1

@@ -3,6 +3,7 @@ import http.client
 import json
 import shutil
 import subprocess
+import time
 import uuid
 
 import numpy as np
@@ -90,6 +91,10 @@ def test_search_api_ranks_as_numpy_does(site):
     ({"image": b"not an image at all"}, "not a readable image"),
     ({"top": 3}, "no query image"),
     ({"image": encoded(40, 40, 1), "box": "0,0,500,10"}, "not inside the 40x40"),
+    ({"image": encoded(40, 40, 1), "box": "30,30,10,10"}, "covers no whole pixel"),  # reversed: answered 200
+    ({"image": encoded(40, 40, 1), "box": "5.1,5.1,5.3,5.3"}, "covers no whole pixel"),
+    ({"image": encoded(40, 40, 1), "box": "0,0,1e30,1e30"}, "not inside"),
+    ({"image": encoded(40, 40, 1), "box": "0,0,nan,9"}, "not a finite number"),
     ({"image": encoded(40, 40, 1), "top": "many"}, "whole number"),
     ({"image": encoded(40, 40, 1), "top": 0}, "between 1 and"),
 ])
@@ -149,3 +154,85 @@ def test_the_page_searches_in_a_real_browser(site, tmp_path):
     assert page.status.strip() == "4 results"
     # the browser fetched each result's picture: the page's <img> points at served files
     assert result.stdout.count('src="images/sub%20folder%2Fphoto%20') == 4
+
+
+@pytest.fixture
+def files_site(tmp_path):
+    """A page over an index whose names are an HTML-named JPEG and a text file named .jpg."""
+    root = tmp_path / "photos"
+    root.mkdir()
+    jpeg = encoded(40, 40, 1)
+    (root / "x.html").write_bytes(jpeg[:2] + b"\xff\xfe\x00\x1d<script>alert(1)</script>......" + jpeg[2:])
+    (root / "notes.jpg").write_text("<html><script>alert(2)</script></html>")
+    index = Index(4)
+    index.add(np.eye(2, 4), ["x.html", "notes.jpg"])
+    web = WebServer(Searcher(index, None, str(root)), 0)
+    web.start()
+    yield web.port
+    web.shutdown()
+
+
+def test_indexed_files_are_served_only_as_the_image_their_content_is(files_site):
+    # x.html (a JPEG with a script in a comment) was served as text/html: a script on the page's origin.
+    connection = http.client.HTTPConnection("127.0.0.1", files_site, timeout=10)
+    connection.request("GET", "/images/x.html")
+    response = connection.getresponse()
+    response.read()
+    assert response.status == 200 and response.getheader("Content-Type") == "image/jpeg"
+    assert response.getheader("X-Content-Type-Options") == "nosniff"
+    assert response.getheader("Content-Security-Policy") == "sandbox"
+    status, data = _get(files_site, "/images/notes.jpg")
+    assert status == 415 and b"not an image" in data
+
+
+def test_a_form_of_many_parts_is_refused_before_it_is_parsed(site):
+    boundary = "b0undary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\n\r\n" * 50_000
+            + f"--{boundary}--\r\n").encode()
+    connection = http.client.HTTPConnection("127.0.0.1", site["port"], timeout=60)
+    connection.request("POST", "/api/search", body=body,
+                       headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    response = connection.getresponse()
+    assert response.status == 400 and "more than 8 parts" in json.loads(response.read())["error"]
+
+
+def test_a_quoted_boundary_parses():
+    from serving.web import form_fields
+
+    query = encoded(40, 40, 1)
+    body = (b'--"x y"\r\nContent-Disposition: form-data; name="image"; filename="q.jpg"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\n" + query + b'\r\n--"x y"\r\n'
+            b'Content-Disposition: form-data; name="top"\r\n\r\n3\r\n--"x y"--\r\n')
+    body = body.replace(b'"x y"', b"x y")
+    assert form_fields('multipart/form-data; boundary="x y"', body) == {"image": query, "top": b"3"}
+
+
+def test_concurrent_searches_share_one_pixel_budget(tmp_path):
+    import threading
+
+    from PIL import Image
+
+    from deep_retrieval.data.images import MAX_PIXELS
+
+    big = tmp_path / "big.png"  # 8000 x 7000 = 56M declared pixels in a few kB
+    Image.new("1", (8000, 7000)).save(big)
+    data = big.read_bytes()
+    peak, lock = [0], threading.Lock()
+    searcher = None
+
+    def describer(blob, box):
+        with lock:
+            peak[0] = max(peak[0], searcher.budget.used)
+        time.sleep(0.3)
+        return np.ones(4, np.float32)
+
+    index = Index(4)
+    index.add(np.eye(1, 4), ["a.jpg"])
+    searcher = Searcher(index, describer, max_pixels_in_flight=MAX_PIXELS)
+    threads = [threading.Thread(target=searcher.search, args=({"image": data},)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Each upload of a 9000x9000 JPEG cost 1.2 GB at once, with no budget across requests; now they queue.
+    assert peak[0] == 8000 * 7000 and searcher.budget.used == 0
