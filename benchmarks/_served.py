@@ -26,18 +26,25 @@ def export_random_model(work, backbone="tiny", image_size=256, whitening_dim=128
     return base
 
 
-@contextlib.contextmanager
-def embedded_server(base, ready_timeout=180):
-    """``python -m serving.server`` over ``base``: yields ``(address,
-    process)`` once it answers, and stops it afterwards."""
-    import grpc
-
+def free_port():
+    """A loopback port free at the time of asking."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def embedded_server(base, ready_timeout=180, rest_api_port=None):
+    """``python -m serving.server`` over ``base`` (with its REST API on
+    ``rest_api_port`` if given): yields ``(address, process)`` once it
+    answers, and stops it afterwards."""
+    import grpc
+
+    port = free_port()
+    rest = [f"--rest_api_port={rest_api_port}"] if rest_api_port else []
     server = subprocess.Popen(
         [sys.executable, "-m", "serving.server", f"--port={port}", "--model_name=deep_retrieval",
-         f"--model_base_path={base}", "--file_system_poll_wait_seconds=0"],
+         f"--model_base_path={base}", "--file_system_poll_wait_seconds=0", *rest],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"127.0.0.1:{port}"
     try:

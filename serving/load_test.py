@@ -16,7 +16,11 @@ hostile client or a bad day sends (`hostile_requests`: declared-shape
 amplification, decompression bombs in every format, many sub-cap images,
 JPEG XL, empty images, heavy requests abandoned at once) and hold silent
 TCP connections; the normal clients' figures are reported apart, with how
-the hostile requests were answered.
+the hostile requests were answered. `run`'s ``http_targets`` add clients
+that send `hostile_rest_requests` to the REST API and `hostile_web_requests`
+to the search page (amplifying JSON, values out of range, bad lengths,
+degenerate boxes, bodies that never come, a rebinding ``Host``, thousands of
+form parts, large uploads).
 """
 
 import sys
@@ -142,13 +146,100 @@ def hostile_requests(model_name, blob):
     ]
 
 
+def hostile_rest_requests(model_name, blob):
+    """``[(name, path, body, headers, timeout)]`` for the REST API."""
+    import base64
+    import json
+
+    predict = f"/v1/models/{model_name}:predict"
+    b64 = {"b64": base64.b64encode(blob).decode()}
+
+    def body(payload):
+        return json.dumps(payload).encode()
+
+    return [
+        ("REST 16 MiB of empty lists", predict, b'{"instances":[' + b"[]," * ((16 << 20) // 3) + b"[]]}", {}, 30),
+        ("REST nesting 100000 deep", predict, b'{"instances":' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, 30),
+        ("REST pixel 300", predict, body({"signature_name": "pixels", "instances": [[[[300, 0, 0]]]]}), {}, 30),
+        ("REST pixel 1e300", predict, b'{"signature_name":"pixels","instances":[[[[1e300,0,0]]]]}', {}, 30),
+        ("REST Content-Length ²", predict, b"", {"Content-Length": "²"}, 30),
+        ("REST reversed box", predict, body({"signature_name": "crops",
+                                             "instances": [{"images": b64, "boxes": [50, 40, 10, 5]}]}), {}, 30),
+        ("REST 300 images", predict, body({"instances": [b64] * 300}), {}, 30),
+        ("REST 64 MiB declared, never sent", predict, b"", {"Content-Length": str(64 << 20)}, 2),
+        ("REST rebinding Host", f"/v1/models/{model_name}", None, {"Host": "attacker.example"}, 30),
+    ]
+
+
+def _multipart(fields, boundary="soakboundary"):
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n'.encode() + v + b"\r\n"
+             for k, v in fields]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def large_jpeg(side=9000):
+    """A ``side`` x ``side`` JPEG of a flat colour (a few MB to decode per
+    row, 1.2 GB of float pixels in all, a megabyte on the wire)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (90, 120, 150)).save(buf, "JPEG", quality=50)
+    return buf.getvalue()
+
+
+def hostile_web_requests(blob, large):
+    """``[(name, path, body, headers, timeout)]`` for the search page
+    (`serving.web`); ``large`` is `large_jpeg`'s image."""
+    parts, kind = _multipart([("x", b"")] * 50_000)
+    upload, upload_kind = _multipart([("image", large)])
+    box, box_kind = _multipart([("image", blob), ("box", b"30,30,10,10")])
+    return [
+        ("web 50000 empty parts", "/api/search", parts, {"Content-Type": kind}, 30),
+        ("web 9000x9000 upload", "/api/search", upload, {"Content-Type": upload_kind}, 120),
+        ("web reversed box", "/api/search", box, {"Content-Type": box_kind}, 30),
+        ("web 32 MiB declared, never sent", "/api/search", b"", {"Content-Length": str(32 << 20),
+                                                                   "Content-Type": kind}, 2),
+        ("web rebinding Host", "/", None, {"Host": "attacker.example"}, 30),
+    ]
+
+
+def _http_answer(port, path, body, headers, limit):
+    """The status code of one HTTP request, or why there was none."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=limit)
+    try:
+        connection.putrequest("GET" if body is None else "POST", path, skip_host="Host" in headers)
+        for key, value in headers.items():
+            connection.putheader(key, value)
+        if body is not None and "Content-Length" not in headers:
+            connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders()
+        if body:
+            connection.send(body)
+        response = connection.getresponse()
+        response.read()
+        return str(response.status)
+    except TimeoutError:
+        return "timeout (ours)"
+    except (OSError, http.client.HTTPException) as e:
+        return f"no answer: {type(e).__name__}"
+    finally:
+        connection.close()
+
+
 def run(address, model_name, blobs, clients=8, requests=2000, duration=120.0, batch=1, server_pid=None,
-        timeout=60.0, hostile_clients=0):
+        timeout=60.0, hostile_clients=0, http_targets=(), watch_pids=None):
     """Runs the load; returns a dict of figures (latencies in ms, memory in MiB).
 
     With ``server_pid`` the server's RSS is sampled four times a second and
     after every ``requests / RSS_CHECKPOINTS`` answers, so a slow machine
-    still gets a timeline.
+    still gets a timeline. ``http_targets``: ``[(port, requests)]``, one
+    hostile HTTP client each, sending ``requests`` (`hostile_rest_requests`,
+    `hostile_web_requests`) in turn; ``watch_pids``: ``{name: pid}`` of
+    further processes whose peak RSS is reported.
     """
     import grpc
     import numpy as np
@@ -219,7 +310,18 @@ def run(address, model_name, blobs, clients=8, requests=2000, duration=120.0, ba
             sock.close()
         channel.close()
 
+    def http_attacker(port, targets):
+        n = 0
+        while time.time() < deadline and not finished.is_set():
+            name, path, body, headers, limit = targets[n % len(targets)]
+            code = _http_answer(port, path, body, headers, limit)
+            with lock:
+                answers.setdefault(name, {}).setdefault(code, 0)
+                answers[name][code] += 1
+            n += 1
+
     memory, stop, finished = [], threading.Event(), threading.Event()
+    peaks = dict.fromkeys(watch_pids or {}, 0.0)
 
     def record_rss():
         value = rss_mb(server_pid)
@@ -229,15 +331,19 @@ def run(address, model_name, blobs, clients=8, requests=2000, duration=120.0, ba
 
     def sample():
         while not stop.is_set():
-            record_rss()
+            if server_pid:
+                record_rss()
+            for name, pid in (watch_pids or {}).items():
+                peaks[name] = max(peaks[name], rss_mb(pid) or 0.0)
             stop.wait(0.25)
 
-    sampler = threading.Thread(target=sample, daemon=True) if server_pid else None
+    sampler = threading.Thread(target=sample, daemon=True) if server_pid or watch_pids else None
     if sampler:
         sampler.start()
     start = time.time()
     threads = [threading.Thread(target=normal, args=(i,)) for i in range(clients)]
     attackers = [threading.Thread(target=attacker, args=(i,)) for i in range(hostile_clients)]
+    attackers += [threading.Thread(target=http_attacker, args=target) for target in http_targets]
     for t in threads + attackers:
         t.start()
     for t in threads:
@@ -258,8 +364,10 @@ def run(address, model_name, blobs, clients=8, requests=2000, duration=120.0, ba
     }
     if len(lat):
         result.update({f"p{q}_ms": round(float(np.percentile(lat, q)), 1) for q in (50, 90, 99)})
-    if hostile_clients:
+    if hostile_clients or http_targets:
         result["hostile_answers"] = answers
+    for name, peak in peaks.items():
+        result[f"{name}_rss_peak_mb"] = round(peak, 1)
     if server_pid:
         result["server_alive"] = rss_mb(server_pid) is not None
     if memory:

@@ -68,6 +68,8 @@ def define_flags(flag_values=flags.FLAGS):
                          "decode at once (about 16 bytes of memory each); requests beyond it wait their turn.", **fv)
     flags.DEFINE_integer("max_concurrent_rpcs", None, "Calls accepted at once, running or waiting (default: "
                          "4 x --grpc_max_threads); more get RESOURCE_EXHAUSTED.", **fv)
+    flags.DEFINE_list("allowed_hosts", None, "Host names the REST API answers to (default: loopback names when "
+                      "--host is loopback, any otherwise; * for any): a DNS-rebinding page gets 403.", **fv)
     flags.DEFINE_string("grpc_channel_arguments", "", "Comma-separated gRPC server arguments, key=value, over "
                         "the defaults in serving.server.CHANNEL_ARGUMENTS (idle, age and handshake timeouts).", **fv)
 
@@ -113,7 +115,8 @@ def main(argv):
             from serving.rest import RestServer
 
             rest = RestServer(manager, FLAGS.rest_api_port, FLAGS.host, limits, budget, metrics,
-                              FLAGS.max_message_bytes, FLAGS.rest_api_num_threads)
+                              FLAGS.max_message_bytes, FLAGS.rest_api_num_threads,
+                              allowed_hosts=FLAGS.allowed_hosts)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -52,8 +52,8 @@ def define_flags():
     flags.DEFINE_integer("port", 8080, "Port of the page.")
     flags.DEFINE_string("host", "127.0.0.1", "Address to bind; 0.0.0.0 exposes the page on every interface.")
     flags.DEFINE_integer("max_top", 200, "Most results one search may ask for.")
-    flags.DEFINE_integer("max_pixels_in_flight", 2 * MAX_PIXELS, "Declared query pixels all searches together "
-                         "may hold at once; more wait.")
+    flags.DEFINE_integer("max_pixels_in_flight", MAX_PIXELS, "Declared query pixels all searches together "
+                         "may hold at once (about 26 bytes of memory each, measured); more wait.")
     flags.DEFINE_list("allowed_hosts", None, "Host names the page answers to (default: loopback names when "
                       "bound to loopback, any otherwise; * for any).")
 
@@ -94,7 +94,7 @@ def form_fields(content_type, body, max_parts=MAX_PARTS):
 class Searcher:
     """Describes a query and searches the index (thread-safe)."""
 
-    def __init__(self, index, describer, images_root=None, max_top=200, max_pixels_in_flight=2 * MAX_PIXELS):
+    def __init__(self, index, describer, images_root=None, max_top=200, max_pixels_in_flight=MAX_PIXELS):
         from serving.requests import PixelBudget
 
         self.index, self.describer = index, describer
