@@ -15,20 +15,26 @@ to Beam's ``PipelineOptions`` unchanged (``--runner``, ``--flink_master``,
   scheme (``gs://``, ``s3://``) are read through Beam's file systems.
 * Each file is read (regular files of at most ``--max_file_bytes`` only),
   keyed by the image size its header declares, and the images of one size
-  are grouped (``GroupIntoBatches``, ``--batch_size``) so that each group is
-  one call of the signature; the key also spreads a size over `serving.beam_inference.KEY_SPREAD`
-  shards, so one common size is not one worker's work.
+  are grouped (a ``GroupByKey``, then lists of at most ``--batch_size``:
+  `serving.beam_inference.batches` says why not ``GroupIntoBatches``) so
+  that each group is one call of the signature; the key also spreads a size
+  over `serving.beam_inference.KEY_SPREAD` shards, so one common size is
+  not one worker's work.
 * `serving.beam_inference.SavedModelHandler` is the ``RunInference`` model handler: it loads the
   SavedModel once per worker process and runs its ``serving_default`` (or
   ``--signature_name``) on a group; a group that fails is split until each
   undecodable image is alone, as `serving.extract` isolates bad images.
 * The output has `serving.extract`'s schema (``image``, ``descriptor``;
   the run record in the schema metadata) and ``OUTPUT.errors.csv`` lists
-  the files that could not be described, with the reason. Both are written
-  by Beam's file sinks, which keep only the output of bundles that
-  succeeded: a retried bundle adds no row twice. ``--shard_size N`` makes
-  OUTPUT a folder of ``ceil(images / N)`` numbered shards (Beam spreads the
-  rows over them about evenly, in no particular order).
+  the files that could not be described, with the reason. Each shard is
+  written whole by one step after a ``GroupByKey`` on its number, and the
+  errors by Beam's file sink: a retried bundle adds no row twice.
+  ``--shard_size N`` makes OUTPUT a folder of ``ceil(images / N)`` numbered
+  shards, image ``i`` of the listing in shard ``i mod count``.
+* A local OUTPUT is staged beside it and swapped in whole once the pipeline
+  succeeds (`deep_retrieval.files.atomic_write`): a failed run leaves the
+  previous output, and a rerun leaves none of its shards. On a remote file
+  system the shards are written in place, then an earlier run's deleted.
 """
 
 import sys
