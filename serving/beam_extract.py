@@ -72,7 +72,7 @@ def main(argv):
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from deep_retrieval.files import atomic_write
-    from serving.beam_inference import build, drop_stale, fill_missing, run_info
+    from serving.beam_inference import build, drop_stale, run_info
     from serving.extract import check_unique, list_images, report_skipped
 
     try:
@@ -93,7 +93,6 @@ def main(argv):
         with beam.Pipeline(options=options) as pipeline:
             paths = build(pipeline, items, FLAGS.saved_model, output, FLAGS.signature_name, FLAGS.batch_size,
                           FLAGS.max_file_bytes, info, FLAGS.shard_size, errors)
-        fill_missing(paths, info)
         return paths
 
     errors = FLAGS.output + ".errors.csv"

@@ -188,8 +188,8 @@ def build(pipeline, items, saved_model, output, signature_name="serving_default"
     ``ceil(len(items) / shard_size)`` shards named as
     `deep_retrieval.descriptor_files.shard_name` names them, image ``i``
     of ``items`` in shard ``i % count``, so that their sizes differ by one
-    at most) and ``errors`` (default ``output.errors.csv``). A shard whose
-    images all failed is not written (`fill_missing` writes it empty)."""
+    at most; a shard whose images all failed is written empty) and
+    ``errors`` (default ``output.errors.csv``)."""
     import apache_beam as beam
     from apache_beam.ml.inference.base import RunInference
 
@@ -209,12 +209,18 @@ def build(pipeline, items, saved_model, output, signature_name="serving_default"
                | "Batches" >> beam.FlatMap(batches, batch_size)
                | "Describe" >> RunInference(SavedModelHandler(saved_model, signature_name))
                | "Results" >> beam.Map(lambda prediction: prediction.inference))
-    _ = (results
-         | "Described" >> beam.FlatMap(lambda r: r[0])
-         | "ByShard" >> beam.Map(lambda r: (r[0][1], (r[0][0], r[1]))).with_output_types(
-             typing.Tuple[int, typing.Any])
+    described = (results
+                 | "Described" >> beam.FlatMap(lambda r: r[0])
+                 | "ByShard" >> beam.Map(lambda r: (r[0][1], (r[0][0], r[1]))).with_output_types(
+                     typing.Tuple[int, typing.Any]))
+    every = (pipeline  # a None row for each shard, so that a shard whose images all failed is written too
+             | "EveryShard" >> beam.Create([(shard, None) for shard in range(len(paths))]).with_output_types(
+                 typing.Tuple[int, typing.Any]))
+    _ = ((described, every)
+         | "AllRows" >> beam.Flatten()
          | "Shards" >> beam.GroupByKey()
-         | "Write" >> beam.MapTuple(lambda shard, rows: write_shard(paths[shard], layout, rows)))
+         | "Write" >> beam.MapTuple(
+             lambda shard, rows: write_shard(paths[shard], layout, (row for row in rows if row is not None))))
     failed = results | "Failed" >> beam.FlatMap(lambda r: r[1])
     ((unreadable, failed)
      | "Errors" >> beam.Flatten()
@@ -222,17 +228,6 @@ def build(pipeline, items, saved_model, output, signature_name="serving_default"
      | "WriteErrors" >> beam.io.WriteToText(errors or output + ".errors.csv", num_shards=1,
                                             shard_name_template="", header="image,reason"))
     return paths
-
-
-def fill_missing(paths, run_info):
-    """Writes each of ``paths`` that the pipeline did not (a shard whose
-    images all failed) as an empty Parquet file."""
-    from apache_beam.io.filesystems import FileSystems
-
-    layout = schema(run_info)
-    for path in paths:
-        if not FileSystems.exists(path):
-            write_shard(path, layout, [])
 
 
 def drop_stale(output, paths):
