@@ -59,9 +59,18 @@ def _filter_native_stderr():
     atexit.register(restore)
 
 
+def _one_line(error):
+    """An exception as its message (OSError: the reason and the file)."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    return str(error)
+
+
 def run(main, pass_through=False):
-    """``absl.app.run(main)``, with help exiting 0 and native start-up noise
-    dropped (see the module docstring). With ``pass_through``, arguments
+    """``absl.app.run(main)``, with help exiting 0, native start-up noise
+    dropped (see the module docstring), and a ValueError or OSError from
+    ``main`` printed as one ``error: ...`` line with exit status 1 (usage
+    errors too, pointing to ``--help``). With ``pass_through``, arguments
     that are not this command's flags reach ``main``'s ``argv`` unchanged
     (another parser's options, such as Beam's), instead of being refused."""
     from absl import app, flags
@@ -81,6 +90,9 @@ def run(main, pass_through=False):
             return main(argv)
         except app.UsageError as e:
             print(f"error: {e} (see --help)", file=sys.stderr)
+            return 1
+        except (ValueError, OSError) as e:  # what the library raises for bad input: one line, never a traceback
+            print(f"error: {_one_line(e)}", file=sys.stderr)
             return 1
 
     def known_only(argv):

@@ -17,7 +17,6 @@ import io
 import json
 import os
 import shutil
-import sys
 
 from absl import app, flags
 
@@ -120,12 +119,8 @@ def main(argv):
     del argv
     if not flags.FLAGS.model or not flags.FLAGS.output_dir:
         raise app.UsageError("--model and --output_dir are required")
-    try:
-        info = export(flags.FLAGS.model, flags.FLAGS.output_dir, flags.FLAGS.image_size, flags.FLAGS.model_name,
-                      flags.FLAGS.run_id, flags.FLAGS.overwrite, flags.FLAGS.dtype)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    info = export(flags.FLAGS.model, flags.FLAGS.output_dir, flags.FLAGS.image_size, flags.FLAGS.model_name,
+                  flags.FLAGS.run_id, flags.FLAGS.overwrite, flags.FLAGS.dtype)
     print(f"exported to {flags.FLAGS.output_dir}: {json.dumps(info)}")
     return 0
 

@@ -12,7 +12,6 @@ model is written atomically.
 """
 
 import json
-import sys
 
 from absl import app, flags
 
@@ -41,13 +40,9 @@ def main(argv):
     from deep_retrieval import pytorch_models  # heavy imports after --help
     from deep_retrieval.files import atomic_write
 
-    try:
-        scales = tuple(float(s) for s in values.scales) if values.scales else None
-        model, summary = pytorch_models.import_checkpoint(values.checkpoint, values.image_size, scales,
-                                                          values.whitening)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    scales = tuple(float(s) for s in values.scales) if values.scales else None
+    model, summary = pytorch_models.import_checkpoint(values.checkpoint, values.image_size, scales,
+                                                      values.whitening)
     atomic_write(values.output, model.save, ".keras")
     print(f"{values.output}: {json.dumps(summary)}, descriptor size {model.descriptor_size}")
     return 0

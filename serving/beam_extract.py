@@ -75,15 +75,12 @@ def main(argv):
     from serving.beam_inference import build, drop_stale, run_info
     from serving.extract import check_unique, list_images, report_skipped
 
+    if not os.path.isdir(FLAGS.saved_model):
+        raise ValueError(f"{FLAGS.saved_model}: no such SavedModel folder")
+    items, skipped = list_images(FLAGS.images, FLAGS.data_dir)
+    check_unique(items)
     try:
-        if not os.path.isdir(FLAGS.saved_model):
-            raise ValueError(f"{FLAGS.saved_model}: no such SavedModel folder")
-        items, skipped = list_images(FLAGS.images, FLAGS.data_dir)
-        check_unique(items)
         options = PipelineOptions(argv[1:])
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except SystemExit:
         return 1  # an unknown Beam option: argparse said which
     report_skipped(skipped)

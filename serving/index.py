@@ -21,7 +21,6 @@ can check the descriptor size. The index folder is replaced atomically; a
 killed run leaves the previous index intact.
 """
 
-import sys
 
 from absl import app, flags
 
@@ -52,12 +51,8 @@ def main(argv):
     del argv
     if not FLAGS.descriptors or not FLAGS.output:
         raise app.UsageError("--descriptors and --output are required")
-    try:
-        meta = build_index(FLAGS.descriptors, FLAGS.output, FLAGS.kind, FLAGS.factory, FLAGS.nprobe,
-                           FLAGS.images_root, FLAGS.model_info, FLAGS.append, FLAGS.train_size, FLAGS.progress)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    meta = build_index(FLAGS.descriptors, FLAGS.output, FLAGS.kind, FLAGS.factory, FLAGS.nprobe,
+                       FLAGS.images_root, FLAGS.model_info, FLAGS.append, FLAGS.train_size, FLAGS.progress)
     print(f"{FLAGS.output}: {meta['kind']} index of {meta['count']} descriptors of size {meta['dim']}"
           + (f" ({meta['factory']})" if meta["factory"] else ""))
     return 0

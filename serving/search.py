@@ -16,7 +16,6 @@ extracted with, so that a newer model is never compared with them.
 
 import io
 import os
-import sys
 
 from absl import app, flags
 
@@ -180,30 +179,22 @@ def main(argv):
         raise app.UsageError(f"--top must be at least 1, got {FLAGS.top}")
     from deep_retrieval import search
 
-    try:
-        index = search.Index.load(FLAGS.index)
-        with open(FLAGS.query, "rb") as f:
-            data = f.read()
-        box, _ = check_box(data, FLAGS.box)
-        run = index.metadata.get("extraction") or {}
-        version = run.get("model_version") if run.get("model_name") == FLAGS.model_name else None
-        vector = Describer(FLAGS.server, FLAGS.model_name, FLAGS.saved_model, version)(data, box)
-        if len(vector) != index.dim:
-            raise ValueError(f"the model gives {len(vector)}-D descriptors, the index holds {index.dim}-D")
-        scores, ids = index.search(vector[None], FLAGS.top, qe=FLAGS.qe, rerank=FLAGS.rerank)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    index = search.Index.load(FLAGS.index)
+    with open(FLAGS.query, "rb") as f:
+        data = f.read()
+    box, _ = check_box(data, FLAGS.box)
+    run = index.metadata.get("extraction") or {}
+    version = run.get("model_version") if run.get("model_name") == FLAGS.model_name else None
+    vector = Describer(FLAGS.server, FLAGS.model_name, FLAGS.saved_model, version)(data, box)
+    if len(vector) != index.dim:
+        raise ValueError(f"the model gives {len(vector)}-D descriptors, the index holds {index.dim}-D")
+    scores, ids = index.search(vector[None], FLAGS.top, qe=FLAGS.qe, rerank=FLAGS.rerank)
     results = list(zip(ids[0], scores[0].tolist()))
     for rank, (image_id, score) in enumerate(results, start=1):
         print(f"{rank:3d}  {score:.4f}  {image_id}")
     if FLAGS.picture:
         root = FLAGS.images_root or index.metadata.get("images_root")
-        try:
-            draw(FLAGS.query, FLAGS.box, results, root, FLAGS.picture)
-        except (ValueError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+        draw(FLAGS.query, FLAGS.box, results, root, FLAGS.picture)
         print(f"picture written to {FLAGS.picture}")
     return 0
 

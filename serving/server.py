@@ -34,7 +34,6 @@ connections are closed (`serving.service.CHANNEL_ARGUMENTS`), and at most
 
 import logging
 import signal
-import sys
 import threading
 
 from absl import app, flags
@@ -101,25 +100,21 @@ def main(argv):
     from serving.requests import Limits, PixelBudget
     from serving.service import build_server, channel_arguments
 
-    try:
-        manager = ModelManager(FLAGS.model_name, FLAGS.model_base_path, FLAGS.file_system_poll_wait_seconds)
-        limits = Limits(FLAGS.max_images_per_request, FLAGS.max_request_pixels)
-        budget = PixelBudget(FLAGS.max_pixels_in_flight)
-        metrics = Metrics()
-        server, port = build_server(manager, FLAGS.port, FLAGS.host, FLAGS.grpc_max_threads,
-                                    FLAGS.max_message_bytes, limits, budget,
-                                    channel_arguments(FLAGS.grpc_channel_arguments), FLAGS.max_concurrent_rpcs,
-                                    metrics)
-        rest = None
-        if FLAGS.rest_api_port:
-            from serving.rest import RestServer
+    manager = ModelManager(FLAGS.model_name, FLAGS.model_base_path, FLAGS.file_system_poll_wait_seconds)
+    limits = Limits(FLAGS.max_images_per_request, FLAGS.max_request_pixels)
+    budget = PixelBudget(FLAGS.max_pixels_in_flight)
+    metrics = Metrics()
+    server, port = build_server(manager, FLAGS.port, FLAGS.host, FLAGS.grpc_max_threads,
+                                FLAGS.max_message_bytes, limits, budget,
+                                channel_arguments(FLAGS.grpc_channel_arguments), FLAGS.max_concurrent_rpcs,
+                                metrics)
+    rest = None
+    if FLAGS.rest_api_port:
+        from serving.rest import RestServer
 
-            rest = RestServer(manager, FLAGS.rest_api_port, FLAGS.host, limits, budget, metrics,
-                              FLAGS.max_message_bytes, FLAGS.rest_api_num_threads,
-                              allowed_hosts=FLAGS.allowed_hosts)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        rest = RestServer(manager, FLAGS.rest_api_port, FLAGS.host, limits, budget, metrics,
+                          FLAGS.max_message_bytes, FLAGS.rest_api_num_threads,
+                          allowed_hosts=FLAGS.allowed_hosts)
     server.start()
     log.info("gRPC PredictionService for %r on %s:%d", FLAGS.model_name, FLAGS.host, port)
     if rest is not None:

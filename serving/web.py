@@ -224,16 +224,12 @@ def main(argv):
     from deep_retrieval import search
     from serving.search import Describer
 
-    try:
-        index = search.Index.load(FLAGS.index)
-        run = index.metadata.get("extraction") or {}
-        version = run.get("model_version") if run.get("model_name") == FLAGS.model_name else None
-        describer = Describer(FLAGS.server, FLAGS.model_name, FLAGS.saved_model, version)
-        searcher = Searcher(index, describer, FLAGS.images_root, FLAGS.max_top, FLAGS.max_pixels_in_flight)
-        web = WebServer(searcher, FLAGS.port, FLAGS.host, allowed_hosts=FLAGS.allowed_hosts)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    index = search.Index.load(FLAGS.index)
+    run = index.metadata.get("extraction") or {}
+    version = run.get("model_version") if run.get("model_name") == FLAGS.model_name else None
+    describer = Describer(FLAGS.server, FLAGS.model_name, FLAGS.saved_model, version)
+    searcher = Searcher(index, describer, FLAGS.images_root, FLAGS.max_top, FLAGS.max_pixels_in_flight)
+    web = WebServer(searcher, FLAGS.port, FLAGS.host, allowed_hosts=FLAGS.allowed_hosts)
     if not web.searcher.images_root:
         print("note: the index records no images_root and none was given: results show without pictures",
               file=sys.stderr)

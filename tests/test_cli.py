@@ -74,3 +74,17 @@ def test_native_start_up_lines_are_dropped_unless_verbose(tmp_path):
     assert not [line for line in quiet.stderr.splitlines() if NATIVE_NOISE.match(line.encode())], quiet.stderr
     assert quiet.stderr.strip().splitlines()[-1].startswith("error: ")
     assert [line for line in loud.stderr.splitlines() if NATIVE_NOISE.match(line.encode())], loud.stderr
+
+
+@pytest.mark.parametrize("error, line", [
+    ('ValueError("descriptors.parquet: no column image")', "error: descriptors.parquet: no column image"),
+    ('OSError(28, "No space left on device", "index/lists.ivfdata")',
+     "error: index/lists.ivfdata: No space left on device"),
+])
+def test_a_library_error_is_one_line_and_exit_1(error, line):
+    code = ("from deep_retrieval import cli\n"
+            f"def main(argv):\n    raise {error}\n"
+            "cli.run(main)\n")
+    result = subprocess.run([sys.executable, "-c", code, "--noverbose"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [line]  # no traceback

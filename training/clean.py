@@ -17,7 +17,6 @@ images in, kept, dropped). An interrupted run resumes where it stopped when
 run again with the same settings.
 """
 
-import sys
 
 from absl import app, flags
 
@@ -50,13 +49,9 @@ def main(argv):
     from deep_retrieval.config import CleanConfig
     from training import config_flags
 
-    try:
-        config = config_flags.dataclass_from_flags(CleanConfig)
-        summary = runner.run(FLAGS.manifest, FLAGS.data_dir, FLAGS.output, config,
-                             FLAGS.allow_outside_data_dir, FLAGS.progress)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    config = config_flags.dataclass_from_flags(CleanConfig)
+    summary = runner.run(FLAGS.manifest, FLAGS.data_dir, FLAGS.output, config,
+                         FLAGS.allow_outside_data_dir, FLAGS.progress)
     print(summary)
     return 0
 

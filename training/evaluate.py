@@ -25,7 +25,6 @@ encoded files, as TF Serving would run them).
 
 import json
 import os
-import sys
 
 from absl import app, flags
 
@@ -107,25 +106,21 @@ def main(argv):
                              f"{' or '.join(built_in_names)} (or neither) names a built-in split")
     weights = None if FLAGS.weights.lower() in ("", "none") else FLAGS.weights
     names = [dataset]
-    try:
-        if built_in:
-            from deep_retrieval.config import SyntheticConfig
+    if built_in:
+        from deep_retrieval.config import SyntheticConfig
 
-            data_root = synthetic.ensure_dataset(SyntheticConfig(), progress=FLAGS.progress)
-            names = [dataset] if dataset else synthetic.benchmarks(data_root)
-        if FLAGS.backbone and not FLAGS.image_size:
-            print(f"image size: {_demo_image_size()} px (the demo preset's; set --image_size)")
-        results = {}
-        for name in names:
-            if built_in:
-                print(f"dataset: the built-in {name} split, {os.path.join(data_root, name)}")
-            results[name] = run(data_root, name, FLAGS.model, FLAGS.image_size, FLAGS.qe,
-                                FLAGS.qe_alpha, FLAGS.dba, FLAGS.progress, FLAGS.backbone, weights, FLAGS.rerank,
-                                FLAGS.dtype)
-            print(evaluation.format_table(results[name]))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        data_root = synthetic.ensure_dataset(SyntheticConfig(), progress=FLAGS.progress)
+        names = [dataset] if dataset else synthetic.benchmarks(data_root)
+    if FLAGS.backbone and not FLAGS.image_size:
+        print(f"image size: {_demo_image_size()} px (the demo preset's; set --image_size)")
+    results = {}
+    for name in names:
+        if built_in:
+            print(f"dataset: the built-in {name} split, {os.path.join(data_root, name)}")
+        results[name] = run(data_root, name, FLAGS.model, FLAGS.image_size, FLAGS.qe,
+                            FLAGS.qe_alpha, FLAGS.dba, FLAGS.progress, FLAGS.backbone, weights, FLAGS.rerank,
+                            FLAGS.dtype)
+        print(evaluation.format_table(results[name]))
     if FLAGS.output_json:
         atomic_text(FLAGS.output_json, json.dumps(results if len(names) > 1 else results[names[0]], indent=1))
     return 0

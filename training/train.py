@@ -21,7 +21,6 @@ the validation split, the first benchmark: the built-in data's "scenes").
 import dataclasses
 import json
 import os
-import sys
 import time
 
 from absl import app, flags, logging
@@ -60,15 +59,11 @@ def main(argv):
     from deep_retrieval.trainer import Trainer  # heavy imports after --help
 
     print(json.dumps(dataclasses.asdict(cfg), default=str))
-    try:
-        trainer = Trainer(cfg)
-        model = trainer.model
-        print(f"descriptor model: {cfg.descriptor.backbone}, descriptor size {model.descriptor_size}, "
-              f"{model.count_params():,} parameters")
-        path = trainer.run()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    trainer = Trainer(cfg)
+    model = trainer.model
+    print(f"descriptor model: {cfg.descriptor.backbone}, descriptor size {model.descriptor_size}, "
+          f"{model.count_params():,} parameters")
+    path = trainer.run()
     if path:
         print(f"model saved to {path}")
         metrics = os.path.join(cfg.output_dir, "metrics.jsonl")

@@ -105,19 +105,15 @@ def main(argv):
     from deep_retrieval.data import pipeline, synthetic
     from deep_retrieval.model import image_size_of  # also registers the classes
 
-    try:
-        if FLAGS.boxes:
-            paths, boxes = load_boxes(FLAGS.boxes, FLAGS.images_dir)
-        else:
-            root = synthetic.ensure_dataset(progress=FLAGS.progress)
-            paths, boxes = load_boxes(os.path.join(root, synthetic.DATASET_NAME, "boxes.csv"))
-        if not os.path.isfile(FLAGS.model):
-            raise ValueError(f"{FLAGS.model}: no such model file")
-        model = keras.models.load_model(FLAGS.model)
-        size = image_size_of(model, FLAGS.image_size)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if FLAGS.boxes:
+        paths, boxes = load_boxes(FLAGS.boxes, FLAGS.images_dir)
+    else:
+        root = synthetic.ensure_dataset(progress=FLAGS.progress)
+        paths, boxes = load_boxes(os.path.join(root, synthetic.DATASET_NAME, "boxes.csv"))
+    if not os.path.isfile(FLAGS.model):
+        raise ValueError(f"{FLAGS.model}: no such model file")
+    model = keras.models.load_model(FLAGS.model)
+    size = image_size_of(model, FLAGS.image_size)
     chosen = 0
     if FLAGS.image:
         names = [os.path.basename(p) for p in paths]
