@@ -15,6 +15,7 @@ import json
 import socket
 import sys
 import threading
+import time
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
@@ -42,6 +43,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     timeout = 60  # a client that stops sending is dropped
+    body_seconds = 60  # a body must arrive whole within this (a client trickling bytes is dropped too)
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's name
         pass
@@ -88,6 +90,39 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_json(error[0], {"error": error[1]})
             return None
         return int(length)
+
+    def read_body(self, length):
+        """The body of ``length`` bytes (a bytearray, read into once), or
+        ``None`` once answered: 408 when it does not arrive whole within
+        `body_seconds` in all, 400 when the client ends it early."""
+        body, got = bytearray(length), 0
+        view = memoryview(body)
+        deadline = time.monotonic() + self.body_seconds
+        try:
+            while got < length:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                self.connection.settimeout(remaining)
+                count = self.rfile.readinto1(view[got:])
+                if not count:
+                    break
+                got += count
+        except (TimeoutError, socket.timeout):
+            got = -1
+        finally:
+            view.release()
+            self.connection.settimeout(self.timeout)
+        if got == length:
+            return body
+        self.close_connection = True
+        if got < 0:
+            self.refused = 408
+            self.send_json(408, {"error": f"the body did not arrive whole within {self.body_seconds} s"})
+        else:
+            self.refused = 400
+            self.send_json(400, {"error": f"the body ended after {got} of {length} bytes"})
+        return None
 
     def do_GET(self):
         self._guard(self.get)

@@ -260,10 +260,10 @@ class Handler(httpd.Handler):
     def _predict(self, app, match, length):
         from serving.service import predict
 
-        raw = self.rfile.read(length)
-        if len(raw) < length:
-            self.close_connection = True
-            return self._refuse(400, "INVALID_ARGUMENT", f"the body ended after {len(raw)} of {length} bytes")
+        raw = self.read_body(length)
+        if raw is None:  # answered
+            status = "DEADLINE_EXCEEDED" if self.refused == 408 else "INVALID_ARGUMENT"
+            return app.metrics.record(app.manager.name, "(unknown)", "rest", status, 0.0)
         try:
             try:
                 check_json(raw)

@@ -85,9 +85,10 @@ def form_fields(content_type, body, max_parts=MAX_PARTS):
         head = body.find(b"\r\n\r\n", start, end)
         if end < 0 or head < 0:
             raise BadQuery("the multipart body does not parse")
-        name = re.search(r'(?im)^content-disposition:[^\r\n]*?\bname="([^"]*)"', body[start:head].decode("latin-1"))
+        name = re.search(r'(?im)^content-disposition:[^\r\n]*?\bname="([^"]*)"',
+                         bytes(body[start:head]).decode("latin-1"))
         if name:
-            fields[name[1]] = body[head + 4:end]
+            fields[name[1]] = bytes(memoryview(body)[head + 4:end])
         position = end + 2
 
 
@@ -194,7 +195,11 @@ class Handler(httpd.Handler):
             self.close_connection = True
             return self._json(429, {"error": "the page is busy with other searches; retry later"})
         try:
-            fields = form_fields(self.headers.get("Content-Type", ""), self.rfile.read(length))
+            body = self.read_body(length)
+            if body is None:  # answered
+                return
+            fields = form_fields(self.headers.get("Content-Type", ""), body)
+            del body
             answer = self.server.searcher.search(fields)
         except BadQuery as e:
             return self._json(400, {"error": str(e)})

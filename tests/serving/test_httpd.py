@@ -102,3 +102,34 @@ def test_content_length_is_checked_before_the_body(server, length, status):
     finally:
         s.shutdown()
         s.server_close()
+
+
+def test_a_body_trickled_past_its_deadline_gets_408(server):
+    class Post(httpd.Handler):
+        body_seconds = 1.5
+
+        def post(self):
+            length = self.content_length(1000)
+            if length is not None and self.read_body(length) is not None:
+                self.send_json(200, {})
+
+    s = httpd.Server(("127.0.0.1", 0), Post, "test")
+    s.start()
+    try:
+        connection = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+        connection.sendall(b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n")
+        start, answer = time.monotonic(), b""
+        connection.settimeout(0.3)
+        while time.monotonic() - start < 8 and not answer:  # a byte every 0.3 s: each read is quick, the whole is not
+            try:
+                connection.sendall(b"x")
+                answer = connection.recv(200)
+            except TimeoutError:
+                pass
+            except OSError:
+                break
+        connection.close()
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+    finally:
+        s.shutdown()
+        s.server_close()
