@@ -1,15 +1,15 @@
 """A bounded soak of the embedded server with hostile requests mixed in.
 
 Exports a descriptor model (random weights), starts `python -m serving.server`
-in its own process on a free loopback port, and runs `serving.load_test`
+in its own process on a free loopback port, and runs `load_test`
 twice for the same time, side by side: normal clients alone, then the same
-clients with ``--hostile`` clients sending `serving.load_test.hostile_requests`
+clients with ``--hostile`` clients sending `load_test.hostile_requests`
 (declared-shape amplification, bombs in every format, many sub-cap images,
 JPEG XL, empty images, heavy requests abandoned at once) and holding silent
 TCP connections, plus one hostile client on the server's REST API
-(`serving.load_test.hostile_rest_requests`) and one on a search page
+(`load_test.hostile_rest_requests`) and one on a search page
 (`python -m serving.web` over an index of the images, describing queries
-with the SavedModel in its own process: `serving.load_test.hostile_web_requests`).
+with the SavedModel in its own process: `load_test.hostile_web_requests`).
 Prints the normal requests' latency percentiles and errors, how each
 hostile request was answered, the server's resident memory over time, the
 page's peak, and whether the server is still alive.
@@ -86,9 +86,8 @@ def main():
     parser.add_argument("--image_size", type=int, default=256)
     args = parser.parse_args()
 
+    import load_test
     from _served import embedded_server, export_random_model, free_port
-
-    from serving import load_test
 
     work = tempfile.mkdtemp(prefix="soak_")
     base = export_random_model(work, args.backbone, args.image_size)

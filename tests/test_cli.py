@@ -5,7 +5,7 @@ import pytest
 
 COMMANDS = ["training.evaluate", "training.clean", "training.visualize_proposals", "export.export_saved_model",
             "export.import_checkpoint", "serving.server", "serving.extract", "serving.index", "serving.search",
-            "serving.load_test", "serving.web", "serving.beam_extract", "training.train"]
+            "benchmarks.load_test", "serving.web", "serving.beam_extract", "training.train"]
 
 PROBE = """
 import runpy, sys

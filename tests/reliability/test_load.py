@@ -2,7 +2,7 @@
 
 import time
 
-from serving import load_test
+from benchmarks import load_test
 from tests.reliability.test_faults import _free_port, _start_server
 
 

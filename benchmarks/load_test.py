@@ -1,6 +1,6 @@
 r"""A bounded load test of a PredictionService (the embedded server or TF Serving).
 
-    python -m serving.load_test --server 127.0.0.1:8500 --clients 8 \
+    python benchmarks/load_test.py --server 127.0.0.1:8500 --clients 8 \
         --requests 2000 --duration 120 [--server_pid PID] [--images photos/]
 
 Several client threads, each with its own channel, send Predict requests of
