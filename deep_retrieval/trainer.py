@@ -137,6 +137,7 @@ class Trainer(RPNTraining):
                                     config.mine_every, config.seed, self.train_size)
         self.caches = None  # each benchmark's describer from its cached frozen-trunk maps
         self.best = None  # (validation Medium mAP, step) of model.keras
+        self.records = None  # every evaluation of the run, as metrics.jsonl holds them (chief)
         self._compile_inference()
 
     def _scope(self):
@@ -284,6 +285,7 @@ class Trainer(RPNTraining):
         best on the validation so far is model.keras (`select`)."""
         if not self.data.eval_datasets or not self.chief:
             return None
+        path = os.path.join(self.config.output_dir, "metrics.jsonl")
         records = []
         for dataset in self.data.eval_datasets[:1] if validation_only else self.data.eval_datasets:
             start = time.time()
@@ -295,26 +297,36 @@ class Trainer(RPNTraining):
             for protocol, values in results.items():
                 for key, value in values.items():
                     record[f"{protocol}_{key.replace('@', '')}"] = round(float(value), 3)
-            with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "a") as f:
+            with open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             self._log(f"{dataset.name} at step {step}:\n{evaluation.format_table(results)}")
             records.append(record)
         self.select(records[0])
+        self.earlier(step).extend(records)
         return records[0]
+
+    def earlier(self, step):
+        """`records`, read from metrics.jsonl on first use: the evaluations
+        before ``step`` (those of the run a resumed run continues)."""
+        if self.records is None:
+            self.records = []
+            path = os.path.join(self.config.output_dir, "metrics.jsonl")
+            if os.path.exists(path):
+                with open(path) as f:
+                    self.records = [row for row in map(json.loads, f) if row["step"] < step]
+        return self.records
 
     def select(self, record):
         """Early stopping on the validation split: writes model.keras when
         ``record`` (the validation's) beats every earlier evaluation of the
-        run (Medium mAP, else the first protocol's; ties keep the earlier)."""
+        run in `records` (Medium mAP, else the first protocol's; ties keep
+        the earlier)."""
         key = "medium_map" if "medium_map" in record else next(k for k in record if k.endswith("_map"))
         if self.best is None:
             self.best = (-1.0, -1)
-            path = os.path.join(self.config.output_dir, "metrics.jsonl")
-            with open(path) as f:  # earlier evaluations, when resuming
-                for line in f:
-                    row = json.loads(line)
-                    if row.get("dataset") == record["dataset"] and row["step"] < record["step"]:
-                        self.best = max(self.best, (row[key], -row["step"]))
+            for row in self.earlier(record["step"]):  # earlier evaluations, when resuming
+                if row.get("dataset") == record["dataset"] and row["step"] < record["step"]:
+                    self.best = max(self.best, (row[key], -row["step"]))
         if (record[key], -record["step"]) > self.best:
             self.best = (record[key], -record["step"])
             self.save_model()

@@ -20,7 +20,6 @@ the validation split, the first benchmark: the built-in data's "scenes").
 
 import dataclasses
 import json
-import os
 import time
 
 from absl import app, flags, logging
@@ -34,7 +33,8 @@ flags.adopt_module_key_flags(config_flags)
 
 def summary(rows, selected):
     """The table the run ends with: each benchmark's mAP at step 0 and at
-    ``selected``, the step model.keras holds (metrics.jsonl ``rows``)."""
+    ``selected``, the step model.keras holds (``rows``: `Trainer.records`,
+    the run's metrics.jsonl lines)."""
     lines = [f"model.keras is the model at step {selected}, the best on the validation split "
              f"({rows[0].get('dataset', 'benchmark')})",
              "mAP (%)              step     easy   medium     hard"]
@@ -66,11 +66,8 @@ def main(argv):
     path = trainer.run()
     if path:
         print(f"model saved to {path}")
-        metrics = os.path.join(cfg.output_dir, "metrics.jsonl")
-        if os.path.exists(metrics) and trainer.best:
-            with open(metrics) as f:
-                rows = [json.loads(line) for line in f]
-            print(summary(rows, -trainer.best[1]))
+        if trainer.records and trainer.best:
+            print(summary(trainer.records, -trainer.best[1]))
     print(f"wall time {time.time() - start:.0f} s")
     return 0
 
