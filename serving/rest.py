@@ -205,9 +205,13 @@ class Handler(httpd.Handler):
     def _error(self, code, message):
         self.send_json(code, {"error": message})
 
+    def _count(self, status):
+        """Records a request refused before it reached `serving.service.predict`."""
+        self.server.metrics.record(self.server.manager.name, "(unknown)", "rest", status, 0.0)
+
     def _refuse(self, code, status, message):
         """An error answered before the request reached `serving.service.predict`, counted."""
-        self.server.metrics.record(self.server.manager.name, "(unknown)", "rest", status, 0.0)
+        self._count(status)
         self._error(code, message)
 
     def get(self):
@@ -239,8 +243,7 @@ class Handler(httpd.Handler):
             return self._error(400, f"{bounded(match['rest'][1:])}: only predict is served (descriptors)")
         length = self.content_length(app.max_body_bytes)
         if length is None:
-            status = "RESOURCE_EXHAUSTED" if self.refused == 413 else "INVALID_ARGUMENT"
-            return app.metrics.record(app.manager.name, "(unknown)", "rest", status, 0.0)
+            return self._count("RESOURCE_EXHAUSTED" if self.refused == 413 else "INVALID_ARGUMENT")
         if not app.slots.acquire(blocking=False):  # before the body is read: a full server holds no more bodies
             self.close_connection = True
             return self._refuse(429, "RESOURCE_EXHAUSTED",
@@ -262,8 +265,7 @@ class Handler(httpd.Handler):
 
         raw = self.read_body(length)
         if raw is None:  # answered
-            status = "DEADLINE_EXCEEDED" if self.refused == 408 else "INVALID_ARGUMENT"
-            return app.metrics.record(app.manager.name, "(unknown)", "rest", status, 0.0)
+            return self._count("DEADLINE_EXCEEDED" if self.refused == 408 else "INVALID_ARGUMENT")
         try:
             try:
                 check_json(raw)
@@ -273,8 +275,7 @@ class Handler(httpd.Handler):
                                                 body)
                 del body
             except (ValueError, UnicodeDecodeError, RecursionError, InvalidRequest) as e:  # predict never saw it
-                app.metrics.record(app.manager.name, "(unknown)", "rest", getattr(e, "code", grpc.StatusCode
-                                                                                  .INVALID_ARGUMENT).name, 0.0)
+                self._count(getattr(e, "code", grpc.StatusCode.INVALID_ARGUMENT).name)
                 if isinstance(e, InvalidRequest):
                     raise
                 if isinstance(e, RecursionError):

@@ -163,9 +163,6 @@ class Handler(httpd.Handler):
 
     server_version = "deep-retrieval-web"
 
-    def _json(self, code, payload):
-        self.send_json(code, payload)
-
     def get(self):
         from urllib.parse import unquote, urlsplit
 
@@ -175,25 +172,25 @@ class Handler(httpd.Handler):
         if path.startswith("/images/"):
             file = self.server.searcher.image_path(unquote(path[len("/images/"):]))
             if file is None:
-                return self._json(404, {"error": "not an indexed image"})
+                return self.send_json(404, {"error": "not an indexed image"})
             with open(file, "rb") as f:
                 data = f.read()
             kind = image_type(data)
             if kind is None:
-                return self._json(415, {"error": "the indexed file is not an image this page serves"})
+                return self.send_json(415, {"error": "the indexed file is not an image this page serves"})
             return self.send(200, data, kind, [("Content-Security-Policy", "sandbox")])
-        self._json(404, {"error": f"no such page: {path[:200]}"})
+        self.send_json(404, {"error": f"no such page: {path[:200]}"})
 
     def post(self):
         if self.path.split("?", 1)[0] != "/api/search":
-            return self._json(404, {"error": "POST /api/search"})
+            return self.send_json(404, {"error": "POST /api/search"})
         length = self.content_length(MAX_QUERY_BYTES)
         if length is None:
             return
         bodies = self.server.bodies
         if not bodies.hold(length):
             self.close_connection = True
-            return self._json(429, {"error": "the page is busy with other searches; retry later"})
+            return self.send_json(429, {"error": "the page is busy with other searches; retry later"})
         try:
             body = self.read_body(length)
             if body is None:  # answered
@@ -202,12 +199,12 @@ class Handler(httpd.Handler):
             del body
             answer = self.server.searcher.search(fields)
         except BadQuery as e:
-            return self._json(400, {"error": str(e)})
+            return self.send_json(400, {"error": str(e)})
         except ValueError as e:  # the model and the index disagree, or the server is down
-            return self._json(502, {"error": str(e)})
+            return self.send_json(502, {"error": str(e)})
         finally:
             bodies.release(length)
-        self._json(200, answer)
+        self.send_json(200, answer)
 
 
 class WebServer(httpd.Server):
