@@ -71,11 +71,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def send_json(self, code, payload):
         self.send(code, json.dumps(payload).encode(), "application/json")
 
+    def refusing(self, code):
+        """Called with the status of an early refusal (411, 400, 413, 408)
+        before it is answered, so a client that then reads the metrics sees
+        it counted. Does nothing here."""
+
+    def _refuse_early(self, code, message):
+        self.close_connection = True
+        self.refusing(code)
+        self.send_json(code, {"error": message})
+
     def content_length(self, limit):
         """The body's declared length; ``None`` once it has been answered
         (411 without one, 400 when it is not a number, 413 past ``limit``:
-        the body is then not read and the connection closes; the code is
-        left in ``refused``)."""
+        the body is then not read and the connection closes)."""
         length = self.headers.get("Content-Length")
         error = None
         if length is None:
@@ -85,9 +94,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         elif int(length) > limit:
             error = 413, f"the body has {length} bytes, at most {limit}"
         if error:
-            self.close_connection = True
-            self.refused = error[0]
-            self.send_json(error[0], {"error": error[1]})
+            self._refuse_early(*error)
             return None
         return int(length)
 
@@ -115,13 +122,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.connection.settimeout(self.timeout)
         if got == length:
             return body
-        self.close_connection = True
         if got < 0:
-            self.refused = 408
-            self.send_json(408, {"error": f"the body did not arrive whole within {self.body_seconds} s"})
+            self._refuse_early(408, f"the body did not arrive whole within {self.body_seconds} s")
         else:
-            self.refused = 400
-            self.send_json(400, {"error": f"the body ended after {got} of {length} bytes"})
+            self._refuse_early(400, f"the body ended after {got} of {length} bytes")
         return None
 
     def do_GET(self):

@@ -209,6 +209,9 @@ class Handler(httpd.Handler):
         """Records a request refused before it reached `serving.service.predict`."""
         self.server.metrics.record(self.server.manager.name, "(unknown)", "rest", status, 0.0)
 
+    def refusing(self, code):
+        self._count({413: "RESOURCE_EXHAUSTED", 408: "DEADLINE_EXCEEDED"}.get(code, "INVALID_ARGUMENT"))
+
     def _refuse(self, code, status, message):
         """An error answered before the request reached `serving.service.predict`, counted."""
         self._count(status)
@@ -242,8 +245,8 @@ class Handler(httpd.Handler):
         if match["rest"] != ":predict":
             return self._error(400, f"{bounded(match['rest'][1:])}: only predict is served (descriptors)")
         length = self.content_length(app.max_body_bytes)
-        if length is None:
-            return self._count("RESOURCE_EXHAUSTED" if self.refused == 413 else "INVALID_ARGUMENT")
+        if length is None:  # answered and counted
+            return
         if not app.slots.acquire(blocking=False):  # before the body is read: a full server holds no more bodies
             self.close_connection = True
             return self._refuse(429, "RESOURCE_EXHAUSTED",
@@ -264,8 +267,8 @@ class Handler(httpd.Handler):
         from serving.service import predict
 
         raw = self.read_body(length)
-        if raw is None:  # answered
-            return self._count("DEADLINE_EXCEEDED" if self.refused == 408 else "INVALID_ARGUMENT")
+        if raw is None:  # answered and counted
+            return
         try:
             try:
                 check_json(raw)
