@@ -15,7 +15,7 @@ def export_random_model(work, backbone="tiny", image_size=256, whitening_dim=128
     """Builds, saves and exports a random-weight model under ``work``;
     returns the model base path (holding version ``1``)."""
     from deep_retrieval.config import DescriptorConfig
-    from deep_retrieval.model import build_descriptor_model
+    from deep_retrieval.model.descriptor_model import build_descriptor_model
     from export import export_saved_model
 
     model = build_descriptor_model(DescriptorConfig(backbone=backbone, weights=None, whitening_dim=whitening_dim),

@@ -32,7 +32,7 @@ import time
 import keras
 import numpy as np
 
-from deep_retrieval.model import DescriptorConfig, build_descriptor_model, for_inference
+from deep_retrieval.model.descriptor_model import DescriptorConfig, build_descriptor_model, for_inference
 
 SINGLE = (1.0,)
 MULTI = (1.0, 2**-0.5, 2**0.5)
@@ -81,7 +81,7 @@ def time_model(model, scales, images, warmup, batch):
     backbone = _compile(_stateless(model, model.backbone))
     head = _compile(_stateless(model, model.head))
     preprocess = _compile(_stateless(model, model.preprocess))
-    from deep_retrieval import functional
+    from deep_retrieval.ops import functional
 
     rng = np.random.RandomState(0)
     totals, heads = [], []

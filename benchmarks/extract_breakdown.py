@@ -22,7 +22,7 @@ def child(mode, dtype, width, height, calls):
         tf.config.threading.set_inter_op_parallelism_threads(1)
     import numpy as np
 
-    from deep_retrieval.model import DescriptorConfig, build_descriptor_model
+    from deep_retrieval.model.descriptor_model import DescriptorConfig, build_descriptor_model
 
     model = build_descriptor_model(DescriptorConfig(backbone="resnet101", weights=None, levels=3,
                                                     include_global=True, scales=(1.0,), dtype=dtype))

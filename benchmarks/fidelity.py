@@ -13,7 +13,7 @@ the Revisited Oxford layout), side by side in one run, under:
 
 then on the library's descriptors: ``+aqe`` (DIR's plain-average QE, k = 1,
 alpha = 0; ``--qe``), ``+dba`` (DIR's weighted DBA, ``--dba``), both, and
-``+rerank`` (SuperGlobal global re-ranking, `search.superglobal_rerank`),
+``+rerank`` (SuperGlobal global re-ranking, `reranking.superglobal_rerank`),
 alone and after DBA.
 
     python benchmarks/fidelity.py --model runs/demo/model.keras
@@ -31,8 +31,8 @@ def _legacy_describer(model, longest, crop_keeps_scale):
     import numpy as np
     import tensorflow as tf
 
-    from deep_retrieval import extraction
     from deep_retrieval.data.images import crop_box, decode, scale_views
+    from deep_retrieval.retrieval import extraction
 
     fn = extraction.compiled_fn(lambda x: model(x, training=False))  # resizes each scale itself
 
@@ -68,11 +68,11 @@ def main():
 
     import keras
 
-    from deep_retrieval import evaluation, extraction, search
     from deep_retrieval.config import SyntheticConfig
     from deep_retrieval.data import groundtruth, synthetic
-    from deep_retrieval.model import DescriptorConfig, build_descriptor_model, image_size_of
+    from deep_retrieval.model.descriptor_model import DescriptorConfig, build_descriptor_model, image_size_of
     from deep_retrieval.presets import PRESETS
+    from deep_retrieval.retrieval import evaluation, extraction, reranking
 
     if args.model:
         model = keras.models.load_model(args.model)
@@ -100,11 +100,11 @@ def main():
     rows["+crop"] = score(*described(_legacy_describer(model, size, crop_keeps_scale=True)))
     db, q = described(extraction.model_describer(model, size, progress=False))
     rows["+scales"] = score(db, q)
-    aqe = search.alpha_query_expansion(q, db, args.qe, 0.0)
-    dba = search.database_augmentation(db, args.dba)
+    aqe = reranking.alpha_query_expansion(q, db, args.qe, 0.0)
+    dba = reranking.database_augmentation(db, args.dba)
     rows[f"+aqe k={args.qe}"] = score(db, aqe)
     rows[f"+dba k={args.dba}"] = score(dba, q)
-    rows["+dba+aqe"] = score(dba, search.alpha_query_expansion(q, dba, args.qe, 0.0))
+    rows["+dba+aqe"] = score(dba, reranking.alpha_query_expansion(q, dba, args.qe, 0.0))
     for label, base in (("+rerank", db), ("+dba+rerank", dba)):
         ranks = evaluation.rerank_ranks(q, base)
         result = evaluation.evaluate(ranks, data.gnd)

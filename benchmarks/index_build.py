@@ -28,8 +28,9 @@ import time
 
 import numpy as np
 
-from deep_retrieval import search
-from deep_retrieval.descriptor_files import Descriptors, shard_name
+from deep_retrieval.retrieval import index as index_lib
+from deep_retrieval.retrieval import reranking
+from deep_retrieval.retrieval.descriptor_files import Descriptors, shard_name
 
 
 def write_shards(folder, count, rows, dim, clusters, spread, seed=0):
@@ -91,7 +92,7 @@ def exact_top10(queries, paths):
     offset = 0
     for path in paths:
         for _, x in Descriptors(path).batches(rows=262144):
-            s, i = search.topk(queries, x, 10)
+            s, i = reranking.topk(queries, x, 10)
             best_s, best_i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i + offset], 1)
             keep = np.argsort(-best_s, axis=1, kind="stable")[:, :10]
             best_s, best_i = np.take_along_axis(best_s, keep, 1), np.take_along_axis(best_i, keep, 1)
@@ -142,7 +143,7 @@ def main():
         queries += (args.noise / np.sqrt(args.dim)) * rng.standard_normal(queries.shape, dtype=np.float32)
         queries /= np.linalg.norm(queries, axis=1, keepdims=True)
         want = exact_top10(queries, paths[:count])
-        index = search.Index.load(output)
+        index = index_lib.Index.load(output)
         index.search(queries[:10], 10)  # warm: touch the code paths
         t0 = time.perf_counter()
         _, got = index.search(queries, 10)

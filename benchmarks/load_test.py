@@ -387,10 +387,10 @@ def main(argv):
     if not FLAGS.allow_remote and host not in ("127.0.0.1", "localhost", "[::1]", "::1"):
         raise app.UsageError(f"--server {FLAGS.server} is not a loopback address; pass --allow_remote")
     if FLAGS.images:
-        from serving import extract
+        from deep_retrieval.retrieval import image_lists
 
         try:
-            items, _ = extract.list_images(FLAGS.images)
+            items, _ = image_lists.list_images(FLAGS.images)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

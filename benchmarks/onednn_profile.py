@@ -26,7 +26,7 @@ def tf_child(width, height, calls):
     import numpy as np
     import tensorflow as tf
 
-    from deep_retrieval.model import DescriptorConfig, build_descriptor_model
+    from deep_retrieval.model.descriptor_model import DescriptorConfig, build_descriptor_model
 
     model = build_descriptor_model(DescriptorConfig(backbone="resnet101", weights=None, levels=3,
                                                     include_global=True, scales=(1.0,), dtype="bfloat16"))

@@ -17,10 +17,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from deep_retrieval import evaluation, extraction  # noqa: E402
 from deep_retrieval.config import SyntheticConfig  # noqa: E402
 from deep_retrieval.data import groundtruth, synthetic  # noqa: E402
-from deep_retrieval.model import for_inference, image_size_of  # noqa: E402
+from deep_retrieval.model.descriptor_model import for_inference, image_size_of  # noqa: E402
+from deep_retrieval.retrieval import (
+    evaluation,
+    extraction,  # noqa: E402
+)
 
 
 def main():

@@ -18,7 +18,7 @@
   against exact is low by construction; the second figure is the meaningful
   one there.
 
-    python benchmarks/search.py [--n 1000000] [--dim 2048] [--queries 1000]
+    python benchmarks/index_lib.py [--n 1000000] [--dim 2048] [--queries 1000]
 """
 
 import argparse
@@ -27,7 +27,8 @@ import time
 
 import numpy as np
 
-from deep_retrieval import search
+from deep_retrieval.retrieval import index as index_lib
+from deep_retrieval.retrieval import reranking
 
 
 def _rss_gb():
@@ -78,7 +79,7 @@ def main():
           f"{compute:.2f} s at that speed", flush=True)
 
     t0 = time.perf_counter()
-    exact_s, exact_i = search.topk(queries, db, args.k, chunk=args.chunk)
+    exact_s, exact_i = reranking.topk(queries, db, args.k, chunk=args.chunk)
     exact_time = time.perf_counter() - t0
     bound = max(stream, compute)
     print(f"exact: {args.queries / exact_time:.1f} queries/s ({exact_time:.2f} s for all, one pass over the "
@@ -87,7 +88,7 @@ def main():
 
     if args.skip_ivfpq:
         return
-    index = search.Index(args.dim, kind="ivfpq", factory=args.factory)
+    index = index_lib.Index(args.dim, kind="ivfpq", factory=args.factory)
     t0 = time.perf_counter()
     index.train(db[rng.choice(args.n, min(args.n, args.train_size), replace=False)])
     train_time = time.perf_counter() - t0

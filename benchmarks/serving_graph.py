@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from deep_retrieval.model import DescriptorConfig, build_descriptor_model  # noqa: E402
+from deep_retrieval.model.descriptor_model import DescriptorConfig, build_descriptor_model  # noqa: E402
 from export import export_saved_model  # noqa: E402
 
 

@@ -35,7 +35,8 @@ def main():
     import tensorflow as tf
     from _served import embedded_server, export_random_model
 
-    from serving import extract as extract_lib
+    from deep_retrieval.retrieval import image_lists
+    from serving import batch_client
 
     work = tempfile.mkdtemp(prefix="serving_bench_")
     base = export_random_model(work, args.backbone, args.image_size)
@@ -47,7 +48,7 @@ def main():
         h, w = (240, 320) if i % 2 else (320, 240)
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
             os.path.join(folder, f"{i:05d}.jpg"), quality=90)
-    items, _ = extract_lib.list_images(folder)
+    items, _ = image_lists.list_images(folder)
     blobs = [open(p, "rb").read() for _, p in items]
     batches = [blobs[i:i + args.batch_size] for i in range(0, len(blobs), args.batch_size)]
 
@@ -60,12 +61,12 @@ def main():
     print(f"in-process: {in_process:.1f} images/s", flush=True)
 
     with embedded_server(base) as (address, _):
-        replicas = extract_lib.Replicas([address], 256 << 20)
-        extractor = extract_lib.Extractor(replicas, "deep_retrieval", "serving_default", 300, 3)
+        replicas = batch_client.Replicas([address], 256 << 20)
+        extractor = batch_client.Extractor(replicas, "deep_retrieval", "serving_default", 300, 3)
         extractor.run(list(zip(["w"] * len(batches[0]), batches[0])))  # warm-up
         out = os.path.join(work, "out.parquet")
         t0 = time.perf_counter()
-        count, failed = extract_lib.extract(items, out, extractor, args.batch_size, 64 << 20,
+        count, failed = batch_client.extract(items, out, extractor, args.batch_size, 64 << 20,
                                             args.in_flight, chunk_size=len(items), progress=False)
         grpc_rate = count / (time.perf_counter() - t0)
     assert failed == 0

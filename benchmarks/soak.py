@@ -50,7 +50,7 @@ def search_page(address, base, work, blobs):
     import numpy as np
     from _served import ROOT, free_port
 
-    from deep_retrieval.search import Index
+    from deep_retrieval.retrieval.index import Index
     from serving import client
 
     stub = client.prediction_stub(address)

@@ -30,10 +30,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from deep_retrieval.backbones import freeze_backbone_before  # noqa: E402
-from deep_retrieval.model import build_descriptor_model  # noqa: E402
+from deep_retrieval.backbones.registry import freeze_backbone_before  # noqa: E402
+from deep_retrieval.model.descriptor_model import build_descriptor_model  # noqa: E402
 from deep_retrieval.presets import PRESETS  # noqa: E402
-from deep_retrieval.ranking import STREAMS, RankingModel  # noqa: E402
+from deep_retrieval.ranking.siamese import STREAMS, RankingModel  # noqa: E402
 
 
 def time_step(descriptor, image_size, batch, steps, warmup, train_from="", micro_batches=1, per_triplet=False):

@@ -69,7 +69,7 @@ class DescriptorConfig:
                          'mixed_bfloat16 policy, weights kept in float32) while the head, normalisations, whitening '
                          'and sums stay in float32; the descriptor is float32.')
     fold_batch_norm: bool = setting(False, "the backbone's batch norms folded into their convolutions (inference "
-                                    "only: deep_retrieval.batch_norm_folding; model.for_inference sets it).")
+                                    "only: deep_retrieval.model.batch_norm_folding; model.for_inference sets it).")
     post_whitening_dim: Optional[int] = setting(None, "size of a whitening P(x - m) applied after the scales "
                                                 "are combined, then L2 (cirtorch's Lw, dirtorch's PCA); None "
                                                 "for none.")
@@ -179,8 +179,9 @@ class TrainConfig:
     whitening_power: float = setting(0.5, "0.5 whitens, 0 is plain PCA.")
     cache_features: bool = setting(True,
         "with train_from (one image size, grid regions): compute the frozen layers' output once per image and "
-        "train, mine and evaluate from it (deep_retrieval.frozen_trunk; training images are then used as they are, "
-        "without random crop and colour jitter). False recomputes them at every step, with that augmentation.")
+        "train, mine and evaluate from it (deep_retrieval.ranking.frozen_trunk; training images are then used as "
+        "they are, without random crop and colour jitter). False recomputes them at every step, with that "
+        "augmentation.")
     train_from: str = setting("",
         "name (or name prefix, e.g. blocks_11) of the first backbone layer that ranking training updates; the layers "
         "before it stay frozen and no gradient flows through them. Empty trains the whole backbone.")

@@ -38,7 +38,7 @@ class DescriptorModule:
     """Builds the serving functions of a descriptor model.
 
     Args:
-        model: a `deep_retrieval.model.DescriptorModel`.
+        model: a `deep_retrieval.model.descriptor_model.DescriptorModel`.
         image_size: longest side (pixels) images are resized to.
     """
 

@@ -69,7 +69,7 @@ def export(model_path, output_dir, image_size=None, model_name="deep_retrieval",
     (default: the model's own); returns the model info dict."""
     import tensorflow as tf
 
-    from deep_retrieval.model import for_inference, load_descriptor_model
+    from deep_retrieval.model.descriptor_model import for_inference, load_descriptor_model
     from export.descriptor_module import DescriptorModule
 
     if not os.path.isfile(model_path):

@@ -6,7 +6,7 @@ descriptor model: evaluate it with `training.evaluate`, export it with
         --output models/cirtorch-gem.keras
     python -m export.import_checkpoint --checkpoint Resnet101-AP-GeM.pt --output models/dir-ap-gem.keras
 
-The layout is recognised from the file (see `deep_retrieval.pytorch_models`);
+The layout is recognised from the file (see `deep_retrieval.model.published`);
 the file is read without torch and without running anything it names. The
 model is written atomically.
 """
@@ -37,11 +37,11 @@ def main(argv):
         raise app.UsageError("--checkpoint and --output are required")
     if not values.output.endswith(".keras"):
         raise app.UsageError("--output must end in .keras")
-    from deep_retrieval import pytorch_models  # heavy imports after --help
-    from deep_retrieval.files import atomic_write
+    from deep_retrieval.io.atomic import atomic_write
+    from deep_retrieval.model import published  # heavy imports after --help
 
     scales = tuple(float(s) for s in values.scales) if values.scales else None
-    model, summary = pytorch_models.import_checkpoint(values.checkpoint, values.image_size, scales,
+    model, summary = published.import_checkpoint(values.checkpoint, values.image_size, scales,
                                                       values.whitening)
     atomic_write(values.output, model.save, ".keras")
     print(f"{values.output}: {json.dumps(summary)}, descriptor size {model.descriptor_size}")

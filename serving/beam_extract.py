@@ -32,7 +32,7 @@ to Beam's ``PipelineOptions`` unchanged (``--runner``, ``--flink_master``,
   ``--shard_size N`` makes OUTPUT a folder of ``ceil(images / N)`` numbered
   shards, image ``i`` of the listing in shard ``i mod count``.
 * A local OUTPUT is staged beside it and swapped in whole once the pipeline
-  succeeds (`deep_retrieval.files.atomic_write`): a failed run leaves the
+  succeeds (`deep_retrieval.io.atomic.atomic_write`): a failed run leaves the
   previous output, and a rerun leaves none of its shards. On a remote file
   system the shards are written in place, then an earlier run's deleted.
 """
@@ -71,9 +71,9 @@ def main(argv):
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from deep_retrieval.files import atomic_write
+    from deep_retrieval.io.atomic import atomic_write
+    from deep_retrieval.retrieval.image_lists import check_unique, list_images, report_skipped
     from serving.beam_inference import build, drop_stale, run_info
-    from serving.extract import check_unique, list_images, report_skipped
 
     if not os.path.isdir(FLAGS.saved_model):
         raise ValueError(f"{FLAGS.saved_model}: no such SavedModel folder")

@@ -29,7 +29,7 @@ def read_image(item, max_bytes):
         if len(data) > max_bytes:
             return name, f"cannot read file: more than --max_file_bytes {max_bytes} bytes"
     else:
-        from serving.extract import read_file
+        from deep_retrieval.retrieval.image_lists import read_file
 
         data = read_file(os.fspath(path), max_bytes, "--max_file_bytes")
         if isinstance(data, Exception):
@@ -71,13 +71,13 @@ def batches(keyed, batch_size):
 
 def describe_group(signature, group):
     """``(rows, errors)`` for a group of ``(name, bytes)``: one call of
-    ``signature``, split as `serving.extract.isolate` splits a failing
+    ``signature``, split as `deep_retrieval.retrieval.batching.isolate` splits a failing
     request (``rows``: ``(name, descriptor)``; ``errors``: ``(name, reason)``)."""
     import grpc
     import numpy as np
     import tensorflow as tf
 
-    from serving.extract import isolate
+    from deep_retrieval.retrieval.batching import isolate
 
     codes = {code.value[0]: code.name for code in grpc.StatusCode}
 
@@ -137,7 +137,7 @@ def shard_paths(output, count):
     """The files of an output of ``count`` shards (``None``: one file)."""
     if count is None:
         return [output]
-    from deep_retrieval.descriptor_files import shard_name
+    from deep_retrieval.retrieval.descriptor_files import shard_name
 
     return [f"{output.rstrip('/')}/{shard_name(i, count)}" for i in range(count)]
 
@@ -148,7 +148,7 @@ def schema(run_info):
 
     import pyarrow as pa
 
-    from deep_retrieval.descriptor_files import METADATA_KEY
+    from deep_retrieval.retrieval.descriptor_files import METADATA_KEY
 
     return pa.schema([("image", pa.string()), ("descriptor", pa.list_(pa.float32()))],
                      metadata={METADATA_KEY: json.dumps(run_info or {})})
@@ -186,7 +186,7 @@ def build(pipeline, items, saved_model, output, signature_name="serving_default"
     """Adds the extraction of ``items`` (``[(name, path)]``) to ``pipeline``:
     ``output`` (Parquet; with ``shard_size``, a folder of
     ``ceil(len(items) / shard_size)`` shards named as
-    `deep_retrieval.descriptor_files.shard_name` names them, image ``i``
+    `deep_retrieval.retrieval.descriptor_files.shard_name` names them, image ``i``
     of ``items`` in shard ``i % count``, so that their sizes differ by one
     at most; a shard whose images all failed is written empty) and
     ``errors`` (default ``output.errors.csv``)."""

@@ -6,7 +6,7 @@ a folder of shards (``serving.extract --shard_size``).
 
 The kind defaults by collection size: exact below a million images, a FAISS
 inverted file from there, whose factory follows Faiss's guidelines
-(`deep_retrieval.search.default_factory`: OPQ, 65536 lists with an HNSW
+(`deep_retrieval.retrieval.faiss_ivf.default_factory`: OPQ, 65536 lists with an HNSW
 coarse quantiser up to 10M, 262144 to 100M, 1048576 to 1B, 64-byte PQ
 codes). An ``ivfpq`` build streams: the quantisers are trained on
 ``--train_size`` random descriptors, then the shards are read a batch at a
@@ -25,7 +25,7 @@ killed run leaves the previous index intact.
 from absl import app, flags
 
 from deep_retrieval import cli
-from deep_retrieval.descriptor_files import build_index
+from deep_retrieval.retrieval.descriptor_files import build_index
 
 FLAGS = flags.FLAGS
 

@@ -14,27 +14,19 @@ the query asks for the model version the index's descriptors were
 extracted with, so that a newer model is never compared with them.
 """
 
-import io
 import os
 
 from absl import app, flags
 
 from deep_retrieval import cli
+from serving import describer
 
 FLAGS = flags.FLAGS
 
 
-def define_source_flags():
-    """The index and where query descriptors come from (`Describer`): shared with `serving.web`."""
-    flags.DEFINE_string("index", None, "Index folder (python -m serving.index).")
-    flags.DEFINE_string("server", None, "host:port of a TF Serving (or embedded) server.")
-    flags.DEFINE_string("model_name", "deep_retrieval", "ModelSpec.name on the server.")
-    flags.DEFINE_string("saved_model", None, "An exported SavedModel folder, instead of --server.")
-
-
 def define_flags():
     """Defines the command-line flags (only when run as a program)."""
-    define_source_flags()
+    describer.define_flags()
     flags.DEFINE_string("query", None, "Query image file.")
     flags.DEFINE_list("box", None, "Query box x0,y0,x1,y1 in pixels.")
     flags.DEFINE_integer("top", 10, "Results to show.")
@@ -43,80 +35,6 @@ def define_flags():
                          "(exact and flat indexes; instead of --qe).")
     flags.DEFINE_string("picture", None, "Write a PNG of the query and its results here.")
     flags.DEFINE_string("images_root", None, "Where result images are (default: the index's images_root).")
-
-
-def check_box(data, box):
-    """``(box, pixels)``: ``box`` (``--box`` values, or None) as four floats,
-    refused unless it crops the encoded image
-    (`deep_retrieval.data.images.box_problem`), and the pixels the image's
-    header declares; a ValueError when ``data`` is not a readable image."""
-    from PIL import Image
-
-    from deep_retrieval.data.images import box_problem
-
-    try:
-        im = Image.open(io.BytesIO(data))
-    except (OSError, Image.DecompressionBombError) as e:
-        raise ValueError(f"the query is not a readable image ({type(e).__name__}: {e})") from e
-    with im:
-        width, height = im.size
-    if box is None:
-        return None, width * height
-    if len(box) != 4:
-        raise ValueError(f"--box needs x0,y0,x1,y1, got {','.join(box)}")
-    problem = box_problem(box, width, height)
-    if problem:
-        raise ValueError(f"--{problem}")
-    return [float(v) for v in box], width * height
-
-
-class Describer:
-    """Descriptors of encoded images (cropped to a box by the model's
-    ``crops`` signature): through a server (``server``, asking for model
-    ``version`` if given) or an exported SavedModel loaded once
-    (``saved_model``). Errors are ValueErrors saying why, in one line."""
-
-    def __init__(self, server=None, model_name="deep_retrieval", saved_model=None, version=None):
-        import tensorflow as tf
-
-        self.server, self.version = server, version
-        if saved_model:
-            try:
-                self.signatures = tf.saved_model.load(saved_model).signatures
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{saved_model}: cannot load the SavedModel ({str(e).splitlines()[0][:200]})")
-            return
-        from serving import extract as extract_lib
-
-        self.signatures = None
-        replicas = extract_lib.Replicas([server])
-        self.extractors = {name: extract_lib.Extractor(replicas, model_name, name, 60, 3, version)
-                           for name in ("serving_default", "crops")}
-
-    def __call__(self, data, box=None):
-        import grpc
-        import numpy as np
-        import tensorflow as tf
-
-        signature = "crops" if box else "serving_default"
-        if self.signatures is not None:
-            inputs = {"images": tf.constant([data])}
-            if box:
-                inputs["boxes"] = tf.constant([box], tf.float32)
-            try:
-                return self.signatures[signature](**inputs)["descriptors"].numpy()[0]
-            except tf.errors.InvalidArgumentError as e:
-                raise ValueError(f"the query cannot be described: {e.message.splitlines()[0][:300]}") from None
-        try:
-            return np.asarray(self.extractors[signature].predict([data], [box] if box else None))[0]
-        except grpc.RpcError as e:
-            hint = ""
-            if self.version is not None and e.code() == grpc.StatusCode.NOT_FOUND:
-                hint = f" (the index holds descriptors of version {self.version}: serve it, or rebuild the index)"
-            elif e.code() == grpc.StatusCode.UNAVAILABLE:
-                hint = " (is the server running?)"
-            details = " ".join((e.details() or "").split())[:300]
-            raise ValueError(f"{self.server} answered {e.code().name}: {details}{hint}") from None
 
 
 def fit(pen, text, width):
@@ -177,15 +95,15 @@ def main(argv):
         raise app.UsageError("--index, --query and one of --server/--saved_model are required")
     if FLAGS.top < 1:
         raise app.UsageError(f"--top must be at least 1, got {FLAGS.top}")
-    from deep_retrieval import search
+    from deep_retrieval.retrieval.index import Index
 
-    index = search.Index.load(FLAGS.index)
+    index = Index.load(FLAGS.index)
     with open(FLAGS.query, "rb") as f:
         data = f.read()
-    box, _ = check_box(data, FLAGS.box)
+    box, _ = describer.check_box(data, FLAGS.box)
     run = index.metadata.get("extraction") or {}
     version = run.get("model_version") if run.get("model_name") == FLAGS.model_name else None
-    vector = Describer(FLAGS.server, FLAGS.model_name, FLAGS.saved_model, version)(data, box)
+    vector = describer.Describer(FLAGS.server, FLAGS.model_name, FLAGS.saved_model, version)(data, box)
     if len(vector) != index.dim:
         raise ValueError(f"the model gives {len(vector)}-D descriptors, the index holds {index.dim}-D")
     scores, ids = index.search(vector[None], FLAGS.top, qe=FLAGS.qe, rerank=FLAGS.rerank)

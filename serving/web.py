@@ -31,8 +31,9 @@ from importlib import resources
 from absl import app, flags
 
 from deep_retrieval import cli
+from deep_retrieval.data.image_headers import read_header
 from deep_retrieval.data.images import MAX_PIXELS
-from serving import httpd
+from serving import describer, httpd
 
 FLAGS = flags.FLAGS
 
@@ -45,9 +46,7 @@ MAX_PARTS = 8
 
 def define_flags():
     """Defines the command-line flags (only when run as a program)."""
-    from serving.search import define_source_flags
-
-    define_source_flags()
+    describer.define_flags()
     flags.DEFINE_string("images_root", None, "Where the indexed images are (default: the index's images_root).")
     flags.DEFINE_integer("port", 8080, "Port of the page.")
     flags.DEFINE_string("host", "127.0.0.1", "Address to bind; 0.0.0.0 exposes the page on every interface.")
@@ -106,8 +105,6 @@ class Searcher:
 
     def search(self, fields):
         """``{"results": [...]}`` for the form ``fields``; BadQuery says why not."""
-        from serving.search import check_box
-
         data = fields.get("image")
         if not data:
             raise BadQuery("no query image (multipart field 'image')")
@@ -119,7 +116,7 @@ class Searcher:
             raise BadQuery(f"top must be between 1 and {self.max_top}, got {top}")
         box = fields.get("box")
         try:
-            box, pixels = check_box(data, box.decode().split(",") if box else None)
+            box, pixels = describer.check_box(data, box.decode().split(",") if box else None)
         except (ValueError, UnicodeDecodeError) as e:
             raise BadQuery(str(e).replace("--box", "box")) from None
         if pixels > MAX_PIXELS:
@@ -146,14 +143,11 @@ class Searcher:
 
 def image_type(data):
     """The image MIME type ``data``'s content shows (not its name), or None."""
-    import io
-
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            kind = Image.MIME.get(im.format or "")
-    except Exception:  # noqa: BLE001 - not an image PIL reads
+        kind = Image.MIME.get(read_header(data)[0] or "")
+    except ValueError:
         return None
     return kind if kind and kind.startswith("image/") else None
 
@@ -214,7 +208,7 @@ class WebServer(httpd.Server):
     def __init__(self, searcher, port, host="127.0.0.1", max_bytes_in_flight=4 * MAX_QUERY_BYTES,
                  allowed_hosts=None):
         self.searcher = searcher
-        self.page = resources.files("serving").joinpath("static/search.html").read_bytes()
+        self.page = resources.files("serving").joinpath("static/index.html").read_bytes()
         self.bodies = httpd.ByteBudget(max_bytes_in_flight)
         super().__init__((host, port), Handler, "the page", allowed_hosts=allowed_hosts)
 
@@ -223,14 +217,12 @@ def main(argv):
     del argv
     if not FLAGS.index or bool(FLAGS.server) == bool(FLAGS.saved_model):
         raise app.UsageError("--index and one of --server/--saved_model are required")
-    from deep_retrieval import search
-    from serving.search import Describer
-
-    index = search.Index.load(FLAGS.index)
+    from deep_retrieval.retrieval.index import Index
+    index = Index.load(FLAGS.index)
     run = index.metadata.get("extraction") or {}
     version = run.get("model_version") if run.get("model_name") == FLAGS.model_name else None
-    describer = Describer(FLAGS.server, FLAGS.model_name, FLAGS.saved_model, version)
-    searcher = Searcher(index, describer, FLAGS.images_root, FLAGS.max_top, FLAGS.max_pixels_in_flight)
+    describe = describer.Describer(FLAGS.server, FLAGS.model_name, FLAGS.saved_model, version)
+    searcher = Searcher(index, describe, FLAGS.images_root, FLAGS.max_top, FLAGS.max_pixels_in_flight)
     web = WebServer(searcher, FLAGS.port, FLAGS.host, allowed_hosts=FLAGS.allowed_hosts)
     if not web.searcher.images_root:
         print("note: the index records no images_root and none was given: results show without pictures",

@@ -19,7 +19,7 @@ def exported(tmp_path_factory):
     """
     import numpy as np
 
-    from deep_retrieval.model import DescriptorConfig, build_descriptor_model
+    from deep_retrieval.model.descriptor_model import DescriptorConfig, build_descriptor_model
     from export import export_saved_model
 
     root = tmp_path_factory.mktemp("export")

@@ -14,7 +14,7 @@ _JAX_SCRIPT = """
 import json, sys
 import numpy as np
 import keras
-import deep_retrieval.model  # registers the classes
+import deep_retrieval.model.descriptor_model  # registers the classes
 assert keras.backend.backend() == "jax", keras.backend.backend()
 model = keras.models.load_model(sys.argv[1])
 out = {}

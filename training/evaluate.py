@@ -29,7 +29,7 @@ import os
 from absl import app, flags
 
 from deep_retrieval import cli
-from deep_retrieval.files import atomic_text
+from deep_retrieval.io.atomic import atomic_text
 
 FLAGS = flags.FLAGS
 
@@ -60,8 +60,8 @@ def define_flags():
 
 def off_the_shelf(backbone, weights="imagenet", image_size=None, progress=True):
     """The untrained model: ``backbone`` and plain multi-resolution R-MAC."""
-    from deep_retrieval import extraction
-    from deep_retrieval.model import DescriptorConfig, build_descriptor_model
+    from deep_retrieval.model.descriptor_model import DescriptorConfig, build_descriptor_model
+    from deep_retrieval.retrieval import extraction
 
     config = DescriptorConfig(backbone=backbone, weights=weights, whitening_dim=None)
     return extraction.model_describer(build_descriptor_model(config), image_size, progress=progress)
@@ -73,8 +73,8 @@ def run(data_root, dataset, model_path, image_size=None, qe=0, qe_alpha=3.0, dba
 
     ``model_path`` None with ``backbone`` set scores `off_the_shelf` instead.
     """
-    from deep_retrieval import extraction
     from deep_retrieval.data import groundtruth
+    from deep_retrieval.retrieval import extraction
 
     data = groundtruth.load_dataset(data_root, dataset)
     if model_path:
@@ -95,8 +95,8 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if bool(FLAGS.model) == bool(FLAGS.backbone):
         raise app.UsageError("give either --model or --backbone (the off-the-shelf model)")
-    from deep_retrieval import evaluation
     from deep_retrieval.data import synthetic
+    from deep_retrieval.retrieval import evaluation
 
     data_root, dataset = FLAGS.data_root, FLAGS.dataset
     built_in_names = (synthetic.SCENES_NAME, synthetic.DATASET_NAME)

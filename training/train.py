@@ -56,7 +56,7 @@ def main(argv):
         cfg = config_flags.config_from_flags()
     except ValueError as e:
         raise app.UsageError(str(e))
-    from deep_retrieval.trainer import Trainer  # heavy imports after --help
+    from deep_retrieval.ranking.trainer import Trainer  # heavy imports after --help
 
     print(json.dumps(dataclasses.asdict(cfg), default=str))
     trainer = Trainer(cfg)

@@ -20,7 +20,7 @@ import sys
 from absl import app, flags
 
 from deep_retrieval import cli
-from deep_retrieval.files import atomic_text, atomic_write
+from deep_retrieval.io.atomic import atomic_text, atomic_write
 
 FLAGS = flags.FLAGS
 
@@ -101,9 +101,9 @@ def main(argv):
     import numpy as np
     from PIL import Image
 
-    from deep_retrieval import extraction
     from deep_retrieval.data import pipeline, synthetic
-    from deep_retrieval.model import image_size_of  # also registers the classes
+    from deep_retrieval.model.descriptor_model import image_size_of  # also registers the classes
+    from deep_retrieval.retrieval import extraction
 
     if FLAGS.boxes:
         paths, boxes = load_boxes(FLAGS.boxes, FLAGS.images_dir)

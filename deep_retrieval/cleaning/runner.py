@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from deep_retrieval.cleaning.label import clean_label
 from deep_retrieval.cleaning.report import decisions_frame, report_frame
-from deep_retrieval.files import atomic_csv
+from deep_retrieval.io.atomic import atomic_csv
 
 
 def journal_path(output, config, manifest_path):

@@ -19,7 +19,7 @@ the upright copies are written once, losslessly (PNG), under
 Ground-truth pickles are untrusted input: `load_groundtruth` unpickles them
 with `SafeUnpickler`, which builds only builtin containers and numpy arrays
 and refuses every other global, so a crafted pickle cannot run code; its
-opcodes are walked first (`deep_retrieval.checkpoints.check_pickle`: memo
+opcodes are walked first (`deep_retrieval.io.torch_pickle.check_pickle`: memo
 indices in sequence, bounded nesting), so it cannot make the unpickler
 allocate what the file does not hold.
 """
@@ -31,7 +31,7 @@ import pickle
 
 from PIL import Image
 
-from deep_retrieval.files import atomic_write
+from deep_retrieval.io.atomic import atomic_write
 
 _ALLOWED_GLOBALS = {
     ("numpy", "ndarray"),
@@ -83,7 +83,7 @@ class SafeUnpickler(pickle.Unpickler):
 def safe_load(data):
     """`pickle.loads` through `SafeUnpickler` (``latin1`` for Python 2
     pickles), once `check_pickle` has walked it."""
-    from deep_retrieval.checkpoints import check_pickle
+    from deep_retrieval.io.torch_pickle import check_pickle
 
     stream = io.BytesIO(data)
     check_pickle(stream, "the pickle")

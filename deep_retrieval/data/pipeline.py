@@ -64,7 +64,7 @@ def triplet_dataset(
     paths, triplets, longest, batch_size, seed, augment_images=True, shard=None, repeat=False, size=None
 ):
     """Batches of ``{"query", "positive", "negative"}`` images, the input of
-    `deep_retrieval.ranking.RankingModel`.
+    `deep_retrieval.ranking.siamese.RankingModel`.
 
     Every image keeps its aspect ratio, its longest side ``longest`` (as at
     test time). Images of one aspect ratio (``size`` given) batch as blocks
@@ -73,7 +73,7 @@ def triplet_dataset(
 
     Args:
         paths: image path of each training index.
-        triplets: ``[m, 3]`` indices (from `deep_retrieval.mining`), an
+        triplets: ``[m, 3]`` indices (from `deep_retrieval.ranking.mining`), an
             array or an int64 tensor.
         longest: longest side of the training images.
         batch_size: triplets per batch (per input pipeline); 1 without

@@ -1,6 +1,6 @@
 import keras
 
-from deep_retrieval import functional
+from deep_retrieval.ops import functional
 
 
 @keras.saving.register_keras_serializable(package="deep_retrieval")

@@ -1,7 +1,7 @@
 import keras
 
-from deep_retrieval import functional
 from deep_retrieval.config import PAPER_SCALES
+from deep_retrieval.ops import functional
 
 
 def _one_shape(shape):

@@ -7,7 +7,7 @@ class PCAWhitening(keras.layers.Layer):
     """PCA-whitening as a shifted fully-connected layer: ``(x - mean) @ kernel``.
 
     DIR initialises ``mean`` and ``kernel`` by PCA of region descriptors
-    (`deep_retrieval.whitening.fit_pca_whitening`) and then trains them with
+    (`deep_retrieval.model.whitening.fit_pca_whitening`) and then trains them with
     the rest of the network, which is why this is a layer with weights rather
     than a fixed post-processing step.
 

@@ -1,7 +1,7 @@
 import keras
 from keras import ops
 
-from deep_retrieval import functional, regions
+from deep_retrieval.ops import functional, regions
 
 
 @keras.saving.register_keras_serializable(package="deep_retrieval")
@@ -10,7 +10,7 @@ class RegionMaxPooling(keras.layers.Layer):
 
     When the feature-map size is known at trace time (eager calls, JAX, a
     `tf.function` traced for one size) the grid of
-    `deep_retrieval.regions.rmac_regions` is pooled directly. When it is only
+    `deep_retrieval.ops.regions.rmac_regions` is pooled directly. When it is only
     known at run time (a graph with ``None`` spatial dimensions, as in an
     exported serving signature) a fixed set of candidate windows is pooled
     and a mask says which are real, so one graph serves every size.

@@ -1,7 +1,7 @@
 import keras
 from keras import ops
 
-from deep_retrieval import rpn
+from deep_retrieval.ops import proposals
 
 
 @keras.saving.register_keras_serializable(package="deep_retrieval")
@@ -10,7 +10,7 @@ class RegionProposalNetwork(keras.layers.Layer):
 
     A 3x3 convolution with ReLU, then per anchor an objectness logit and four
     box deltas (1x1 convolutions). Anchors sit at every feature cell, with
-    sides relative to the map's short side (`deep_retrieval.rpn.anchors`);
+    sides relative to the map's short side (`deep_retrieval.ops.proposals.anchors`);
     the decoded boxes are clipped to the map, the best ``pre_nms_proposals``
     go through vectorised greedy NMS, and the top ``num_proposals`` are kept.
     Boxes are in feature-cell units, so the layer works at every scale and
@@ -48,8 +48,8 @@ class RegionProposalNetwork(keras.layers.Layer):
         num_proposals=256,
         pre_nms_proposals=1000,
         nms_threshold=0.7,
-        anchor_scales=rpn.DEFAULT_ANCHOR_SCALES,
-        anchor_ratios=rpn.DEFAULT_ANCHOR_RATIOS,
+        anchor_scales=proposals.DEFAULT_ANCHOR_SCALES,
+        anchor_ratios=proposals.DEFAULT_ANCHOR_RATIOS,
         channels=256,
         **kwargs,
     ):
@@ -68,7 +68,7 @@ class RegionProposalNetwork(keras.layers.Layer):
         self.anchor_scales = tuple(float(s) for s in anchor_scales)
         self.anchor_ratios = tuple(float(r) for r in anchor_ratios)
         self.channels = int(channels)
-        self.shapes = rpn.anchor_shapes(self.anchor_scales, self.anchor_ratios)
+        self.shapes = proposals.anchor_shapes(self.anchor_scales, self.anchor_ratios)
         self.num_anchors = len(self.shapes)
         self.conv = keras.layers.Conv2D(
             self.channels, 3, padding="same", activation="relu",
@@ -103,12 +103,12 @@ class RegionProposalNetwork(keras.layers.Layer):
         batch = ops.shape(features)[0]
         logits = ops.reshape(self.objectness(hidden), (batch, -1))
         deltas = ops.reshape(self.box_deltas(hidden), (batch, -1, 4))
-        return ops.cast(logits, "float32"), ops.cast(deltas, "float32"), rpn.anchors(height, width, self.shapes)
+        return ops.cast(logits, "float32"), ops.cast(deltas, "float32"), proposals.anchors(height, width, self.shapes)
 
     def call(self, features):
         _, height, width, _ = ops.shape(features)
         logits, deltas, anchor_boxes = self.raw_outputs(ops.stop_gradient(features))
-        boxes, scores, valid = rpn.propose(
+        boxes, scores, valid = proposals.propose(
             logits, deltas, anchor_boxes, height, width, self.num_proposals,
             self.pre_nms_proposals, self.nms_threshold,
         )

@@ -1,13 +1,13 @@
 import keras
 from keras import ops
 
-from deep_retrieval import functional
 from deep_retrieval.layers.box_max_pooling import BoxMaxPooling
 from deep_retrieval.layers.l2_normalization import L2Normalization
 from deep_retrieval.layers.pca_whitening import PCAWhitening
 from deep_retrieval.layers.region_max_pooling import RegionMaxPooling
 from deep_retrieval.layers.region_proposal_network import RegionProposalNetwork
 from deep_retrieval.layers.region_sum import RegionSum
+from deep_retrieval.ops import functional
 
 
 @keras.saving.register_keras_serializable(package="deep_retrieval")

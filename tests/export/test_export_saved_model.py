@@ -150,7 +150,7 @@ def test_refuses_to_overwrite_and_bad_model(exported, tmp_path):
 
 
 def test_rpn_model_exports_and_loads_like_tf_serving(tmp_path):
-    from deep_retrieval.model import DescriptorConfig, build_descriptor_model
+    from deep_retrieval.model.descriptor_model import DescriptorConfig, build_descriptor_model
 
     model = build_descriptor_model(DescriptorConfig(
         backbone="tiny", weights=None, whitening_dim=16, scales=(1.0,), regions="rpn",

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from deep_retrieval import boxes as boxes_lib
-from deep_retrieval import rpn
 from deep_retrieval.layers import RegionProposalNetwork
+from deep_retrieval.ops import boxes as boxes_lib
+from deep_retrieval.ops import proposals
 from tests import keras_utils
 
 
@@ -17,7 +17,7 @@ def test_outputs_are_the_decoded_nms_proposals():
     assert boxes.shape == (2, 8, 4) and scores.shape == (2, 8) and valid.shape == (2, 8)
     logits, deltas, anchors = (np.asarray(t) for t in layer.raw_outputs(x))
     assert logits.shape == (2, 6 * 9 * 12) and anchors.shape == (6 * 9 * 12, 4)
-    want_boxes, _, want_valid = rpn.propose(logits, deltas, anchors, 6, 9, 8, 40, 0.5)
+    want_boxes, _, want_valid = proposals.propose(logits, deltas, anchors, 6, 9, 8, 40, 0.5)
     np.testing.assert_array_equal(valid, np.asarray(want_valid))
     assert valid[:, 0].all()  # the best-scored box always survives NMS
     np.testing.assert_allclose(boxes[valid], np.asarray(want_boxes)[valid], atol=1e-6)

@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from deep_retrieval import extraction
 from deep_retrieval.data import images, manifest, pipeline
-from deep_retrieval.files import atomic_csv
-from serving import extract as extract_lib
+from deep_retrieval.io.atomic import atomic_csv
+from deep_retrieval.retrieval import extraction, image_lists
+from serving import batch_client
 from tests.reliability.corpus import make_corpus
 
 
@@ -85,7 +85,7 @@ def test_evaluation_loader_names_each_bad_file(corpus):
 
 
 def _extractor(address):
-    return extract_lib.Extractor(extract_lib.Replicas([address], 256 << 20), "deep_retrieval",
+    return batch_client.Extractor(batch_client.Replicas([address], 256 << 20), "deep_retrieval",
                                  "serving_default", 120, 3)
 
 
@@ -118,18 +118,18 @@ def test_extraction_client(corpus, address, tmp_path, source):
     folder, files = corpus
     ok, bad = _split(files)
     if source == "folder":
-        items, _ = extract_lib.list_images(folder)
+        items, _ = image_lists.list_images(folder)
         items = [(n, p) for n, p in items if not n.endswith(".csv")]
         # A folder walk takes image extensions only (NA and 007 have none).
-        expect_ok = {extract_lib.printable_name(n) for n in ok if n.lower().endswith(images.EXTENSIONS)}
+        expect_ok = {image_lists.printable_name(n) for n in ok if n.lower().endswith(images.EXTENSIONS)}
     else:
         names = [n for n in ok + bad if "\udce9" not in n]
         csv = tmp_path / "list.csv"
         atomic_csv(str(csv), pd.DataFrame({"image": names}))
-        items, _ = extract_lib.list_images(str(csv), data_dir=folder)
+        items, _ = image_lists.list_images(str(csv), data_dir=folder)
         expect_ok = {n for n in ok if "\udce9" not in n}
     out = str(tmp_path / "d.parquet")
-    count, failed = extract_lib.extract(items, out, _extractor(address), batch_size=4, progress=False)
+    count, failed = batch_client.extract(items, out, _extractor(address), batch_size=4, progress=False)
     assert (count, failed) == (len(expect_ok), len(bad))
     frame = pd.read_parquet(out)
     assert set(frame["image"]) == expect_ok

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from deep_retrieval import search
+from deep_retrieval.retrieval import index as index_lib
 from tests.helpers_images import encoded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -136,7 +136,7 @@ def test_kill_during_index_building(tmp_path):
         time.sleep(delay)
         if process.poll() is None:
             _kill(process)
-        index = search.Index.load(output)  # always loadable: the old index or the new one
+        index = index_lib.Index.load(output)  # always loadable: the old index or the new one
         assert len(index) in (50, 150_000)
         outcomes.add(len(index))
         if len(index) == 150_000:
@@ -147,15 +147,15 @@ def test_kill_during_index_building(tmp_path):
 
 def test_index_survives_a_crash_between_the_two_renames(tmp_path):
     output = str(tmp_path / "index")
-    first = search.Index(4, kind="exact")
+    first = index_lib.Index(4, kind="exact")
     first.add(np.eye(4, dtype=np.float32), ["a", "b", "c", "d"])
     first.save(output)
     os.replace(output, output + ".old")  # the state a kill between the renames leaves
-    assert search.Index.load(output).ids == ["a", "b", "c", "d"]
-    second = search.Index(4, kind="exact")
+    assert index_lib.Index.load(output).ids == ["a", "b", "c", "d"]
+    second = index_lib.Index(4, kind="exact")
     second.add(np.eye(4, dtype=np.float32)[:2], ["e", "f"])
     second.save(output)
-    assert search.Index.load(output).ids == ["e", "f"] and not os.path.exists(output + ".old")
+    assert index_lib.Index.load(output).ids == ["e", "f"] and not os.path.exists(output + ".old")
 
 
 def _free_port():

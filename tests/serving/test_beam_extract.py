@@ -39,7 +39,7 @@ def _check_output(out, saved_model, good, bad, shards=None):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from deep_retrieval.descriptor_files import read_run_info
+    from deep_retrieval.retrieval.descriptor_files import read_run_info
 
     frame = pd.read_parquet(out)  # a file or a folder of shards
     errors_path = f"{out}.errors.csv"
@@ -84,8 +84,8 @@ def test_a_retried_bundle_adds_no_row_twice(exported, photos, tmp_path, monkeypa
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
+    from deep_retrieval.retrieval.image_lists import list_images
     from serving import beam_inference
-    from serving.extract import list_images
 
     root, good, bad = photos
     calls = tmp_path / "calls"

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from deep_retrieval import descriptor_files
-from serving import extract as extract_lib
+from deep_retrieval.retrieval import descriptor_files, image_lists, part_store
+from serving import batch_client
 from tests.helpers_images import encoded, reference_descriptors
 
 
@@ -25,16 +25,16 @@ def folder(tmp_path):
 
 
 def _extractor(address, servers=None):
-    replicas = extract_lib.Replicas(servers or [address], 64 << 20)
-    return extract_lib.Extractor(replicas, "deep_retrieval", "serving_default", 60, 4)
+    replicas = batch_client.Replicas(servers or [address], 64 << 20)
+    return batch_client.Extractor(replicas, "deep_retrieval", "serving_default", 60, 4)
 
 
 def test_folder_with_bad_files(address, exported, folder, tmp_path):
     root, files = folder
     out = str(tmp_path / "d.parquet")
-    items, _ = extract_lib.list_images(str(root))
+    items, _ = image_lists.list_images(str(root))
     assert sorted(n for n, _ in items) == sorted(files)  # recursive, notes.txt skipped
-    count, failed = extract_lib.extract(items, out, _extractor(address), batch_size=3, progress=False)
+    count, failed = batch_client.extract(items, out, _extractor(address), batch_size=3, progress=False)
     assert (count, failed) == (4, 2)
     frame = pd.read_parquet(out)
     assert sorted(frame["image"]) == sorted(["one.jpg", "a/two.png", "a/b/three.jpg", "a/b/four.JPG"])
@@ -52,10 +52,10 @@ def test_csv_input_byte_cap_and_failover(address, folder, tmp_path):
     root, files = folder
     csv = tmp_path / "list.csv"
     pd.DataFrame({"image": ["one.jpg", "a/two.png", "missing.jpg"]}).to_csv(csv, index=False)
-    items, _ = extract_lib.list_images(str(csv), data_dir=str(root))
+    items, _ = image_lists.list_images(str(csv), data_dir=str(root))
     dead = "127.0.0.1:1"  # nothing listens there: every request to it fails over
     out = str(tmp_path / "c.parquet")
-    count, failed = extract_lib.extract(items, out, _extractor(address, [dead, address]),
+    count, failed = batch_client.extract(items, out, _extractor(address, [dead, address]),
                                         max_request_bytes=1, progress=False)
     assert (count, failed) == (2, 1)
     assert pd.read_parquet(out)["image"].tolist() == ["one.jpg", "a/two.png"]
@@ -80,14 +80,14 @@ class _Interrupting:
 
 def test_interrupted_run_resumes_without_loss_or_duplicates(address, folder, tmp_path):
     root, _ = folder
-    items, _ = extract_lib.list_images(str(root))
+    items, _ = image_lists.list_images(str(root))
     out = str(tmp_path / "r.parquet")
     first = _Interrupting(_extractor(address), allowed=1)
     with pytest.raises(KeyboardInterrupt):
-        extract_lib.extract(items, out, first, batch_size=2, in_flight=1, chunk_size=2, progress=False)
+        batch_client.extract(items, out, first, batch_size=2, in_flight=1, chunk_size=2, progress=False)
     done = set(sum(first.sent, []))
     second = _Interrupting(_extractor(address), allowed=100)
-    extract_lib.extract(items, out, second, batch_size=2, in_flight=1, chunk_size=2, progress=False)
+    batch_client.extract(items, out, second, batch_size=2, in_flight=1, chunk_size=2, progress=False)
     resent = set(sum(second.sent, []))
     assert done and not (done & resent)
     frame = pd.read_parquet(out)
@@ -98,15 +98,15 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(address, folder, tmp
 
 def test_bad_sources(tmp_path):
     with pytest.raises(ValueError, match="no such folder"):
-        extract_lib.list_images(str(tmp_path / "nothing"))
+        image_lists.list_images(str(tmp_path / "nothing"))
     csv = tmp_path / "x.csv"
     csv.write_text("path\na.jpg\n")
     with pytest.raises(ValueError, match="'image' column"):
-        extract_lib.list_images(str(csv))
+        image_lists.list_images(str(csv))
     for text, reason in [("", "the CSV is empty"), ("image\n", "lists no images")]:
         csv.write_text(text)
         with pytest.raises(ValueError, match=reason):
-            extract_lib.list_images(str(csv))
+            image_lists.list_images(str(csv))
 
 
 def test_empty_folders_fail_and_skipped_files_are_reported(folder, tmp_path):
@@ -115,7 +115,7 @@ def test_empty_folders_fail_and_skipped_files_are_reported(folder, tmp_path):
 
     root, _ = folder
     (root / "scan.tif").write_bytes(b"II*\x00")
-    items, skipped = extract_lib.list_images(str(root))
+    items, skipped = image_lists.list_images(str(root))
     assert len(items) == 6
     assert [(n, r.split(":")[0]) for n, r in skipped] == [("notes.txt", ".txt"), ("scan.tif", ".tif")]
     assert all("not an image type" in r for _, r in skipped)
@@ -124,7 +124,7 @@ def test_empty_folders_fail_and_skipped_files_are_reported(folder, tmp_path):
     (only_tiffs / "sub" / "a.tif").write_bytes(b"II*\x00")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images .* 1 other files skipped"):
-        extract_lib.list_images(str(only_tiffs))
+        image_lists.list_images(str(only_tiffs))
     for source in (tmp_path / "empty", only_tiffs):
         out = tmp_path / f"{source.name}.parquet"
         result = subprocess.run([sys.executable, "-m", "serving.extract", "--images", str(source), "--output",
@@ -198,7 +198,7 @@ class _FakeReplicas:
 
 
 def test_every_item_is_isolated_whatever_the_code():
-    from serving import extract as extract_lib
+    from serving import batch_client
 
     def fail(blobs):
         if b"bomb" in blobs:  # the server runs out of memory on it: UNKNOWN
@@ -208,18 +208,19 @@ def test_every_item_is_isolated_whatever_the_code():
         return None
 
     items = [(f"{i}.jpg", b"x" * (i + 1)) for i in range(9)] + [("bomb.jpg", b"bomb")]
-    extractor = extract_lib.Extractor(_FakeReplicas(fail), "m", "serving_default", 5, 3)
+    extractor = batch_client.Extractor(_FakeReplicas(fail), "m", "serving_default", 5, 3)
     rows, errors = extractor.run(items)
     assert sorted(n for n, _ in rows) == sorted(n for n, _ in items if n != "bomb.jpg")
     assert errors == [("bomb.jpg", "UNKNOWN: out of memory")]
-    down = extract_lib.Extractor(_FakeReplicas(lambda b: _Failure(grpc.StatusCode.UNAVAILABLE, "down")),
+    down = batch_client.Extractor(_FakeReplicas(lambda b: _Failure(grpc.StatusCode.UNAVAILABLE, "down")),
                                  "m", "serving_default", 5, 2)
     with pytest.raises(grpc.RpcError):
         down.run(items[:2])  # nobody answers: the run stops (and resumes later), nothing is marked failed
 
 
 def test_a_stopped_run_keeps_the_batches_that_finished(tmp_path):
-    from serving import extract as extract_lib
+    from deep_retrieval.retrieval import part_store
+    from serving import batch_client
 
     state = {"n": 0}
 
@@ -231,16 +232,16 @@ def test_a_stopped_run_keeps_the_batches_that_finished(tmp_path):
     for i, (name, _) in enumerate(items):
         (tmp_path / name).write_bytes(b"late" if i == 3 else b"ok%d" % i)
     paths = [(n, str(tmp_path / n)) for n, _ in items]
-    extractor = extract_lib.Extractor(_FakeReplicas(fail), "m", "serving_default", 5, 1)
+    extractor = batch_client.Extractor(_FakeReplicas(fail), "m", "serving_default", 5, 1)
     out = str(tmp_path / "d.parquet")
     with pytest.raises(grpc.RpcError):
-        extract_lib.extract(paths, out, extractor, batch_size=1, in_flight=1, progress=False)
-    kept = extract_lib.PartStore(out).done()
+        batch_client.extract(paths, out, extractor, batch_size=1, in_flight=1, progress=False)
+    kept = part_store.PartStore(out).done()
     assert set(kept) == {"0.jpg", "1.jpg", "2.jpg"}  # committed although the run stopped
 
 
 def test_sharded_output_is_in_input_order_also_after_a_resume(tmp_path):
-    from deep_retrieval.descriptor_files import read_run_info
+    from deep_retrieval.retrieval.descriptor_files import read_run_info
 
     state = {"stop": True}
 
@@ -255,12 +256,12 @@ def test_sharded_output_is_in_input_order_also_after_a_resume(tmp_path):
         (tmp_path / name).write_bytes(b"bad" if i == 5 else b"x" * (11 - i))  # sizes fall: by_size reorders
         paths.append((name, str(tmp_path / name)))
     out = str(tmp_path / "shards")
-    extractor = extract_lib.Extractor(_FakeReplicas(fail), "m", "serving_default", 5, 1)
+    extractor = batch_client.Extractor(_FakeReplicas(fail), "m", "serving_default", 5, 1)
     with pytest.raises(grpc.RpcError):
-        extract_lib.extract(paths, out, extractor, batch_size=2, in_flight=1, chunk_size=3, progress=False,
+        batch_client.extract(paths, out, extractor, batch_size=2, in_flight=1, chunk_size=3, progress=False,
                             shard_size=4)
     state["stop"] = False
-    count, failed = extract_lib.extract(paths, out, extractor, batch_size=2, in_flight=1, chunk_size=3,
+    count, failed = batch_client.extract(paths, out, extractor, batch_size=2, in_flight=1, chunk_size=3,
                                         progress=False, shard_size=4)
     assert (count, failed) == (10, 1)
     assert sorted(os.listdir(out)) == [f"descriptors-0000{i}-of-00003.parquet" for i in range(3)]
@@ -280,7 +281,7 @@ def test_csv_names_are_read_verbatim(tmp_path):
         (tmp_path / name).write_bytes(encoded(16, 16))
     csv = tmp_path / "list.csv"
     csv.write_text("image\n007.jpg\n1e5\nNA\n")
-    items, _ = extract_lib.list_images(str(csv))
+    items, _ = image_lists.list_images(str(csv))
     assert [n for n, _ in items] == ["007.jpg", "1e5", "NA"]
     assert all(os.path.isfile(p) for _, p in items)
 
@@ -293,14 +294,14 @@ def test_only_regular_files_are_read_and_reads_are_bounded(tmp_path):
     (tmp_path / "ok.jpg").write_bytes(b"fine")
     for name, reason in (("pipe.jpg", "not a regular file"), ("zero.jpg", "not a regular file"),
                          ("big.jpg", "2000 bytes, more than --max_message_bytes 1000")):
-        got = extract_lib.read_file(str(tmp_path / name), 1000)
+        got = image_lists.read_file(str(tmp_path / name), 1000)
         assert isinstance(got, OSError) and reason in str(got), (name, got)
-    assert extract_lib.read_file(str(tmp_path / "ok.jpg"), 1000) == b"fine"
+    assert image_lists.read_file(str(tmp_path / "ok.jpg"), 1000) == b"fine"
 
 
 def test_printable_names_are_one_to_one_and_stay_on_one_line():
     names = ["a\rb.jpg", "a\\x0db.jpg", "a\nb.jpg", os.fsdecode(b"a\xffb.jpg"), "a\\xffb.jpg", "plain é.jpg"]
-    printed = [extract_lib.printable_name(n) for n in names]
+    printed = [image_lists.printable_name(n) for n in names]
     assert len(set(printed)) == len(names)
     assert printed[0] == "a\\x0db.jpg" and printed[1] == "a\\\\x0db.jpg" and printed[-1] == "plain é.jpg"
     assert not any(c in p for p in printed for c in "\r\n")
@@ -308,11 +309,11 @@ def test_printable_names_are_one_to_one_and_stay_on_one_line():
 
 def test_one_run_per_output(tmp_path):
     out = str(tmp_path / "d.parquet")
-    first = extract_lib.PartStore(out)
+    first = part_store.PartStore(out)
     with pytest.raises(ValueError, match="another extraction is writing it"):
-        extract_lib.PartStore(out)
+        part_store.PartStore(out)
     first.close()  # the run ends
-    extract_lib.PartStore(out).close()
+    part_store.PartStore(out).close()
 
 
 def test_the_model_version_is_pinned_recorded_and_never_mixed(tmp_path):
@@ -328,28 +329,28 @@ def test_the_model_version_is_pinned_recorded_and_never_mixed(tmp_path):
             replicas.version = 2
 
     replicas.fail = deploy_after_two
-    extractor = extract_lib.Extractor(replicas, "m", "serving_default", 5, 1)
+    extractor = batch_client.Extractor(replicas, "m", "serving_default", 5, 1)
     with pytest.raises(grpc.RpcError) as stopped:
-        extract_lib.extract(paths, out, extractor, batch_size=1, in_flight=1, chunk_size=1, progress=False)
+        batch_client.extract(paths, out, extractor, batch_size=1, in_flight=1, chunk_size=1, progress=False)
     assert stopped.value.code() == grpc.StatusCode.NOT_FOUND  # the run stops: no image marked failed
-    store = extract_lib.PartStore(out)
+    store = part_store.PartStore(out)
     assert store.run_info() == {"model_name": "m", "model_version": 1, "signature_name": "serving_default"}
     assert len(store.done()) == 2 and not any(f.endswith(".errors.csv") for f in os.listdir(store.folder))
     store.close()
     # Resuming against version 2 refuses to mix ...
     with pytest.raises(ValueError, match="holds descriptors of model version 1"):
-        extract_lib.extract(paths, out, extract_lib.Extractor(_FakeReplicas(lambda b: None, 2), "m",
+        batch_client.extract(paths, out, batch_client.Extractor(_FakeReplicas(lambda b: None, 2), "m",
                                                               "serving_default", 5, 1), progress=False)
     # ... and finishes where version 1 is served, which the output records.
-    count, failed = extract_lib.extract(paths, out, extract_lib.Extractor(_FakeReplicas(lambda b: None, 1), "m",
+    count, failed = batch_client.extract(paths, out, batch_client.Extractor(_FakeReplicas(lambda b: None, 1), "m",
                                                                           "serving_default", 5, 1), progress=False)
     assert (count, failed) == (6, 0)
     assert descriptor_files.read_run_info(out)["model_version"] == 1
     # A version or signature the replicas do not serve is refused before any work.
     with pytest.raises(ValueError, match="no replica serves model 'm' version 7"):
-        extract_lib.Extractor(_FakeReplicas(None), "m", "serving_default", 5, 1, version=7).pin()
+        batch_client.Extractor(_FakeReplicas(None), "m", "serving_default", 5, 1, version=7).pin()
     with pytest.raises(ValueError, match="no signature 'crops'"):
-        extract_lib.Extractor(_FakeReplicas(None), "m", "crops", 5, 1).pin()
+        batch_client.Extractor(_FakeReplicas(None), "m", "crops", 5, 1).pin()
 
 
 def test_replicas_serving_different_versions_are_refused():
@@ -358,11 +359,11 @@ def test_replicas_serving_different_versions_are_refused():
             self.addresses, self.stubs = ["a:1", "b:1"], [_FakeReplicas(None, 1), _FakeReplicas(None, 2)]
 
     with pytest.raises(ValueError, match="different versions"):
-        extract_lib.Extractor(Two(), "m", "serving_default", 5, 1).pin()
+        batch_client.Extractor(Two(), "m", "serving_default", 5, 1).pin()
 
 
 def test_same_size_images_share_a_request(tmp_path):
-    from serving import extract as extract_lib
+    from serving import batch_client
 
     sent = []
 
@@ -376,9 +377,9 @@ def test_same_size_images_share_a_request(tmp_path):
         (tmp_path / f"{i}.png").write_bytes(encoded(h, w, i, "PNG"))
         paths.append((f"{i}.png", str(tmp_path / f"{i}.png")))
     blobs = {name: (tmp_path / name).read_bytes() for name, _ in paths}
-    extractor = extract_lib.Extractor(_FakeReplicas(record), "m", "serving_default", 5, 1)
+    extractor = batch_client.Extractor(_FakeReplicas(record), "m", "serving_default", 5, 1)
     out = str(tmp_path / "d.parquet")
-    extract_lib.extract(paths, out, extractor, batch_size=3, in_flight=1, progress=False)
+    batch_client.extract(paths, out, extractor, batch_size=3, in_flight=1, progress=False)
     by_shape = [sorted(blobs[f"{i}.png"] for i in group) for group in ([0, 2, 4], [1, 3, 5])]
     assert sorted(sent) == sorted(by_shape)  # two requests, one per image size
     frame = pd.read_parquet(out)

@@ -69,11 +69,11 @@ def test_predict_matches_in_process_model(served):
 
 
 def test_crops_through_the_extraction_client(served):
-    from serving import extract as extract_lib
+    from serving import batch_client
 
     blobs, boxes = [encoded(90, 120, 4), encoded(64, 64, 5)], [[5, 10, 65, 80], [0, 0, 64, 64]]
-    replicas = extract_lib.Replicas([f"127.0.0.1:{served['port']}"], 64 << 20)
-    out = extract_lib.Extractor(replicas, "deep_retrieval", "crops", 60, 2).predict(blobs, boxes)
+    replicas = batch_client.Replicas([f"127.0.0.1:{served['port']}"], 64 << 20)
+    out = batch_client.Extractor(replicas, "deep_retrieval", "crops", 60, 2).predict(blobs, boxes)
     want = reference_descriptors(served["exported"]["model"], blobs, served["exported"]["image_size"], boxes)
     assert np.abs(out - want).max() <= 1e-5
 

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from deep_retrieval.descriptor_files import build_index
-from deep_retrieval.search import Index
-from serving.search import Describer
+from deep_retrieval.retrieval.descriptor_files import build_index
+from deep_retrieval.retrieval.index import Index
+from serving.describer import Describer
 from serving.web import Searcher, WebServer
 from tests.helpers_images import encoded
 

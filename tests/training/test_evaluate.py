@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from deep_retrieval import evaluation
 from deep_retrieval.config import SyntheticConfig
 from deep_retrieval.data import groundtruth, synthetic
+from deep_retrieval.retrieval import evaluation
 from tests.helpers_images import reference_descriptors
 from training import evaluate
 
@@ -48,7 +48,7 @@ def test_saved_model_and_qe_dba(exported):
 def test_off_the_shelf_is_the_untrained_backbone_with_plain_rmac():
     import keras
 
-    from deep_retrieval.model import DescriptorConfig, build_descriptor_model
+    from deep_retrieval.model.descriptor_model import DescriptorConfig, build_descriptor_model
 
     root = synthetic.ensure_dataset(SMALL, progress=False)
     keras.utils.set_random_seed(4)
@@ -99,7 +99,7 @@ def test_built_in_split_is_named_without_a_path(tmp_path):
 def test_no_recorded_image_size_is_an_error_not_a_guess(tmp_path, exported):
     import json
 
-    from deep_retrieval.model import DescriptorConfig, build_descriptor_model
+    from deep_retrieval.model.descriptor_model import DescriptorConfig, build_descriptor_model
     from export import export_saved_model
 
     root = synthetic.ensure_dataset(SMALL, progress=False)
@@ -155,7 +155,7 @@ def test_holidays_query_in_its_own_database_and_upright_images(tmp_path):
     import keras
     from PIL import Image
 
-    from deep_retrieval.model import DescriptorConfig, build_descriptor_model
+    from deep_retrieval.model.descriptor_model import DescriptorConfig, build_descriptor_model
 
     upright, groups = _holidays(tmp_path)
     data = groundtruth.load_dataset(str(tmp_path), "tinyholidays")

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from deep_retrieval.model import DescriptorConfig, build_descriptor_model
+from deep_retrieval.model.descriptor_model import DescriptorConfig, build_descriptor_model
 from tests.helpers_images import encoded
 from training import visualize_proposals
 

@@ -1,0 +1,2 @@
+"""CNN backbones cut at their last convolution (`registry`): Keras
+applications, EfficientNet-Lite and torchvision's ResNets."""

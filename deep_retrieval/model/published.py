@@ -1,0 +1,200 @@
+"""The published PyTorch retrieval networks as `DescriptorModel`s.
+
+Two checkpoint layouts are recognised, read with the torch-free reader
+(`torch_checkpoint.load`, with numpy arrays and scikit-learn's ``PCA`` as plain
+data through `pickled_data`):
+
+- **cirtorch** (Radenović et al., ``cnnimageretrieval-pytorch``):
+  ``{"meta", "state_dict"}``. The trunk is ``features.0`` (conv1),
+  ``features.1`` (bn1) and ``features.4``-``features.7`` (layer1-4), GeM's
+  power is ``pool.p``, learned whitening ``whiten.weight``/``whiten.bias``.
+  The forward is ``L2(whiten(L2(gem(x))))``; scales ``1, 1/sqrt(2), 1/2``
+  combine as the mean of ``v^p`` then the ``1/p`` power and L2, with ``p``
+  GeM's power for models without learned whitening and 1 otherwise.
+  Post-hoc whitening ``meta["Lw"][dataset]["ss" | "ms"] = {"m", "P"}`` is
+  ``L2(P (x - m))`` after the scales.
+- **dirtorch** (Revaud et al., naver's ``deep-image-retrieval``):
+  ``{"state_dict", "model_options", "preprocess", "pca"}``, keys prefixed
+  ``module.``. Torchvision names, GeM's power ``adpool.p``, an FC ``fc``;
+  the forward is ``L2(fc(gem(x)))`` (``L2`` before ``fc`` with
+  ``norm_features``). Scales combine as a generalised mean of power 3. The
+  whitening of ``dirtorch/test_dir.py`` is the scikit-learn PCA's
+  ``(x - mean_) components_^T / explained_variance_^0.25``, then L2.
+
+Both preprocess RGB / 255 with ImageNet's mean and std, which is the
+``torch`` mode of `ImagePreprocessing`; a checkpoint with other statistics
+is refused rather than approximated.
+"""
+
+import numpy as np
+
+from deep_retrieval.backbones.torchvision_resnet import BLOCKS, load_torch_state
+from deep_retrieval.config import DescriptorConfig
+from deep_retrieval.io import pickled_data, torch_checkpoint
+from deep_retrieval.model.descriptor_model import build_descriptor_model
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIRTORCH_SCALES = (1.0, 2 ** -0.5, 0.5)
+PCA_CLASSES = ("sklearn.decomposition._pca.PCA", "sklearn.decomposition.pca.PCA")
+DIRTORCH_WHITENING_POWER = 0.25  # test_dir.py's --whitenp default
+DIRTORCH_MULTISCALE_POWER = 3.0  # test_dir.py's --pooling gem --gemp 3
+
+
+def read(path):
+    """The checkpoint's object, tensors and arrays as numpy arrays."""
+    return pickled_data.materialize(torch_checkpoint.load(path, pickled_data.globals_for(PCA_CLASSES)))
+
+
+def layout(obj):
+    """``"cirtorch"``, ``"dirtorch"`` or None."""
+    if isinstance(obj, dict) and isinstance(obj.get("meta"), dict) and "state_dict" in obj:
+        return "cirtorch"
+    if isinstance(obj, dict) and "state_dict" in obj and "model_options" in obj:
+        return "dirtorch"
+    return None
+
+
+def import_checkpoint(path, image_size=1024, scales=None, whitening=None):
+    """A `DescriptorModel` with the weights of a cirtorch or dirtorch file.
+
+    Args:
+        path: the ``.pth``/``.pt`` checkpoint.
+        image_size: the longest side images are described at (both
+            families evaluate Oxford and Paris at 1024).
+        scales: relative scales (default: cirtorch's ``1, 1/sqrt(2), 1/2``;
+            dirtorch's single scale).
+        whitening: which post-hoc whitening to apply when the checkpoint
+            holds several (cirtorch ``Lw`` / dirtorch ``pca`` keys); None
+            takes the only one, ``"none"`` applies none.
+
+    Returns:
+        ``(model, summary)``: the model and a dict describing what was read.
+    """
+    obj = read(path)
+    kind = layout(obj)
+    if kind == "cirtorch":
+        return _cirtorch(path, obj, image_size, scales, whitening)
+    if kind == "dirtorch":
+        return _dirtorch(path, obj, image_size, scales, whitening)
+    keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+    raise ValueError(f"{path}: not a cirtorch ({{'meta', 'state_dict'}}) or dirtorch ({{'state_dict', "
+                     f"'model_options', ...}}) checkpoint; found keys {keys}")
+
+
+def _check_preprocessing(path, mean, std):
+    if not (np.allclose(mean, IMAGENET_MEAN, atol=1e-4) and np.allclose(std, IMAGENET_STD, atol=1e-4)):
+        raise ValueError(f"{path}: normalises with mean {list(mean)} and std {list(std)}; only ImageNet's "
+                         f"{list(IMAGENET_MEAN)} / {list(IMAGENET_STD)} are supported")
+
+
+def _choose(path, options, wanted, what):
+    """One entry of ``options`` (a dict name -> value) by ``wanted``."""
+    if wanted == "none" or not options:
+        return None, None
+    if wanted is None:
+        if len(options) > 1:
+            raise ValueError(f"{path}: holds {what} {sorted(options)}: choose one with --whitening")
+        wanted = next(iter(options))
+    if wanted not in options:
+        raise ValueError(f"{path}: no {what} {wanted!r}; it holds {sorted(options)}")
+    return wanted, options[wanted]
+
+
+def _depth(path, architecture):
+    name = str(architecture).replace("_rmac", "")
+    if name not in BLOCKS:
+        raise ValueError(f"{path}: architecture {architecture!r} is not a ResNet-50/101/152 "
+                         f"({', '.join(sorted(BLOCKS))})")
+    return name
+
+
+def _finish(path, config, image_size, state, head, post=None):
+    """Builds the model, loads trunk, GeM, FC and post-hoc whitening."""
+    model = build_descriptor_model(config, image_size)
+    unused = load_torch_state(model.backbone, state, path)
+    unused = [k for k in unused if not k.endswith("num_batches_tracked") and k not in head.values()]
+    if unused:
+        raise ValueError(f"{path}: tensors this model does not use: {', '.join(unused[:8])}")
+    gem = model.head
+    gem.pooling.p.assign(np.float32(np.ravel(state[head["p"]])[0]))
+    if gem.fc is not None:
+        gem.fc.set_weights([np.asarray(state[head["weight"]], np.float32).T,
+                            np.asarray(state[head["bias"]], np.float32)])
+    if post is not None:
+        mean, kernel = post
+        model.post_whitening.set_pca(mean, kernel)
+    return model
+
+
+def _cirtorch(path, obj, image_size, scales, whitening):
+    meta, raw = obj["meta"], obj["state_dict"]
+    if meta.get("pooling") != "gem" or meta.get("regional") or meta.get("local_whitening"):
+        raise ValueError(f"{path}: cirtorch model with pooling {meta.get('pooling')!r}, regional "
+                         f"{meta.get('regional')}, local whitening {meta.get('local_whitening')}: only "
+                         "global GeM models are supported")
+    _check_preprocessing(path, meta.get("mean", IMAGENET_MEAN), meta.get("std", IMAGENET_STD))
+    depth = _depth(path, meta.get("architecture"))
+    stages = {"features.0": "conv1", "features.1": "bn1", "features.4": "layer1", "features.5": "layer2",
+              "features.6": "layer3", "features.7": "layer4"}
+    state = {}
+    for key, value in raw.items():
+        head, _, rest = key.partition(".")
+        prefix, _, tail = rest.partition(".")
+        name = f"{head}.{prefix}"
+        state[f"{stages[name]}.{tail}" if name in stages else key] = value
+    learned = "whiten.weight" in state
+    scales = tuple(scales or CIRTORCH_SCALES)
+    p = float(np.ravel(state["pool.p"])[0])
+    name, lw = _choose(path, meta.get("Lw") or {}, whitening, "post-hoc whitenings (meta['Lw'])")
+    post = None
+    if lw is not None:
+        entry = lw["ms" if len(scales) > 1 else "ss"]
+        m, projection = np.asarray(entry["m"], np.float32).ravel(), np.asarray(entry["P"], np.float32)
+        post = (m, projection.T)
+    out = state["whiten.weight"].shape[0] if learned else 2048
+    config = DescriptorConfig(
+        backbone=f"torchvision_{depth}", weights=None, scales=scales, pooling="gem", gem_p=p,
+        normalize_pooled=True, fc_dim=out if learned else None,
+        multiscale_power=1.0 if learned or len(scales) == 1 else p,
+        post_whitening_dim=None if post is None else post[1].shape[1],
+    )
+    model = _finish(path, config, image_size, state, {"p": "pool.p", "weight": "whiten.weight",
+                                                       "bias": "whiten.bias"}, post)
+    return model, {"layout": "cirtorch", "architecture": depth, "gem_p": p, "learned_whitening": learned,
+                   "post_whitening": name, "scales": list(scales), "multiscale_power": config.multiscale_power}
+
+
+def _dirtorch(path, obj, image_size, scales, whitening):
+    options = obj["model_options"]
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj["state_dict"].items()}
+    if not str(options.get("pooling", "gem")).startswith("gem"):
+        raise ValueError(f"{path}: dirtorch model with pooling {options.get('pooling')!r}: only GeM is supported")
+    if options.get("without_fc") or "fc.weight" not in state:
+        raise ValueError(f"{path}: a dirtorch model without its fc layer is not supported")
+    preprocess = obj.get("preprocess") or {}
+    _check_preprocessing(path, preprocess.get("mean", IMAGENET_MEAN), preprocess.get("std", IMAGENET_STD))
+    depth = _depth(path, options.get("arch"))
+    pcas = obj.get("pca")
+    if isinstance(pcas, pickled_data.PlainObject):
+        pcas = {"pca": pcas}
+    name, pca = _choose(path, pcas or {}, whitening, "PCA whitenings (pca)")
+    post = None
+    if pca is not None:
+        a = pca.attributes
+        if not a.get("whiten", True):
+            raise ValueError(f"{path}: the PCA {name!r} was fitted without whitening")
+        components = np.asarray(a["components_"], np.float64)
+        scale = np.power(np.asarray(a["explained_variance_"], np.float64), DIRTORCH_WHITENING_POWER)
+        post = (np.asarray(a["mean_"], np.float32), (components.T / scale).astype(np.float32))
+    scales = tuple(scales or (1.0,))
+    p = float(np.ravel(state["adpool.p"])[0])
+    config = DescriptorConfig(
+        backbone=f"torchvision_{depth}", weights=None, scales=scales, pooling="gem", gem_p=p,
+        normalize_pooled=bool(options.get("norm_features", False)), fc_dim=state["fc.weight"].shape[0],
+        multiscale_power=DIRTORCH_MULTISCALE_POWER if len(scales) > 1 else 1.0, multiscale_epsilon=1e-6,
+        post_whitening_dim=None if post is None else post[1].shape[1],
+    )
+    model = _finish(path, config, image_size, state, {"p": "adpool.p", "weight": "fc.weight", "bias": "fc.bias"},
+                    post)
+    return model, {"layout": "dirtorch", "architecture": depth, "gem_p": p, "post_whitening": name,
+                   "scales": list(scales), "multiscale_power": config.multiscale_power}
