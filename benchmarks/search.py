@@ -18,7 +18,7 @@
   against exact is low by construction; the second figure is the meaningful
   one there.
 
-    python benchmarks/index_lib.py [--n 1000000] [--dim 2048] [--queries 1000]
+    python benchmarks/search.py [--n 1000000] [--dim 2048] [--queries 1000]
 """
 
 import argparse

@@ -42,7 +42,7 @@ def size_key(item):
     image, ``item`` being ``((name, shard), bytes)``."""
     import zlib
 
-    from serving.extract import header_size
+    from deep_retrieval.data.image_headers import header_size
 
     (name, _), data = item
     return (*header_size(data), zlib.crc32(name.encode("utf-8", "surrogateescape")) % KEY_SPREAD), item

@@ -208,7 +208,7 @@ class WebServer(httpd.Server):
     def __init__(self, searcher, port, host="127.0.0.1", max_bytes_in_flight=4 * MAX_QUERY_BYTES,
                  allowed_hosts=None):
         self.searcher = searcher
-        self.page = resources.files("serving").joinpath("static/index.html").read_bytes()
+        self.page = resources.files("serving").joinpath("static/search.html").read_bytes()
         self.bodies = httpd.ByteBudget(max_bytes_in_flight)
         super().__init__((host, port), Handler, "the page", allowed_hosts=allowed_hosts)
 

@@ -40,11 +40,7 @@ class DescriptorModel(keras.Model):
     """Multi-resolution R-MAC descriptor model (see the module docstring).
 
     Args:
-        backbone, weights, levels, include_global, scales, whitening_dim,
-        regions, proposals, pre_nms_proposals, nms_threshold, anchor_scales,
-        anchor_ratios, rpn_channels, pooling, gem_p, normalize_pooled, fc_dim,
-        multiscale_power, multiscale_epsilon, dtype, fold_batch_norm,
-        post_whitening_dim: the fields of `DescriptorConfig`.
+        config: the `DescriptorConfig` (default: its defaults).
         image_size: the longest image side (pixels) the model was trained
             for and describes images at, saved with it as part of its input
             contract (as KerasHub's image converters carry theirs); scales
@@ -68,62 +64,13 @@ class DescriptorModel(keras.Model):
             or None.
     """
 
-    def __init__(
-        self,
-        backbone="resnet101",
-        weights="imagenet",
-        levels=3,
-        include_global=False,
-        scales=DescriptorConfig.scales,
-        whitening_dim=None,
-        regions="grid",
-        proposals=DescriptorConfig.proposals,
-        pre_nms_proposals=DescriptorConfig.pre_nms_proposals,
-        nms_threshold=DescriptorConfig.nms_threshold,
-        anchor_scales=DescriptorConfig.anchor_scales,
-        anchor_ratios=DescriptorConfig.anchor_ratios,
-        rpn_channels=DescriptorConfig.rpn_channels,
-        pooling=DescriptorConfig.pooling,
-        gem_p=DescriptorConfig.gem_p,
-        normalize_pooled=DescriptorConfig.normalize_pooled,
-        fc_dim=DescriptorConfig.fc_dim,
-        multiscale_power=DescriptorConfig.multiscale_power,
-        multiscale_epsilon=DescriptorConfig.multiscale_epsilon,
-        dtype=DescriptorConfig.dtype,
-        fold_batch_norm=DescriptorConfig.fold_batch_norm,
-        post_whitening_dim=DescriptorConfig.post_whitening_dim,
-        image_size=None,
-        **kwargs,
-    ):
+    def __init__(self, config=None, image_size=None, **kwargs):
         super().__init__(**kwargs)
         self.image_size = None if image_size is None else int(image_size)
-        self.config = DescriptorConfig(
-            backbone=backbone,
-            weights=weights,
-            levels=levels,
-            include_global=include_global,
-            scales=scales,
-            whitening_dim=whitening_dim,
-            regions=regions,
-            proposals=proposals,
-            pre_nms_proposals=pre_nms_proposals,
-            nms_threshold=nms_threshold,
-            anchor_scales=anchor_scales,
-            anchor_ratios=anchor_ratios,
-            rpn_channels=rpn_channels,
-            pooling=pooling,
-            gem_p=gem_p,
-            normalize_pooled=normalize_pooled,
-            fc_dim=fc_dim,
-            multiscale_power=multiscale_power,
-            multiscale_epsilon=multiscale_epsilon,
-            dtype=dtype,
-            fold_batch_norm=fold_batch_norm,
-            post_whitening_dim=post_whitening_dim,
-        )
+        self.config = config or DescriptorConfig()
         c = self.config
         with _policy("mixed_bfloat16" if c.dtype == "bfloat16" else keras.config.dtype_policy().name):
-            trunk, self.spec = registry.build_backbone(backbone, weights)
+            trunk, self.spec = registry.build_backbone(c.backbone, c.weights)
             self.backbone = batch_norm_folding.folded_structure(trunk) if c.fold_batch_norm else trunk
         self.preprocess = ImagePreprocessing(self.spec.preprocessing, name="preprocessing")
         rpn = None
@@ -140,9 +87,9 @@ class DescriptorModel(keras.Model):
             self.head = GeM(c.gem_p, c.normalize_pooled, c.fc_dim, name="gem")
         else:
             self.head = RMAC(
-                levels=levels,
-                include_global=include_global,
-                whitening=whitening_dim,
+                levels=c.levels,
+                include_global=c.include_global,
+                whitening=c.whitening_dim,
                 regions=c.regions,
                 rpn=rpn,
                 name="rmac",
@@ -278,15 +225,19 @@ class DescriptorModel(keras.Model):
 
     @classmethod
     def from_config(cls, config):
-        # A saved model carries its weights: never re-fetch backbone weights.
-        return cls(**{**config, "weights": None})
+        # The config's fields are saved flat (as before the model took a
+        # `DescriptorConfig`); a saved model carries its weights, so backbone
+        # weights are never re-fetched.
+        config = dict(config)
+        fields = {f.name: config.pop(f.name) for f in dataclasses.fields(DescriptorConfig) if f.name in config}
+        return cls(DescriptorConfig(**{**fields, "weights": None}), **config)
 
 
 def build_descriptor_model(config=None, image_size=None):
     """Builds the descriptor model described by a `DescriptorConfig`, for
     images of longest side ``image_size``."""
     config = config or DescriptorConfig()
-    model = DescriptorModel(**dataclasses.asdict(config), image_size=image_size, name="descriptor_model")
+    model = DescriptorModel(config, image_size=image_size, name="descriptor_model")
     model.build((None, None, None, 3))
     return model
 

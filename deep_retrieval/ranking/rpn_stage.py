@@ -6,6 +6,7 @@ read on their own (``rpn.weights.npz``).
 TensorFlow only.
 """
 
+import dataclasses
 import os
 
 import keras
@@ -16,6 +17,7 @@ from tqdm import tqdm
 from deep_retrieval.data import manifest as manifest_lib
 from deep_retrieval.data import pipeline
 from deep_retrieval.io.atomic import atomic_write
+from deep_retrieval.model.descriptor_model import build_descriptor_model
 from deep_retrieval.ranking import rpn_targets
 from deep_retrieval.ranking.distribution import sum_loop
 from deep_retrieval.ranking.training_data import common_size
@@ -162,6 +164,18 @@ class RPNStage:
             self.optimizer.build(model.head.rpn.weights)
         self._step = tf.function(lambda *args: self._distributed_step(model, *args))
         self._layer = model.head.rpn
+
+    def attach(self, model, descriptor, image_size):
+        """A model of ``descriptor`` (regions ``rpn``) holding the ranked
+        backbone and whitening of the grid model ``model``: the paper
+        order ranks with the rigid grid, then the RPN learns the boxes on
+        those frozen features (`train`)."""
+        with self.strategy.scope():
+            other = build_descriptor_model(dataclasses.replace(descriptor, weights=None), image_size)
+            other.backbone.set_weights(model.backbone.get_weights())
+            if other.head.pca is not None:
+                other.head.pca.set_weights(model.head.pca.get_weights())
+        return other
 
     def steps(self, model, count, desc):
         """``count`` training steps of ``model``'s RPN on its current (frozen) backbone."""

@@ -4,23 +4,19 @@
 One descriptor model embeds query, positive and negative images (shared
 weights); the loss is the triplet ranking loss; negatives are re-mined with
 the current model every ``mine_every`` steps (`callbacks.Mining`), and
-`callbacks.Backup` (Keras's ``BackupAndRestore``) and ``TensorBoard`` keep
-the run's state and logs. Before ranking training the
-PCA-whitening layer is fitted to region descriptors of training images, and
-that model (pretrained backbone plus whitening) is saved as
-``initial.keras``. A pretrained backbone's batch-norm statistics stay
-frozen, as in the reference code; ``train_from`` freezes its first layers.
+`callbacks.Backup` and ``TensorBoard`` keep the run's state and logs.
+Before ranking training the PCA-whitening layer is fitted to region
+descriptors of training images, and that model is saved as
+``initial.keras``; `selection.Selection` keeps the best model on the
+validation split as ``model.keras``. A pretrained backbone's batch-norm
+statistics stay frozen, as in the reference code; ``train_from`` freezes
+its first layers.
 
-With ``regions="rpn"`` training has two stages. ``rpn_order="grid_first"``
-(the default) follows DIR's IJCV 2017 description: the ranking network is
-trained with the rigid grid, then the region proposal network learns the
-manifest's landmark boxes on that network's frozen convolutional features
-(`attach_rpn`, `RPNStage.train`), and the model then pools the RPN's proposals.
-``"rpn_first"`` trains the RPN on the pretrained backbone first and then
-the ranking through its (frozen) proposals; with ``rpn_refresh_steps`` the
-RPN is re-fitted to the current backbone at every mining round and at the
-end, for a backbone trained from scratch, whose features move far from
-those the RPN first saw.
+With ``regions="rpn"`` the RPN stages are `rpn_stage.RPNStage`'s.
+``rpn_order="grid_first"`` (the default, DIR IJCV 2017) ranks with the
+rigid grid, then trains the RPN on that network's frozen features
+(`attach_rpn`); ``"rpn_first"`` trains the RPN first and ranks through its
+frozen proposals, re-fitted every round with ``rpn_refresh_steps``.
 
 The input is tf.data. Under the TensorFlow backend the run can span
 devices and workers with `tf.distribute`; under the JAX backend it runs on
@@ -152,14 +148,12 @@ class Trainer:
         """Mining's single-scale embedding and evaluation's describer, of the
         current model."""
         self._embed_single = extraction.compiled_single_scale(self.model)
-        self._describe = extraction.model_describer(
-            self.model, self.config.image_size, progress=self.progress
-        )
+        self._describe = extraction.model_describer(self.model, self.config.image_size, progress=self.progress)
         if self.part is not None:
             self._embed_maps = extraction.compiled_fn(lambda maps: self.part.single_scale(maps, training=False))
 
     def cache_frozen_trunk(self):
-        """Computes the frozen trunk's maps (`frozen_trunk.FeatureCache`) of
+        """Computes the frozen trunk's maps (`frozen_trunk.cache_run`) of
         the training images at the training scale and of every benchmark's
         images at the model's scales; training, mining, whitening and
         evaluation then run from them."""
@@ -330,17 +324,9 @@ class Trainer:
         return self.save_model()
 
     def attach_rpn(self):
-        """The paper order's second stage: a model with the RPN takes the
-        ranked backbone and whitening, the RPN learns the boxes on those
-        frozen features (`RPNStage.train`), and the model pools its
-        proposals from then on."""
-        with self.strategy.scope():
-            model = build_descriptor_model(dataclasses.replace(self.config.descriptor, weights=None),
-                                           self.config.image_size)
-            model.backbone.set_weights(self.model.backbone.get_weights())
-            if model.head.pca is not None:
-                model.head.pca.set_weights(self.model.head.pca.get_weights())
-        self.model = model
+        """The paper order's second stage (`RPNStage.attach`): the model
+        pools the proposals of an RPN trained on the ranked features."""
+        self.model = self.rpn.attach(self.model, self.config.descriptor, self.config.image_size)
         self.part, self.caches = None, None  # the cached trunk served the grid model
         self._compile_inference()
         self._log("ranking with the rigid grid done: training the RPN on its features")

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from deep_retrieval.data import images
+from deep_retrieval.data import image_headers, images
 from tests.helpers_images import textured
 
 
@@ -62,12 +62,12 @@ def test_webp_headers_are_read_and_bombs_refused():
     for kwargs in (dict(lossless=True), dict(lossless=False)):
         buf = io.BytesIO()
         Image.fromarray(textured(201, 300, 4)).save(buf, "WEBP", **kwargs)
-        sizes.append(int(images.header_pixels(tf.constant(buf.getvalue()))))
+        sizes.append(int(image_headers.header_pixels(tf.constant(buf.getvalue()))))
         assert images.decode(tf.constant(buf.getvalue())).shape == (201, 300, 3)
     # VP8X (extended): 24-bit canvas width-1 and height-1 at bytes 24 and 27.
     vp8x = b"RIFF" + (22).to_bytes(4, "little") + b"WEBPVP8X" + (10).to_bytes(4, "little") + bytes(4)
     vp8x += (299).to_bytes(3, "little") + (200).to_bytes(3, "little")
-    sizes.append(int(images.header_pixels(tf.constant(vp8x))))
+    sizes.append(int(image_headers.header_pixels(tf.constant(vp8x))))
     assert sizes == [300 * 201] * 3
     # A lossless header declaring 16383 x 16383 (10 KB files like it decode to 800 MB).
     from tests.helpers_images import webp_declaring
@@ -93,20 +93,20 @@ def test_gif_headers_count_every_frame():
         buf = io.BytesIO()
         pictures[0].save(buf, "GIF", save_all=frames > 1, append_images=pictures[1:])
         data = buf.getvalue()
-        assert int(images.header_pixels(data)) == pil_pixels(data) == frames * w * h
+        assert int(image_headers.header_pixels(data)) == pil_pixels(data) == frames * w * h
         assert images.decode(data).shape == (h, w, 3)  # the first frame
     bomb = gif_frames_bomb(3000, 60)  # 470 KB; each frame 9 MP, all of them 540 MP
-    assert int(images.header_pixels(bomb)) == pil_pixels(bomb) == 60 * 3000 * 3000
+    assert int(image_headers.header_pixels(bomb)) == pil_pixels(bomb) == 60 * 3000 * 3000
     with pytest.raises(tf.errors.InvalidArgumentError, match="image refused"):
         images.decode(bomb)
     with pytest.raises(ValueError, match="60 frames of 3000x3000"):
         check_image(Image.open(io.BytesIO(bomb)))
     # 100,000 one-byte sub-blocks need more walking steps than a 200 KB file is allowed.
     tiny = gif_tiny_subblocks(100_000)
-    assert int(images.header_pixels(tiny)) == images.TOO_MANY
+    assert int(image_headers.header_pixels(tiny)) == image_headers.TOO_MANY
     with pytest.raises(tf.errors.InvalidArgumentError, match="image refused"):
         images.decode(tiny)
-    assert int(images.header_pixels(gif_tiny_subblocks(100))) == 64
+    assert int(image_headers.header_pixels(gif_tiny_subblocks(100))) == 64
 
 
 def test_jpeg_xl_is_refused_with_its_reason():
@@ -115,7 +115,7 @@ def test_jpeg_xl_is_refused_with_its_reason():
     codestream = b"\xff\x0a" + bytes(40)
     container = b"\x00\x00\x00\x0cJXL \r\n\x87\n" + bytes(40)
     for data in (codestream, container):
-        assert int(images.header_pixels(data)) == images.JPEG_XL
+        assert int(image_headers.header_pixels(data)) == image_headers.JPEG_XL
         with pytest.raises(tf.errors.InvalidArgumentError, match="JPEG XL is not accepted"):
             images.decode(data)
 

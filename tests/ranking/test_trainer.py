@@ -85,7 +85,7 @@ _WORKER = """
 import json, os, sys
 import numpy as np
 sys.path.insert(0, {root!r})
-from tests.test_trainer import small_config
+from tests.ranking.test_trainer import small_config
 from deep_retrieval.ranking.distribution import make_strategy
 from deep_retrieval.ranking.trainer import Trainer
 index = int(sys.argv[1])
@@ -223,9 +223,10 @@ def test_rpn_training_needs_boxes(tmp_path):
                 other.rpn.train(other.model)
         else:
             other.rpn.train(other.model)
+    missing = Trainer(_rpn_config(tmp_path / "run2", manifest=str(data / "m.csv"),
+                                  rpn_checkpoint=str(tmp_path / "nope.npz")), progress=False)
     with pytest.raises(ValueError, match="no such file"):
-        Trainer(_rpn_config(tmp_path / "run2", manifest=str(data / "m.csv"),
-                            rpn_checkpoint=str(tmp_path / "nope.npz")), progress=False).train_rpn()
+        missing.rpn.train(missing.model)
 
 
 def test_initial_model_is_the_step_zero_model(tmp_path):
@@ -475,7 +476,7 @@ import keras
 import numpy as np
 from deep_retrieval.ranking.siamese import STREAMS
 from deep_retrieval.ranking.trainer import Trainer
-from tests.test_trainer import _frozen_bn_config
+from tests.ranking.test_trainer import _frozen_bn_config
 assert keras.backend.backend() == "jax"
 tmp = pathlib.Path(sys.argv[1])
 cfg = dataclasses.replace(_frozen_bn_config(tmp, batch_size=2, weight_decay=0.0), output_dir=str(tmp / "jax"))
