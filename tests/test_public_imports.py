@@ -19,14 +19,16 @@ def test_the_top_level_holds_at_most_five_modules_and_no_import_cycle():
     import ast
     import os
 
-    top = sorted(f for f in os.listdir("deep_retrieval") if f.endswith(".py"))
+    root_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package = os.path.join(root_dir, "deep_retrieval")
+    top = sorted(f for f in os.listdir(package) if f.endswith(".py"))
     assert len(top) <= 5, top
     graph = {}
-    for root, _, files in os.walk("deep_retrieval"):
+    for root, _, files in os.walk(package):
         for f in files:
             if f.endswith(".py"):
                 path = os.path.join(root, f)
-                name = path[:-3].replace(os.sep, ".").removesuffix(".__init__")
+                name = os.path.relpath(path, root_dir)[:-3].replace(os.sep, ".").removesuffix(".__init__")
                 tree = ast.parse(open(path).read())
                 graph[name] = [(n.module, [a.name for a in n.names]) for n in ast.walk(tree)
                                if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("deep_retrieval")]

@@ -6,12 +6,14 @@ rigid grid with two scales, RPN proposals, and a folded GeM head with
 post-whitening) and their descriptors for fixed images, computed then: the
 reference is the old code's output, not this code's."""
 
+import os
+
 import numpy as np
 import pytest
 
 from deep_retrieval.model import load_descriptor_model
 
-FIXTURES = "tests/fixtures/layout_v1"
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "layout_v1")
 
 
 @pytest.mark.parametrize("name", ["grid", "rpn", "gem"])
