@@ -7,21 +7,16 @@ import glob
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
+from benchmarks._served import free_port
+from tests.helpers_training import SMALL_TRAINING
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOUR = "## A tour, from training to a search answer"
-SMALL_TRAINING = [
-    "--preset", "tiny", "--steps", "2", "--image_size", "64", "--batch_size", "2", "--mine_every", "2",
-    "--whitening_images", "6", "--scales", "1.0", "--whitening_dim", "16", "--synthetic_train_landmarks", "4",
-    "--synthetic_images_per_landmark", "3", "--synthetic_test_landmarks", "2",
-    "--synthetic_test_images_per_landmark", "3", "--synthetic_distractors", "2",
-    "--synthetic_image_width", "96", "--synthetic_image_height", "72", "--synthetic_seed", "5",
-]
 
 
 def tour_commands():
@@ -31,12 +26,6 @@ def tour_commands():
     assert TOUR in text, "the README lost its tour"
     block = text.split(TOUR, 1)[1].lstrip("\n").split("\n\n", 1)[0]
     return [shlex.split(line, comments=True) for line in block.splitlines() if line.startswith("    ")]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for_http(url, process, timeout=240):
@@ -54,7 +43,7 @@ def _wait_for_http(url, process, timeout=240):
 
 
 def test_the_readme_tour_runs_as_written(tmp_path):
-    grpc_port, rest_port, web_port = _free_port(), _free_port(), _free_port()
+    grpc_port, rest_port, web_port = free_port(), free_port(), free_port()
     photos = tmp_path / "photos"
     places = {"runs/demo": str(tmp_path / "runs/demo"),
               "models/deep_retrieval": str(tmp_path / "models/deep_retrieval"),
@@ -93,7 +82,7 @@ def test_the_readme_tour_runs_as_written(tmp_path):
             else:
                 args[0] = shutil.which(args[0], path=os.path.dirname(sys.executable)) or args[0]
             if name == "training.train":
-                args += SMALL_TRAINING
+                args += SMALL_TRAINING + ["--steps", "2", "--mine_every", "2"]  # the last flag wins
             elif name == "training.evaluate":  # the tiny run's benchmark, not the demo's photos
                 data_root, = glob.glob(str(keras_home / "datasets" / "deep_retrieval" / "*"))
                 args += ["--data_root", data_root, "--dataset", "synthetic", "--noprogress"]

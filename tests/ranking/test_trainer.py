@@ -1,13 +1,13 @@
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from benchmarks._served import free_port
 from deep_retrieval.config import DescriptorConfig, SyntheticConfig
 from deep_retrieval.presets import PRESETS
 from deep_retrieval.ranking import rpn_targets
@@ -98,18 +98,12 @@ print("done", index, trainer.step)
 """
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_workers_end_with_the_same_weights(tmp_path):
     # Generate the dataset once so the workers do not race for it.
     from deep_retrieval.data import synthetic
 
     synthetic.ensure_dataset(SMALL_DATA, progress=False)
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
     for index in range(2):

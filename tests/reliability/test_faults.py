@@ -4,7 +4,6 @@ server restarted under a running client: nothing corrupt, nothing lost."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,19 +13,14 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from benchmarks._served import free_port
 from deep_retrieval.retrieval import index as index_lib
 from tests.helpers_images import encoded
+from tests.helpers_training import SMALL_TRAINING
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = {**os.environ, "PYTHONPATH": ROOT}
 
-SMALL_TRAINING = [
-    "--preset", "tiny", "--image_size", "64", "--batch_size", "2", "--mine_every", "50", "--whitening_images", "6",
-    "--scales", "1.0", "--whitening_dim", "16", "--synthetic_train_landmarks", "4",
-    "--synthetic_images_per_landmark", "3", "--synthetic_test_landmarks", "2",
-    "--synthetic_test_images_per_landmark", "3", "--synthetic_distractors", "2",
-    "--synthetic_image_width", "96", "--synthetic_image_height", "72", "--synthetic_seed", "5",
-]
 
 
 def _python(*args):
@@ -158,12 +152,6 @@ def test_index_survives_a_crash_between_the_two_renames(tmp_path):
     assert index_lib.Index.load(output).ids == ["e", "f"] and not os.path.exists(output + ".old")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_server(base, port):
     return subprocess.Popen(
         _python("serving.server", "--port", str(port), "--model_name", "deep_retrieval",
@@ -173,7 +161,7 @@ def _start_server(base, port):
 
 def test_server_restarted_under_a_running_client(exported, tmp_path):
     names = _photos(str(tmp_path / "photos"), 60)
-    port = _free_port()
+    port = free_port()
     server = _start_server(exported["base"], port)
     output = str(tmp_path / "d.parquet")
     client = subprocess.Popen(
@@ -201,7 +189,7 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(exported):
     import grpc
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         _python("serving.server", "--port", str(port), "--model_name", "deep_retrieval",
                 "--model_base_path", exported["base"]),
