@@ -7,7 +7,7 @@ large extraction writes a folder of shards named by `shard_name`, which
 `Descriptors` reads one record batch at a time, as Spark and autofaiss read
 such a folder.
 
-`build_index` makes the `index_lib.Index` of a file or folder. Exact kinds hold
+`build_index` makes the `index.Index` of a file or folder. Exact kinds hold
 every descriptor; ``ivfpq`` streams: its quantisers are trained on a random
 sample, the vectors are added a batch at a time into on-disk lists
 (`faiss_ivf.write_on_disk`), and the ids are written as they come, so memory
@@ -233,11 +233,11 @@ def _warn_repeated(source, descriptors, skip):
 
 def build_index(source, output, kind=None, factory=None, nprobe=16, images_root=None, model_info=None,
                 append=False, train_size=None, progress=False):
-    """Builds (or extends) the `index_lib.Index` of a descriptor file or folder
+    """Builds (or extends) the `index.Index` of a descriptor file or folder
     of shards and saves it to ``output`` (atomically); returns what its
     ``meta.json`` holds (kind, count, dim, factory, ...).
 
-    ``kind`` defaults by collection size (`index_lib.default_kind`), an
+    ``kind`` defaults by collection size (`index.default_kind`), an
     ``ivfpq`` ``factory`` to `faiss_ivf.default_factory`; its quantisers are
     trained on ``train_size`` random vectors (default `TRAIN_PER_LIST` per
     list, `TRAIN_MIN` at least). A name met twice is indexed once (its
