@@ -3,11 +3,12 @@
 import time
 
 from benchmarks import load_test
-from tests.reliability.test_faults import _free_port, _start_server
+from benchmarks._served import free_port
+from tests.reliability.test_faults import _start_server
 
 
 def test_concurrent_clients_no_errors_flat_memory(exported):
-    port = _free_port()
+    port = free_port()
     server = _start_server(exported["base"], port)
     address = f"127.0.0.1:{port}"
     try:
