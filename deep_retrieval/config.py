@@ -55,8 +55,9 @@ class DescriptorConfig:
         "RPN anchor sides as a share of the feature map's short side.")
     anchor_ratios: Tuple[float, ...] = setting(DEFAULT_ANCHOR_RATIOS, "RPN anchor aspect ratios (width / height).")
     rpn_channels: int = setting(256, "width of the RPN's 3x3 convolution.")
-    pooling: str = setting("rmac", '"rmac" (DIR\'s R-MAC head) or "gem" (GeM pooling, the head of cirtorch '
-                           'and dirtorch models, see export.import_checkpoint).')
+    pooling: str = setting("rmac", '"rmac" (DIR\'s R-MAC head), "gem" (GeM pooling, the head of cirtorch '
+                           'and dirtorch models, see export.import_checkpoint) or "mac" (global max-pooling in the '
+                           'same head: dirtorch\'s Resnet101-TL-MAC).')
     gem_p: float = setting(3.0, "GeM's initial power (pooling gem).")
     normalize_pooled: bool = setting(True, "pooling gem: L2-normalise the pooled vector before fc (cirtorch).")
     fc_dim: Optional[int] = setting(None, "pooling gem: output size of the fully-connected layer after GeM "
@@ -91,10 +92,11 @@ class DescriptorConfig:
             raise ValueError(f"`levels` must be >= 1, got {self.levels}.")
         if not self.scales or min(self.scales) <= 0:
             raise ValueError(f"`scales` must be positive, got {self.scales}.")
-        if self.pooling not in ("rmac", "gem"):
-            raise ValueError(f"`pooling` must be 'rmac' or 'gem', got {self.pooling!r}.")
-        if self.pooling == "gem" and (self.regions != "grid" or self.whitening_dim is not None):
-            raise ValueError("GeM pools the whole map: `regions` and `whitening_dim` are R-MAC's (use fc_dim).")
+        if self.pooling not in ("rmac", "gem", "mac"):
+            raise ValueError(f"`pooling` must be 'rmac', 'gem' or 'mac', got {self.pooling!r}.")
+        if self.pooling != "rmac" and (self.regions != "grid" or self.whitening_dim is not None):
+            raise ValueError(f"{self.pooling} pools the whole map: `regions` and `whitening_dim` are R-MAC's "
+                             "(use fc_dim).")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"`dtype` must be 'float32' or 'bfloat16', got {self.dtype!r}.")
         if self.multiscale_power <= 0:

@@ -5,7 +5,7 @@ import os
 
 import keras
 
-from deep_retrieval.backbones import efficientnet_lite, torchvision_resnet
+from deep_retrieval.backbones import efficientnet_lite, torchvision_resnet, torchvision_vgg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +35,7 @@ SPECS = {
     "torchvision_resnet50": BackboneSpec("torch", 32, 2048),
     "torchvision_resnet101": BackboneSpec("torch", 32, 2048),
     "torchvision_resnet152": BackboneSpec("torch", 32, 2048),
+    "torchvision_vgg16": BackboneSpec("torch", 16, 512),
 }
 
 
@@ -107,7 +108,8 @@ def build_backbone(name, weights=None):
         if weights == "imagenet":
             raise ValueError(f"The {name} backbone takes its weights from an imported checkpoint "
                              "(python -m export.import_checkpoint), not 'imagenet'.")
-        trunk = torchvision_resnet.build(name[len("torchvision_"):])
+        depth = name[len("torchvision_"):]
+        trunk = (torchvision_vgg if depth.startswith("vgg") else torchvision_resnet).build(depth)
         if weights is not None:
             trunk.load_weights(weights)
         return trunk, SPECS[name]

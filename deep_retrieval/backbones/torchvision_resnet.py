@@ -71,7 +71,8 @@ def load_torch_state(trunk, state, source="checkpoint"):
     """Copies torchvision-named tensors (``{name: ndarray}``, e.g.
     ``layer1.0.conv1.weight``) into ``trunk`` (from `build`).
 
-    Convolution kernels go from ``[out, in, kh, kw]`` to ``[kh, kw, in, out]``;
+    Convolution kernels go from ``[out, in, kh, kw]`` to ``[kh, kw, in, out]``
+    (biases, where a convolution has one, are copied);
     batch norm's ``weight, bias, running_mean, running_var`` become
     ``gamma, beta, moving_mean, moving_variance``. Every weight of the trunk
     must be found with its shape; entries of ``state`` outside the trunk are
@@ -83,8 +84,8 @@ def load_torch_state(trunk, state, source="checkpoint"):
     used = set()
     for layer in trunk.layers:
         if isinstance(layer, keras.layers.Conv2D):
-            keys = [f"{layer.name}.weight"]
-            convert = [lambda w: np.transpose(w, (2, 3, 1, 0))]
+            keys = [f"{layer.name}.weight"] + ([f"{layer.name}.bias"] if layer.use_bias else [])
+            convert = [lambda w: np.transpose(w, (2, 3, 1, 0)), lambda b: b]
         elif isinstance(layer, keras.layers.BatchNormalization):
             keys = [f"{layer.name}.{k}" for k in ("weight", "bias", "running_mean", "running_var")]
             convert = [lambda w: w] * 4

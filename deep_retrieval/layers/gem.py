@@ -7,8 +7,8 @@ from deep_retrieval.layers.l2_normalization import L2Normalization
 @keras.saving.register_keras_serializable(package="deep_retrieval")
 class GeM(keras.layers.Layer):
     """The GeM head of the PyTorch retrieval models (cirtorch, dirtorch):
-    GeM pooling, optionally L2, optionally a fully-connected layer (learned
-    whitening), then L2.
+    GeM pooling (or global max-pooling, MAC), optionally L2, optionally a
+    fully-connected layer (learned whitening), then L2.
 
     cirtorch: ``L2(fc(L2(gem(x))))``, or ``L2(gem(x))`` without learned
     whitening; dirtorch: ``L2(fc(gem(x)))`` (``normalize_pooled=False``).
@@ -20,6 +20,8 @@ class GeM(keras.layers.Layer):
         fc_units: output size of the fully-connected layer (with bias), or
             None for none.
         epsilon: GeM's clamp.
+        mac: global max-pooling in place of GeM (dirtorch's
+            ``pooling="max"``, as in Resnet101-TL-MAC); ``p`` is unused.
 
     Call arguments:
         inputs: ``[N, H, W, C]`` feature maps of any spatial size.
@@ -32,13 +34,17 @@ class GeM(keras.layers.Layer):
     (2, 2048)
     """
 
-    def __init__(self, p=3.0, normalize_pooled=True, fc_units=None, epsilon=1e-6, **kwargs):
+    def __init__(self, p=3.0, normalize_pooled=True, fc_units=None, epsilon=1e-6, mac=False, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.initial_p, self.epsilon = float(p), epsilon
         self.normalize_pooled = bool(normalize_pooled)
         self.fc_units = None if fc_units is None else int(fc_units)
-        self.pooling = GeMPooling(p, epsilon, dtype=self.dtype_policy, name="gem_pooling")
+        self.mac = bool(mac)
+        if self.mac:
+            self.pooling = keras.layers.GlobalMaxPooling2D(dtype=self.dtype_policy, name="max_pooling")
+        else:
+            self.pooling = GeMPooling(p, epsilon, dtype=self.dtype_policy, name="gem_pooling")
         self.normalize = L2Normalization(dtype=self.dtype_policy, name="l2_normalization")
         self.fc = None if fc_units is None else keras.layers.Dense(self.fc_units, dtype=self.dtype_policy, name="fc")
         # What `DescriptorModel` asks of every head: no RPN, no PCA-whitening
@@ -64,5 +70,5 @@ class GeM(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update({"p": self.initial_p, "normalize_pooled": self.normalize_pooled,
-                       "fc_units": self.fc_units, "epsilon": self.epsilon})
+                       "fc_units": self.fc_units, "epsilon": self.epsilon, "mac": self.mac})
         return config

@@ -12,6 +12,7 @@ from deep_retrieval.model.descriptor_model import (
                                                    for_inference,
                                                    load_descriptor_model,
 )
+from deep_retrieval.model.published import import_checkpoint, load_published
 
-__all__ = ["DescriptorConfig", "DescriptorModel", "build_descriptor_model", "for_inference",
-           "load_descriptor_model"]
+__all__ = ["DescriptorConfig", "DescriptorModel", "build_descriptor_model", "for_inference", "import_checkpoint",
+           "load_descriptor_model", "load_published"]

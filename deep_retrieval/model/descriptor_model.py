@@ -83,8 +83,8 @@ class DescriptorModel(keras.Model):
                 anchor_ratios=c.anchor_ratios,
                 channels=c.rpn_channels,
             )
-        if c.pooling == "gem":
-            self.head = GeM(c.gem_p, c.normalize_pooled, c.fc_dim, name="gem")
+        if c.pooling in ("gem", "mac"):
+            self.head = GeM(c.gem_p, c.normalize_pooled, c.fc_dim, mac=c.pooling == "mac", name="gem")
         else:
             self.head = RMAC(
                 levels=c.levels,

@@ -20,24 +20,33 @@ data through `pickled_data`):
   ``norm_features``). Scales combine as a generalised mean of power 3. The
   whitening of ``dirtorch/test_dir.py`` is the scikit-learn PCA's
   ``(x - mean_) components_^T / explained_variance_^0.25``, then L2.
+  ``pooling="max"`` (Resnet101-TL-MAC) is global max-pooling, without
+  ``adpool.p``.
+
+cirtorch's VGG16 network keeps torchvision's ``features.N`` names
+(`torchvision_vgg`); its descriptors are 512-D.
 
 Both preprocess RGB / 255 with ImageNet's mean and std, which is the
 ``torch`` mode of `ImagePreprocessing`; a checkpoint with other statistics
 is refused rather than approximated.
 """
 
+import os
+
 import numpy as np
 
 from deep_retrieval.backbones.torchvision_resnet import BLOCKS, load_torch_state
 from deep_retrieval.config import DescriptorConfig
-from deep_retrieval.io import pickled_data, torch_checkpoint
+from deep_retrieval.io import download, pickled_data, torch_checkpoint
 from deep_retrieval.model.descriptor_model import build_descriptor_model
+from deep_retrieval.published_presets import PUBLISHED
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIRTORCH_SCALES = (1.0, 2 ** -0.5, 0.5)
 PCA_CLASSES = ("sklearn.decomposition._pca.PCA", "sklearn.decomposition.pca.PCA")
 DIRTORCH_WHITENING_POWER = 0.25  # test_dir.py's --whitenp default
 DIRTORCH_MULTISCALE_POWER = 3.0  # test_dir.py's --pooling gem --gemp 3
+DIRTORCH_WHITENING = "Landmarks_clean"  # test_dir.py's --whiten default
 
 
 def read(path):
@@ -52,6 +61,53 @@ def layout(obj):
     if isinstance(obj, dict) and "state_dict" in obj and "model_options" in obj:
         return "dirtorch"
     return None
+
+
+def cache_dir():
+    """Where published files are kept: ``$KERAS_HOME/deep_retrieval/published``
+    (``~/.keras`` without ``KERAS_HOME``, as Keras's own cache)."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return os.path.join(home, "deep_retrieval", "published")
+
+
+def fetch_published(name, progress=True):
+    """The cached file of the published network ``name``, downloaded (with
+    resume) and checked against its recorded SHA-256 when not cached yet.
+
+    Returns:
+        ``(path, sha256)``.
+
+    Raises:
+        ValueError: an unknown name (the message lists the names), or a
+            `download.DownloadError` (offline: the URL to fetch by hand and
+            where to put the file).
+    """
+    if name not in PUBLISHED:
+        raise ValueError(f"unknown published network {name!r}; choose one of {', '.join(PUBLISHED)}")
+    entry = PUBLISHED[name]
+    path = os.path.join(cache_dir(), entry["file"])
+    return path, download.fetch(entry["url"], path, entry["sha256"], progress=progress)
+
+
+def load_published(name, image_size=None, scales=None, whitening=None, progress=True):
+    """A published network by name (`deep_retrieval.published_presets.PUBLISHED`), fetched
+    into the cache if needed and imported as its publisher's test script
+    describes images (scales, post-hoc whitening, image size), unless the
+    arguments say otherwise.
+
+    Example:
+    >>> model, summary = load_published("Resnet101-AP-GeM")  # doctest: +SKIP
+
+    Returns:
+        ``(model, summary)``, as `import_checkpoint`, the summary with the
+        name, the file's path and its SHA-256 added.
+    """
+    path, sha256 = fetch_published(name, progress)
+    entry = PUBLISHED[name]
+    model, summary = import_checkpoint(path, image_size or entry["image_size"], scales or entry["scales"],
+                                       whitening or entry["whitening"])
+    summary.update(name=name, file=path, sha256=sha256)
+    return model, summary
 
 
 def import_checkpoint(path, image_size=1024, scales=None, whitening=None):
@@ -87,10 +143,13 @@ def _check_preprocessing(path, mean, std):
                          f"{list(IMAGENET_MEAN)} / {list(IMAGENET_STD)} are supported")
 
 
-def _choose(path, options, wanted, what):
-    """One entry of ``options`` (a dict name -> value) by ``wanted``."""
+def _choose(path, options, wanted, what, default=None):
+    """One entry of ``options`` (a dict name -> value) by ``wanted``; None
+    takes ``default`` if present, else the only one."""
     if wanted == "none" or not options:
         return None, None
+    if wanted is None and default in options:
+        wanted = default
     if wanted is None:
         if len(options) > 1:
             raise ValueError(f"{path}: holds {what} {sorted(options)}: choose one with --whitening")
@@ -100,11 +159,11 @@ def _choose(path, options, wanted, what):
     return wanted, options[wanted]
 
 
-def _depth(path, architecture):
+def _depth(path, architecture, vgg=False):
     name = str(architecture).replace("_rmac", "")
-    if name not in BLOCKS:
-        raise ValueError(f"{path}: architecture {architecture!r} is not a ResNet-50/101/152 "
-                         f"({', '.join(sorted(BLOCKS))})")
+    known = sorted(BLOCKS) + (["vgg16"] if vgg else [])
+    if name not in known:
+        raise ValueError(f"{path}: architecture {architecture!r} is not one of {', '.join(known)}")
     return name
 
 
@@ -116,7 +175,8 @@ def _finish(path, config, image_size, state, head, post=None):
     if unused:
         raise ValueError(f"{path}: tensors this model does not use: {', '.join(unused[:8])}")
     gem = model.head
-    gem.pooling.p.assign(np.float32(np.ravel(state[head["p"]])[0]))
+    if not gem.mac:
+        gem.pooling.p.assign(np.float32(np.ravel(state[head["p"]])[0]))
     if gem.fc is not None:
         gem.fc.set_weights([np.asarray(state[head["weight"]], np.float32).T,
                             np.asarray(state[head["bias"]], np.float32)])
@@ -133,9 +193,10 @@ def _cirtorch(path, obj, image_size, scales, whitening):
                          f"{meta.get('regional')}, local whitening {meta.get('local_whitening')}: only "
                          "global GeM models are supported")
     _check_preprocessing(path, meta.get("mean", IMAGENET_MEAN), meta.get("std", IMAGENET_STD))
-    depth = _depth(path, meta.get("architecture"))
-    stages = {"features.0": "conv1", "features.1": "bn1", "features.4": "layer1", "features.5": "layer2",
-              "features.6": "layer3", "features.7": "layer4"}
+    depth = _depth(path, meta.get("architecture"), vgg=True)
+    stages = {} if depth == "vgg16" else {
+        "features.0": "conv1", "features.1": "bn1", "features.4": "layer1", "features.5": "layer2",
+        "features.6": "layer3", "features.7": "layer4"}
     state = {}
     for key, value in raw.items():
         head, _, rest = key.partition(".")
@@ -151,7 +212,7 @@ def _cirtorch(path, obj, image_size, scales, whitening):
         entry = lw["ms" if len(scales) > 1 else "ss"]
         m, projection = np.asarray(entry["m"], np.float32).ravel(), np.asarray(entry["P"], np.float32)
         post = (m, projection.T)
-    out = state["whiten.weight"].shape[0] if learned else 2048
+    out = state["whiten.weight"].shape[0] if learned else (512 if depth == "vgg16" else 2048)
     config = DescriptorConfig(
         backbone=f"torchvision_{depth}", weights=None, scales=scales, pooling="gem", gem_p=p,
         normalize_pooled=True, fc_dim=out if learned else None,
@@ -167,8 +228,12 @@ def _cirtorch(path, obj, image_size, scales, whitening):
 def _dirtorch(path, obj, image_size, scales, whitening):
     options = obj["model_options"]
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj["state_dict"].items()}
-    if not str(options.get("pooling", "gem")).startswith("gem"):
-        raise ValueError(f"{path}: dirtorch model with pooling {options.get('pooling')!r}: only GeM is supported")
+    pooling = str(options.get("pooling", "gem"))
+    if not (pooling.startswith("gem") or pooling == "max"):
+        raise ValueError(f"{path}: dirtorch model with pooling {pooling!r}: only GeM ('gem') and MAC ('max') "
+                         "are supported")
+    if float(options.get("center_bias", 0) or 0) > 0:
+        raise ValueError(f"{path}: dirtorch model with center_bias {options['center_bias']}: not supported")
     if options.get("without_fc") or "fc.weight" not in state:
         raise ValueError(f"{path}: a dirtorch model without its fc layer is not supported")
     preprocess = obj.get("preprocess") or {}
@@ -177,7 +242,7 @@ def _dirtorch(path, obj, image_size, scales, whitening):
     pcas = obj.get("pca")
     if isinstance(pcas, pickled_data.PlainObject):
         pcas = {"pca": pcas}
-    name, pca = _choose(path, pcas or {}, whitening, "PCA whitenings (pca)")
+    name, pca = _choose(path, pcas or {}, whitening, "PCA whitenings (pca)", DIRTORCH_WHITENING)
     post = None
     if pca is not None:
         a = pca.attributes
@@ -187,14 +252,17 @@ def _dirtorch(path, obj, image_size, scales, whitening):
         scale = np.power(np.asarray(a["explained_variance_"], np.float64), DIRTORCH_WHITENING_POWER)
         post = (np.asarray(a["mean_"], np.float32), (components.T / scale).astype(np.float32))
     scales = tuple(scales or (1.0,))
-    p = float(np.ravel(state["adpool.p"])[0])
+    mac = pooling == "max"
+    p = None if mac else float(np.ravel(state["adpool.p"])[0])
     config = DescriptorConfig(
-        backbone=f"torchvision_{depth}", weights=None, scales=scales, pooling="gem", gem_p=p,
+        backbone=f"torchvision_{depth}", weights=None, scales=scales, pooling="mac" if mac else "gem",
+        gem_p=3.0 if mac else p,
         normalize_pooled=bool(options.get("norm_features", False)), fc_dim=state["fc.weight"].shape[0],
         multiscale_power=DIRTORCH_MULTISCALE_POWER if len(scales) > 1 else 1.0, multiscale_epsilon=1e-6,
         post_whitening_dim=None if post is None else post[1].shape[1],
     )
     model = _finish(path, config, image_size, state, {"p": "adpool.p", "weight": "fc.weight", "bias": "fc.bias"},
                     post)
-    return model, {"layout": "dirtorch", "architecture": depth, "gem_p": p, "post_whitening": name,
+    return model, {"layout": "dirtorch", "architecture": depth, "pooling": "mac" if mac else "gem", "gem_p": p,
+                   "post_whitening": name,
                    "scales": list(scales), "multiscale_power": config.multiscale_power}

@@ -92,20 +92,22 @@ class CirtorchNet(nn.Module):
 
 
 class DirtorchNet(nn.Module):
-    """dirtorch's ResNet_RMAC: torchvision names, GeM ``adpool.p``, ``fc``, L2."""
+    """dirtorch's ResNet_RMAC: torchvision names, GeM ``adpool.p`` (or
+    ``pooling="max"``: adaptive max-pooling, no parameter), ``fc``, L2."""
 
-    def __init__(self, blocks, out_dim):
+    def __init__(self, blocks, out_dim, pooling="gem"):
         super().__init__()
         trunk = Trunk(blocks)
         for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
             setattr(self, name, getattr(trunk, name))
-        self.adpool = Pool(3.1)
+        self.adpool = nn.AdaptiveMaxPool2d(1) if pooling == "max" else Pool(3.1)
         self.fc = nn.Linear(2048, out_dim)
 
     def forward(self, x):
         for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
             x = getattr(self, name)(x)
-        return F.normalize(self.fc(gem(x, self.adpool.p)), dim=-1)
+        pooled = self.adpool(x).flatten(1) if isinstance(self.adpool, nn.AdaptiveMaxPool2d) else gem(x, self.adpool.p)
+        return F.normalize(self.fc(pooled), dim=-1)
 
 
 def _photos(count=3, size=(224, 320)):
@@ -208,6 +210,51 @@ def test_cirtorch_gem_with_posthoc_whitening_lw(tmp_path):
     assert summary["post_whitening"] is None and none.post_whitening is None
 
 
+class VggFeatures(nn.Module):
+    """torchvision's ``vgg16().features`` without its last max-pooling, as
+    cirtorch's ``init_network`` keeps it (``features.0`` ... ``features.29``)."""
+
+    def __init__(self):
+        super().__init__()
+        layers, channels = [], 3
+        for entry in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512):
+            if entry == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(channels, entry, 3, padding=1), nn.ReLU()]
+                channels = entry
+        self.features = nn.Sequential(*layers)
+
+    def stages(self):
+        return list(self.features.children())
+
+
+def test_cirtorch_vgg16_gem_single_and_multi_scale(tmp_path):
+    images = _photos()
+    trunk = VggFeatures()
+    net = CirtorchNet(trunk, whitening=False)
+    torch.manual_seed(5)
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            nn.init.normal_(m.bias, 0.0, 0.05)
+    net.eval()
+    meta = {"architecture": "vgg16", "local_whitening": False, "pooling": "gem", "regional": False,
+            "whitening": False, "mean": MEAN, "std": STD, "outputdim": 512}
+    path = str(tmp_path / "retrievalSfM120k-vgg16-gem-b4dcdc6.pth")
+    torch.save({"meta": meta, "state_dict": net.state_dict()}, path)
+    model, summary = published.import_checkpoint(path, image_size=320)
+    assert summary["architecture"] == "vgg16" and model.descriptor_size == 512
+    with torch.no_grad():
+        x = _torch_input(images)
+        want = net(x).numpy()
+        p = float(net.pool.p.detach())
+        total = sum(net(_resized(x, s)).pow(p) for s in published.CIRTORCH_SCALES)
+        want_ms = F.normalize((total / 3).pow(1 / p), dim=1).numpy()
+    assert _cosines(np.asarray(model.single_scale(images)), want).min() >= 0.9999
+    assert _cosines(np.asarray(model(images)), want_ms).min() >= 0.9999
+
+
 def _fake_sklearn_pca(monkeypatch):
     """A class that pickles by reference as sklearn.decomposition._pca.PCA
     (scikit-learn itself is not needed, and is not installed here)."""
@@ -258,6 +305,33 @@ def test_dirtorch_module_prefixed_state_fc_and_pca_whitening(tmp_path, monkeypat
     assert _cosines(np.asarray(model(images)), want).min() >= 0.9999
 
 
+def test_dirtorch_tl_mac_max_pooling_multiscale(tmp_path):
+    """Resnet101-TL-MAC's layout: ``pooling="max"``, no ``adpool.p``; scales
+    combined as test_dir.py does (generalised mean of power 3, then L2)."""
+    images = _photos()
+    net = _realistic(DirtorchNet((3, 4, 6, 3), out_dim=2048, pooling="max"), images, seed=6)
+    path = str(tmp_path / "Resnet101-TL-MAC.pt")
+    torch.save({"state_dict": {"module." + k: v for k, v in net.state_dict().items()},
+                "model_options": {"arch": "resnet50_rmac", "out_dim": 2048, "pooling": "max"},
+                "preprocess": {"mean": MEAN, "std": STD, "input_size": 224}}, path)
+    model, summary = published.import_checkpoint(path, image_size=320, scales=(1.0, 0.5))
+    assert summary["pooling"] == "mac" and summary["gem_p"] is None
+    with torch.no_grad():
+        x = _torch_input(images)
+        single = net(x).numpy()
+        # dirtorch/test_dir.py pool(..., 'gem', gemp=3): sign-preserving power mean.
+        v = torch.stack([net(_resized(x, s)) for s in (1.0, 0.5)])
+        sym = torch.sign(v) * (v * torch.sign(v)).clamp(min=1e-6).pow(3)
+        m = sym.mean(0)
+        want = F.normalize(torch.sign(m) * (m * torch.sign(m)).clamp(min=1e-6).pow(1 / 3), dim=-1).numpy()
+    assert _cosines(np.asarray(model.single_scale(images)), single).min() >= 0.9999
+    assert _cosines(np.asarray(model(images)), want).min() >= 0.9999
+    options = {"arch": "resnet50_rmac", "pooling": "max", "center_bias": 0.5}
+    torch.save({"state_dict": net.state_dict(), "model_options": options}, path)
+    with pytest.raises(ValueError, match="center_bias"):
+        published.import_checkpoint(path)
+
+
 def test_unrecognised_files_list_their_keys_and_callables_are_refused(tmp_path):
     path = str(tmp_path / "other.pth")
     torch.save({"model": {}, "epoch": 3}, path)
@@ -296,7 +370,63 @@ def test_import_command_writes_a_model_that_reloads(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "export.import_checkpoint", "--checkpoint", str(tmp_path / "no.pt"),
                           "--output", str(tmp_path / "x.keras")], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
-    assert bad.returncode == 1 and "no.pt: no such checkpoint file" in bad.stderr
+    assert bad.returncode == 1 and "no.pt: no such file, and not a published name (" in bad.stderr
+    assert "Resnet101-TL-MAC" in bad.stderr
+
+
+def test_published_names_download_once_verify_and_then_need_no_network(tmp_path, monkeypatch):
+    """load_published against a loopback server in the publisher's place: the
+    file is fetched into $KERAS_HOME's cache, checked, imported with the
+    publisher's test settings; then found there with the server gone; a wrong
+    recorded hash leaves nothing in the cache; the command takes the name."""
+    import hashlib
+
+    from deep_retrieval.io.download import DownloadError
+    from deep_retrieval.published_presets import PUBLISHED
+    from tests.helpers_http import serving
+
+    images = _photos()
+    source = str(tmp_path / "served.pt")
+    net, pca = _dirtorch_checkpoint(source, images, monkeypatch)
+    body = open(source, "rb").read()
+    home = tmp_path / "home"
+    monkeypatch.setenv("KERAS_HOME", str(home))
+    original = PUBLISHED["Resnet50-AP-GeM"]
+    entry = dict(original, sha256=hashlib.sha256(body).hexdigest())
+    with serving({"/Resnet50-AP-GeM.pt": body}) as (url, state):
+        monkeypatch.setitem(PUBLISHED, "Resnet50-AP-GeM", dict(entry, url=url + "/Resnet50-AP-GeM.pt"))
+        model, summary = published.load_published("Resnet50-AP-GeM", image_size=320, progress=False)
+        assert len(state.requests) == 1
+    cached = home / "deep_retrieval" / "published" / "Resnet50-AP-GeM.pt"
+    assert summary["file"] == str(cached) and summary["sha256"] == entry["sha256"]
+    assert summary["post_whitening"] == "Landmarks_clean" and summary["scales"] == [1.0]
+    with torch.no_grad():
+        v = net(_torch_input(images)).numpy()
+    white = (v - pca.mean_) @ pca.components_.T / np.power(pca.explained_variance_, 0.25)
+    want = white / np.linalg.norm(white, axis=1, keepdims=True)
+    assert _cosines(np.asarray(model(images)), want).min() >= 0.9999
+    again, _ = published.load_published("Resnet50-AP-GeM", image_size=320, progress=False)  # server gone
+    assert _cosines(np.asarray(again(images)), want).min() >= 0.9999
+    # The command by name, in another process, from the cache: naver's entries
+    # record no hash, so the cached file is taken as it is.
+    assert original["sha256"] is None
+    out = tmp_path / "named.keras"
+    env = dict(os.environ, KERAS_HOME=str(home))
+    done = subprocess.run([sys.executable, "-m", "export.import_checkpoint", "--checkpoint", "Resnet50-AP-GeM",
+                           "--output", str(out), "--image_size", "320"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert '"name": "Resnet50-AP-GeM"' in done.stdout and out.exists()
+    # A file that does not match the recorded hash is refused and not kept.
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "fresh"))
+    with serving({"/Resnet50-AP-GeM.pt": body}) as (url, _):
+        monkeypatch.setitem(PUBLISHED, "Resnet50-AP-GeM", dict(entry, url=url + "/Resnet50-AP-GeM.pt",
+                                                               sha256="0" * 64))
+        with pytest.raises(DownloadError, match="does not match the recorded"):
+            published.load_published("Resnet50-AP-GeM", progress=False)
+    assert os.listdir(tmp_path / "fresh" / "deep_retrieval" / "published") == []
+    with pytest.raises(ValueError, match="unknown published network 'Resnet-9000'.*Resnet101-AP-GeM"):
+        published.load_published("Resnet-9000")
 
 
 def test_imported_model_exports_and_serves_its_descriptors(tmp_path, monkeypatch):
