@@ -3,6 +3,7 @@ r"""Runs a retrieval benchmark end to end and prints mAP and mP@1/5/10.
     python -m training.evaluate --data_root data --dataset roxford5k \
         --model runs/demo/model.keras [--qe 1 --qe_alpha 0 --dba 20 | --rerank] [--output_json results.json]
     python -m training.evaluate --backbone efficientnet_lite0 --weights imagenet
+    python -m training.evaluate --dataset roxford5k --download --model models/dir-ap-gem.keras
 
 Without ``--data_root`` it scores the built-in benchmarks that ``python -m
 training.train`` evaluates on: ``scenes``, the validation split (photographed
@@ -21,6 +22,13 @@ a single protocol. Queries are cropped to their box, keeping the image's
 scale. ``--model`` is a ``.keras`` descriptor model or an exported SavedModel
 folder (its ``serving_default`` and ``crops`` signatures are used on the
 encoded files, as TF Serving would run them).
+
+``--download`` first fetches ``--dataset`` (roxford5k, rparis6k, oxford5k,
+paris6k, holidays) from its publishers into ``--data_root`` (default
+``$KERAS_HOME/deep_retrieval/datasets``) unless it is there: resumable, the
+archives unpacked refusing links and members outside the folder (see
+`deep_retrieval.data.benchmark_downloads`). Without ``--model`` or
+``--backbone`` it only downloads.
 """
 
 import json
@@ -55,6 +63,9 @@ def define_flags():
                          "descriptors (M=400, K=9, beta=0.15 as published); after --dba/--qe if given.")
     flags.DEFINE_string("output_json", None, "Write {protocol: {map, mp@1, mp@5, mp@10}} here (percent); "
                         "{dataset: {protocol: ...}} for both built-in splits.")
+    flags.DEFINE_boolean("download", False, "Fetch --dataset (roxford5k, rparis6k, oxford5k, paris6k, holidays) "
+                         "from its publishers into --data_root first, unless it is there; default --data_root "
+                         "$KERAS_HOME/deep_retrieval/datasets. Without --model/--backbone, only download.")
     flags.DEFINE_boolean("progress", True, "Show progress bars.")
 
 
@@ -93,6 +104,17 @@ def _demo_image_size():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if FLAGS.download:
+        if not FLAGS.dataset:
+            raise app.UsageError("--download needs --dataset (roxford5k, rparis6k, oxford5k, paris6k, holidays)")
+        from deep_retrieval.data import benchmark_downloads
+        from deep_retrieval.io.download import cache_dir
+
+        FLAGS.data_root = FLAGS.data_root or cache_dir("datasets")
+        folder = benchmark_downloads.download_benchmark(FLAGS.dataset, FLAGS.data_root, FLAGS.progress)
+        print(f"dataset: {folder}")
+        if not (FLAGS.model or FLAGS.backbone):
+            return 0
     if bool(FLAGS.model) == bool(FLAGS.backbone):
         raise app.UsageError("give either --model or --backbone (the off-the-shelf model)")
     from deep_retrieval.data import synthetic

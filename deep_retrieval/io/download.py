@@ -37,6 +37,14 @@ class DownloadError(ValueError):
     which URL to fetch by hand and where to put it."""
 
 
+def cache_dir(kind):
+    """``$KERAS_HOME/deep_retrieval/KIND`` (``~/.keras`` without
+    ``KERAS_HOME``, as Keras's own cache): where published networks
+    (``published``) and benchmarks (``datasets``) are kept."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return os.path.join(home, "deep_retrieval", kind)
+
+
 def sha256_of(path):
     """The hex SHA-256 of the file at ``path``."""
     digest = hashlib.sha256()
@@ -173,12 +181,13 @@ def _safe_name(archive, name):
     return normal
 
 
-def extract(archive, folder, flatten=False, keep=None, progress=True):
-    """Unpacks the regular files of a tar (any compression) or zip archive
+def extract(archives, folder, flatten=False, keep=None, progress=True):
+    """Unpacks the regular files of tar (any compression) or zip archives
     into ``folder``, which is replaced whole once every member is written.
 
     Args:
-        archive: the archive's path.
+        archives: an archive's path, or a list of them (unpacked together,
+            as Paris6k's two parts).
         folder: the target folder (created; an existing one is replaced).
         flatten: write every file at the top of ``folder`` under its base
             name (as cirtorch's downloader does with the Oxford and Paris
@@ -193,28 +202,34 @@ def extract(archive, folder, flatten=False, keep=None, progress=True):
         ValueError: an unsafe member (absolute, ``..``, link, device) or a
             damaged archive, naming the archive; nothing is written then.
     """
+    archives = [archives] if isinstance(archives, (str, os.PathLike)) else list(archives)
     written = []
 
     def write(tmp):
         os.makedirs(tmp)
-        with _members(archive) as members, tqdm(total=len(members), unit="file", desc=os.path.basename(archive),
-                                                disable=not progress) as bar:
-            for name, reader in members:
-                bar.update(1)
-                normal = _safe_name(archive, name)
-                if keep is not None and not keep(normal):
-                    continue
-                relative = posixpath.basename(normal) if flatten else normal
-                target = os.path.join(tmp, *relative.split("/"))
-                if os.path.exists(target):
-                    raise ValueError(f"{archive}: two members are written to {relative!r}")
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                try:
-                    with reader() as source, open(target, "wb") as out:
-                        shutil.copyfileobj(source, out, CHUNK)
-                except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
-                    raise ValueError(f"{archive}: member {name!r} is damaged ({e})") from None
-                written.append(relative)
+        for archive in archives:
+            _unpack(archive, tmp, flatten, keep, progress, written)
 
     atomic_write(folder, write)
     return written
+
+
+def _unpack(archive, tmp, flatten, keep, progress, written):
+    with _members(archive) as members, tqdm(total=len(members), unit="file", desc=os.path.basename(archive),
+                                            disable=not progress) as bar:
+        for name, reader in members:
+            bar.update(1)
+            normal = _safe_name(archive, name)
+            if keep is not None and not keep(normal):
+                continue
+            relative = posixpath.basename(normal) if flatten else normal
+            target = os.path.join(tmp, *relative.split("/"))
+            if os.path.exists(target):
+                raise ValueError(f"{archive}: two members are written to {relative!r}")
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            try:
+                with reader() as source, open(target, "wb") as out:
+                    shutil.copyfileobj(source, out, CHUNK)
+            except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
+                raise ValueError(f"{archive}: member {name!r} is damaged ({e})") from None
+            written.append(relative)

@@ -63,13 +63,6 @@ def layout(obj):
     return None
 
 
-def cache_dir():
-    """Where published files are kept: ``$KERAS_HOME/deep_retrieval/published``
-    (``~/.keras`` without ``KERAS_HOME``, as Keras's own cache)."""
-    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-    return os.path.join(home, "deep_retrieval", "published")
-
-
 def fetch_published(name, progress=True):
     """The cached file of the published network ``name``, downloaded (with
     resume) and checked against its recorded SHA-256 when not cached yet.
@@ -85,7 +78,7 @@ def fetch_published(name, progress=True):
     if name not in PUBLISHED:
         raise ValueError(f"unknown published network {name!r}; choose one of {', '.join(PUBLISHED)}")
     entry = PUBLISHED[name]
-    path = os.path.join(cache_dir(), entry["file"])
+    path = os.path.join(download.cache_dir("published"), entry["file"])
     return path, download.fetch(entry["url"], path, entry["sha256"], progress=progress)
 
 
