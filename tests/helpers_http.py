@@ -15,6 +15,7 @@ class Files:
         self.requests = []
         self.honour_range = True
         self.break_after = None  # bytes sent before the connection is dropped
+        self.content_type = "application/octet-stream"
 
 
 def _handler(state):
@@ -37,6 +38,7 @@ def _handler(state):
                     return
                 status = 206
             self.send_response(status)
+            self.send_header("Content-Type", state.content_type)
             self.send_header("Content-Length", str(len(body) - start))
             if status == 206:
                 self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")

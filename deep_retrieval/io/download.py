@@ -112,6 +112,9 @@ def fetch(url, path, sha256=None, progress=True, timeout=60):
         reason = getattr(e, "reason", e)
         raise DownloadError(f"{url}: could not connect ({reason}); {by_hand}") from None
     with response:
+        if (response.headers.get("Content-Type") or "").startswith("text/html"):
+            raise DownloadError(f"{url}: the server sent a web page, not the file (a sign-in, quota or "
+                                f"confirmation page); {by_hand}")
         resumed = offset and getattr(response, "status", 200) == 206
         if not resumed:
             offset = 0

@@ -75,10 +75,13 @@ def test_offline_the_error_says_what_to_fetch_and_where(tmp_path):
         download.fetch(closed + "/Resnet101-AP-GeM.pt", path, None, progress=False, timeout=5)
     message = str(error.value)
     assert "could not connect" in message and closed + "/Resnet101-AP-GeM.pt" in message and path in message
-    with serving({}) as (url, _):
+    with serving({"/drive": b"<html>Google Drive can't scan this file</html>"}) as (url, state):
         with pytest.raises(download.DownloadError, match="answered 404"):
             download.fetch(url + "/missing.pt", path, None, progress=False)
-    assert not os.path.exists(path)
+        state.content_type = "text/html; charset=utf-8"  # a quota or sign-in page in the file's place
+        with pytest.raises(download.DownloadError, match="sent a web page, not the file"):
+            download.fetch(url + "/drive", path, None, progress=False)
+    assert not os.path.exists(path) and not os.path.exists(path + ".part")
 
 
 def _tar(path, members):
