@@ -69,8 +69,9 @@ class Backup(keras.callbacks.Callback):
     and after the last, a `keras.callbacks.BackupAndRestore` writes model
     and optimizer state to a new folder ``round-NNNNNN``; once complete, the
     ``latest`` file is pointed at it (atomically) and older folders but the
-    previous one go. A kill at any moment leaves ``latest`` naming a
-    complete backup. Restoring (`restore`, or at the start of ``fit``) has
+    previous one go (renamed ``*.deleting``, then removed). A kill at any
+    moment leaves ``latest`` naming a complete backup, and every
+    ``round-NNNNNN`` folder complete. Restoring (`restore`, or at the start of ``fit``) has
     Keras's callback load it and set the epoch ``fit`` resumes at. Rounds
     restart at their beginning, so a resumed run re-mines what the
     uninterrupted run mined and continues it exactly.
@@ -148,7 +149,14 @@ class Backup(keras.callbacks.Callback):
         keep = {name, os.path.basename(previous) if previous else None}
         for entry in os.listdir(self.backup_dir):
             if entry.startswith("round-") and entry not in keep:
-                shutil.rmtree(os.path.join(self.backup_dir, entry), ignore_errors=True)
+                doomed = os.path.join(self.backup_dir, entry)
+                if not entry.endswith(".deleting"):
+                    # Renamed first: a kill during the removal leaves a ".deleting"
+                    # folder, never a half-removed one under a round's name.
+                    shutil.rmtree(doomed + ".deleting", ignore_errors=True)
+                    os.replace(doomed, doomed + ".deleting")
+                    doomed += ".deleting"
+                shutil.rmtree(doomed, ignore_errors=True)
 
 
 class Progress(keras.callbacks.Callback):

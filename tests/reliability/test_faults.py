@@ -3,6 +3,7 @@ server restarted under a running client: nothing corrupt, nothing lost."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,7 +49,7 @@ def _backup_steps(folder):
     """The steps of the backups in ``folder`` (one mining round a step here),
     and the one ``latest`` names."""
     steps = sorted(int(name.split("-")[1]) for name in os.listdir(folder)
-                   if name.startswith("round-") and not name.endswith(".partial")) if os.path.isdir(folder) else []
+                   if re.fullmatch(r"round-\d+", name)) if os.path.isdir(folder) else []
     latest = None
     if os.path.exists(os.path.join(folder, "latest")):
         latest = int(open(os.path.join(folder, "latest")).read().split("-")[1])
@@ -57,6 +58,8 @@ def _backup_steps(folder):
 
 def test_kill_during_training_then_resume(tmp_path):
     import keras
+
+    import deep_retrieval.model  # noqa: F401 (registers the classes model.keras names)
 
     out = str(tmp_path / "run")
     backups = os.path.join(out, "checkpoints")
