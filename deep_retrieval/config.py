@@ -35,7 +35,8 @@ class DescriptorConfig:
 
     backbone: str = setting("resnet101",
         '"resnet101", "resnet50", "vgg16", "efficientnet_lite0", "efficientnet_lite2", "tiny" (a small CNN for '
-        'tests), or "torchvision_resnet50/101/152" (torchvision\'s layout, for imported PyTorch models).')
+        'tests), "torchvision_resnet50/101/152" or "torchvision_vgg16" (torchvision\'s layout, for imported '
+        'PyTorch models), or "caffe_resnet50/101/152" (MSRA\'s Caffe layout, for the DIR Caffe release).')
     weights: Optional[str] = setting("imagenet",
         '"imagenet" (downloaded by Keras), a local weights file for the backbone, or None (random initialisation).')
     levels: int = setting(3, "R-MAC grid scales L.")
@@ -45,9 +46,12 @@ class DescriptorConfig:
         "550/800/1050 for 800 px.")
     whitening_dim: Optional[int] = setting(None,
         "output size of the PCA-whitening layer; None means no whitening layer.")
+    whitening_bias: bool = setting(False, "the PCA-whitening layer adds a bias after its projection (the DIR "
+                                   "Caffe release's Scale + InnerProduct).")
     regions: str = setting("grid",
-        'regions R-MAC pools: "grid" (the rigid multi-scale grid) or "rpn" (the proposals of a region proposal '
-        'network).')
+        'regions R-MAC pools: "grid" (the rigid multi-scale grid), "rpn" (the proposals of a region proposal '
+        'network) or "pixel_grid" (the grid laid on the image in pixels and ROI-pooled, as the DIR Caffe release '
+        'does: export.import_checkpoint).')
     proposals: int = setting(256, "regions proposed per image by the RPN.")
     pre_nms_proposals: int = setting(1000, "best-scored RPN boxes entering non-maximum suppression.")
     nms_threshold: float = setting(0.7, "IoU above which NMS drops the lower-scored proposal.")
@@ -79,8 +83,8 @@ class DescriptorConfig:
         self.scales = tuple(float(s) for s in self.scales)
         self.anchor_scales = tuple(float(s) for s in self.anchor_scales)
         self.anchor_ratios = tuple(float(r) for r in self.anchor_ratios)
-        if self.regions not in ("grid", "rpn"):
-            raise ValueError(f"`regions` must be 'grid' or 'rpn', got {self.regions!r}.")
+        if self.regions not in ("grid", "rpn", "pixel_grid"):
+            raise ValueError(f"`regions` must be 'grid', 'rpn' or 'pixel_grid', got {self.regions!r}.")
         if not 1 <= self.proposals <= self.pre_nms_proposals:
             raise ValueError(
                 f"Need 1 <= proposals <= pre_nms_proposals, got {self.proposals} "

@@ -24,6 +24,9 @@ _CIRTORCH_TABLE = "cnnimageretrieval-pytorch README.md: 'Our pretrained networks
 _CIRTORCH_E2E_TABLE = "cnnimageretrieval-pytorch README.md: end-to-end whitening table (multi-scale)"
 _DIRTORCH = "naver/deep-image-retrieval README.md, 'Pre-trained models' table (Google Drive links)"
 _DRIVE = "https://drive.usercontent.google.com/download?export=download&confirm=t&id="
+_DIR_CAFFE = ("Gordo et al.'s deep_retrieval package, README.md 'Expected accuracy' (test.py --S 800 --L 2, "
+              "--multires: 86.07 / 94.53; single scale 84.09 / 93.57); the archive's URL and its members "
+              "deep_retrieval/model.caffemodel and deploy_resnet101*.prototxt as a public Dockerfile fetches them")
 _TPAMI_SCALES = (1.0, 2 ** -0.5, 0.5)  # README: --multiscale '[1, 1/2**(1/2), 1/2]'
 _E2E_SCALES = (1.0, 2 ** 0.5, 2 ** -0.5)  # README: --multiscale '[1, 2**(1/2), 1/2**(1/2)]'
 
@@ -68,6 +71,10 @@ PUBLISHED = {
     "gl18-tl-resnet152-gem-w": _cirtorch(
         "gl18", "gl18-tl-resnet152-gem-w-21278d5.pth", _E2E_SCALES, "none",
         {"roxford5k": (68.7, 44.2), "rparis6k": (79.7, 60.3)}, _CIRTORCH_E2E_TABLE, _CIRTORCH_E2E),
+    "dir-caffe-resnet101-rmac": {
+        "layout": "caffe", "url": "http://download.europe.naverlabs.com/Computer-Vision-CodeandModels/deep_retrieval.tgz",
+        "file": "deep_retrieval.tgz", "sha256": None, "scales": (550 / 800, 1.0, 1050 / 800), "whitening": None,
+        "image_size": 800, "results": {"oxford5k": 86.07, "paris6k": 94.53}, "source": _DIR_CAFFE},
     "Resnet101-TL-MAC": _dirtorch(
         "Resnet101-TL-MAC.pt", "13MUGNwn_CYGZvqDBD8FGD8fVYxThsSDg",
         {"oxford5k": 85.6, "paris6k": 90.1, "roxford5k": (63.3, 35.7), "rparis6k": (76.6, 55.5)}),

@@ -124,3 +124,40 @@ def random_boxes(rng, n, extent=20.0):
     xy = rng.uniform(0, extent, (n, 2))
     wh = rng.uniform(0.5, extent / 2, (n, 2))
     return np.concatenate([xy, xy + wh], axis=1).astype("float32")
+
+
+def dir_test_script_regions(height, width, levels=2):
+    """The release's ``get_rmac_region_coordinates`` (Tolias et al.'s Matlab
+    grid in floating point) and ``pack_regions_for_network``: ``[R, 4]``
+    inclusive ``x0, y0, x1, y1`` pixels."""
+    steps = np.array([2, 3, 4, 5, 6, 7], np.float32)
+    short = min(height, width)
+    b = (max(height, width) - short) / (steps - 1)
+    idx = int(np.argmin(np.abs((short ** 2 - short * b) / short ** 2 - 0.4))) + 1
+    wd = idx if height < width else 0
+    hd = idx if height > width else 0
+    out = []
+    for level in range(1, levels + 1):
+        wl = np.floor(2 * short / (level + 1))
+        wl2 = np.floor(wl / 2 - 1)
+        bw = (width - wl) / (level + wd - 1) if level + wd - 1 > 0 else 0
+        bh = (height - wl) / (level + hd - 1) if level + hd - 1 > 0 else 0
+        cen_w = np.floor(wl2 + bw * np.arange(level + wd)) - wl2
+        cen_h = np.floor(wl2 + bh * np.arange(level + hd)) - wl2
+        for y in cen_h:
+            for x in cen_w:
+                x, y, side = int(round(x)), int(round(y)), int(round(wl))
+                x -= max(0, x + side - width)
+                y -= max(0, y + side - height)
+                out.append((x, y, x + side - 1, y + side - 1))
+    return np.array(out, np.float32)
+
+
+def caffe_roi_range(first, last, stride, extent):
+    """The cells ``[start, stop)`` Fast R-CNN's ROIPooling (one bin, C's
+    ``round`` of float32 products) max-pools for the inclusive pixel range
+    ``[first, last]`` of a map ``extent`` cells long."""
+    scale = np.float32(1 / stride)
+    start, end = (int(math.floor(float(np.float32(v) * scale) + 0.5)) for v in (first, last))
+    size = max(end - start + 1, 1)
+    return min(max(start, 0), extent), min(max(start + size, 0), extent)

@@ -5,7 +5,7 @@ import os
 
 import keras
 
-from deep_retrieval.backbones import efficientnet_lite, torchvision_resnet, torchvision_vgg
+from deep_retrieval.backbones import caffe_resnet, efficientnet_lite, torchvision_resnet, torchvision_vgg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +36,11 @@ SPECS = {
     "torchvision_resnet101": BackboneSpec("torch", 32, 2048),
     "torchvision_resnet152": BackboneSpec("torch", 32, 2048),
     "torchvision_vgg16": BackboneSpec("torch", 16, 512),
+    # Caffe's layout (the DIR Caffe release): weights come with the imported
+    # caffemodel.
+    "caffe_resnet50": BackboneSpec("caffe", 32, 2048),
+    "caffe_resnet101": BackboneSpec("caffe", 32, 2048),
+    "caffe_resnet152": BackboneSpec("caffe", 32, 2048),
 }
 
 
@@ -104,12 +109,15 @@ def build_backbone(name, weights=None):
         return _tiny(weights), SPECS[name]
     if name in efficientnet_lite.VARIANTS:
         return efficientnet_lite.build(weights, name), SPECS[name]
-    if name.startswith("torchvision_"):
+    if name.startswith(("torchvision_", "caffe_")):
         if weights == "imagenet":
             raise ValueError(f"The {name} backbone takes its weights from an imported checkpoint "
                              "(python -m export.import_checkpoint), not 'imagenet'.")
-        depth = name[len("torchvision_"):]
-        trunk = (torchvision_vgg if depth.startswith("vgg") else torchvision_resnet).build(depth)
+        family, _, depth = name.partition("_")
+        if family == "caffe":
+            trunk = caffe_resnet.build(depth)
+        else:
+            trunk = (torchvision_vgg if depth.startswith("vgg") else torchvision_resnet).build(depth)
         if weights is not None:
             trunk.load_weights(weights)
         return trunk, SPECS[name]

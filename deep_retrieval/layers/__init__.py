@@ -7,6 +7,7 @@ from deep_retrieval.layers.image_preprocessing import ImagePreprocessing
 from deep_retrieval.layers.l2_normalization import L2Normalization
 from deep_retrieval.layers.multi_resolution import PAPER_SCALES, MultiResolution
 from deep_retrieval.layers.pca_whitening import PCAWhitening
+from deep_retrieval.layers.pixel_grid_max_pooling import PixelGridMaxPooling
 from deep_retrieval.layers.region_max_pooling import RegionMaxPooling
 from deep_retrieval.layers.region_proposal_network import RegionProposalNetwork
 from deep_retrieval.layers.region_sum import RegionSum
@@ -21,6 +22,7 @@ __all__ = [
     "MultiResolution",
     "PAPER_SCALES",
     "PCAWhitening",
+    "PixelGridMaxPooling",
     "RMAC",
     "RegionMaxPooling",
     "RegionProposalNetwork",

@@ -92,11 +92,18 @@ class DescriptorModel(keras.Model):
                 whitening=c.whitening_dim,
                 regions=c.regions,
                 rpn=rpn,
+                whitening_bias=c.whitening_bias,
+                stride=self.spec.stride,
                 name="rmac",
             )
-        self.network = keras.Sequential(
-            [keras.Input((None, None, 3)), self.backbone, self.head], name="network"
-        )
+        if c.regions == "pixel_grid":
+            # The head reads the image's size as well as the backbone's map.
+            images = keras.Input((None, None, 3))
+            self.network = keras.Model(images, self.head(self.backbone(images), images), name="network")
+        else:
+            self.network = keras.Sequential(
+                [keras.Input((None, None, 3)), self.backbone, self.head], name="network"
+            )
         self.multi_resolution = MultiResolution(
             self.network, self.config.scales, c.multiscale_power, c.multiscale_epsilon, name="multi_resolution"
         )
@@ -199,6 +206,10 @@ class DescriptorModel(keras.Model):
             decreasing objectness (the global region first when included).
         """
         _, height, width, _ = fmap.shape
+        if self.config.regions == "pixel_grid":
+            cells, valid = regions.pixel_grid_cells(*image_size, height, width, self.config.levels, self.spec.stride)
+            cells = np.asarray(cells)[np.asarray(valid)]
+            return [boxes_lib.cells_to_pixels(cells, (height, width), image_size)] * fmap.shape[0]
         if self.head.rpn is None or grid:
             cells = regions.rmac_regions(height, width, self.config.levels, self.config.include_global)
             cells = np.concatenate([cells[:, :2], cells[:, :2] + cells[:, 2:]], axis=1)

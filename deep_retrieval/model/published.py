@@ -26,18 +26,30 @@ data through `pickled_data`):
 cirtorch's VGG16 network keeps torchvision's ``features.N`` names
 (`torchvision_vgg`); its descriptors are 512-D.
 
-Both preprocess RGB / 255 with ImageNet's mean and std, which is the
+- **DIR Caffe** (Gordo et al.'s ``deep_retrieval`` release): a
+  ``.prototxt`` and a ``.caffemodel`` (`deep_retrieval.io.caffe_model`).
+  The trunk must be MSRA's ResNet layer for layer (`caffe_resnet`), then
+  ROIPooling of the image's R-MAC grid (`PixelGridMaxPooling`), Normalize,
+  the shift as a Scale with bias, the PCA as an InnerProduct, Normalize,
+  the Aggregate (sum) and Normalize, with Reshapes between; anything else is
+  refused with its layer named. Input is BGR minus the ImageNet mean
+  (``caffe`` mode), images at S = 800 with L = 2, multi-resolution at
+  S = 550, 800, 1050 summed (``test.py --multires``).
+
+Both PyTorch families preprocess RGB / 255 with ImageNet's mean and std, which is the
 ``torch`` mode of `ImagePreprocessing`; a checkpoint with other statistics
 is refused rather than approximated.
 """
 
+import glob
 import os
 
 import numpy as np
 
+from deep_retrieval.backbones import caffe_resnet
 from deep_retrieval.backbones.torchvision_resnet import BLOCKS, load_torch_state
-from deep_retrieval.config import DescriptorConfig
-from deep_retrieval.io import download, pickled_data, torch_checkpoint
+from deep_retrieval.config import PAPER_SCALES, DescriptorConfig
+from deep_retrieval.io import caffe_model, download, pickled_data, torch_checkpoint
 from deep_retrieval.model.descriptor_model import build_descriptor_model
 from deep_retrieval.published_presets import PUBLISHED
 
@@ -47,6 +59,9 @@ PCA_CLASSES = ("sklearn.decomposition._pca.PCA", "sklearn.decomposition.pca.PCA"
 DIRTORCH_WHITENING_POWER = 0.25  # test_dir.py's --whitenp default
 DIRTORCH_MULTISCALE_POWER = 3.0  # test_dir.py's --pooling gem --gemp 3
 DIRTORCH_WHITENING = "Landmarks_clean"  # test_dir.py's --whiten default
+CAFFE_IMAGE_SIZE, CAFFE_LEVELS = 800, 2  # test.py --S 800 --L 2, as the release was trained
+CAFFE_PROTOTXTS = ("deploy_resnet101_normpython.prototxt", "deploy_resnet101.prototxt")
+_CAFFE_HEAD = ("ROIPooling", "Normalize", "Scale", "InnerProduct", "Normalize", "Aggregate", "Normalize")
 
 
 def read(path):
@@ -79,7 +94,17 @@ def fetch_published(name, progress=True):
         raise ValueError(f"unknown published network {name!r}; choose one of {', '.join(PUBLISHED)}")
     entry = PUBLISHED[name]
     path = os.path.join(download.cache_dir("published"), entry["file"])
-    return path, download.fetch(entry["url"], path, entry["sha256"], progress=progress)
+    sha256 = download.fetch(entry["url"], path, entry["sha256"], progress=progress)
+    if entry["layout"] == "caffe":
+        folder = path + ".d"
+        if not os.path.isdir(folder):
+            download.extract(path, folder, keep=lambda member: member.endswith((".caffemodel", ".prototxt")),
+                             progress=progress)
+        found = sorted(glob.glob(os.path.join(glob.escape(folder), "**", "*.caffemodel"), recursive=True))
+        if len(found) != 1:
+            raise ValueError(f"{path}: the archive holds {len(found)} .caffemodel files, expected one")
+        path = found[0]
+    return path, sha256
 
 
 def load_published(name, image_size=None, scales=None, whitening=None, progress=True):
@@ -103,22 +128,33 @@ def load_published(name, image_size=None, scales=None, whitening=None, progress=
     return model, summary
 
 
-def import_checkpoint(path, image_size=1024, scales=None, whitening=None):
-    """A `DescriptorModel` with the weights of a cirtorch or dirtorch file.
+def import_checkpoint(path, image_size=None, scales=None, whitening=None, prototxt=None):
+    """A `DescriptorModel` with the weights of a cirtorch or dirtorch file,
+    or of the DIR Caffe release.
 
     Args:
-        path: the ``.pth``/``.pt`` checkpoint.
-        image_size: the longest side images are described at (both
-            families evaluate Oxford and Paris at 1024).
+        path: the ``.pth``/``.pt`` checkpoint, or a ``.caffemodel``.
+        image_size: the longest side images are described at (default: 1024,
+            at which both PyTorch families evaluate Oxford and Paris; 800,
+            the DIR release's S).
         scales: relative scales (default: cirtorch's ``1, 1/sqrt(2), 1/2``;
-            dirtorch's single scale).
+            dirtorch's single scale; DIR's 550, 800, 1050 over 800).
         whitening: which post-hoc whitening to apply when the checkpoint
             holds several (cirtorch ``Lw`` / dirtorch ``pca`` keys); None
             takes the only one, ``"none"`` applies none.
+        prototxt: the ``.caffemodel``'s network (default: the release's
+            deploy prototxt beside it).
 
     Returns:
         ``(model, summary)``: the model and a dict describing what was read.
     """
+    if str(path).endswith(".caffemodel"):
+        if whitening not in (None, "none"):
+            raise ValueError(f"{path}: a Caffe model has no post-hoc whitening to choose ({whitening!r})")
+        return import_caffe(prototxt or _beside(path), path, image_size or CAFFE_IMAGE_SIZE, scales)
+    if prototxt is not None:
+        raise ValueError(f"{path}: a prototxt goes with a .caffemodel only")
+    image_size = image_size or 1024
     obj = read(path)
     kind = layout(obj)
     if kind == "cirtorch":
@@ -259,3 +295,99 @@ def _dirtorch(path, obj, image_size, scales, whitening):
     return model, {"layout": "dirtorch", "architecture": depth, "pooling": "mac" if mac else "gem", "gem_p": p,
                    "post_whitening": name,
                    "scales": list(scales), "multiscale_power": config.multiscale_power}
+
+
+def _beside(path):
+    folder = os.path.dirname(os.path.abspath(path))
+    for name in CAFFE_PROTOTXTS:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise ValueError(f"{path}: no {' or '.join(CAFFE_PROTOTXTS)} beside it; pass the network's prototxt")
+
+
+def _caffe_depth(prototxt, names):
+    for depth, marker in (("resnet152", "res4b35"), ("resnet101", "res4b22"), ("resnet50", "res4f")):
+        if marker in names:
+            return depth
+    raise caffe_model.CaffeError(f"{prototxt}: not a ResNet-50/101/152 trunk in MSRA's naming (no res4f, res4b22 "
+                                 "or res4b35 layer)")
+
+
+def _check_caffe_trunk(prototxt, layers, depth):
+    expected = caffe_resnet.caffe_layers(depth)
+    for got, want in zip(layers, expected):
+        if got != want:
+            keys = [k for k in want if got.get(k) != want[k]] or sorted(set(got) - set(want))
+            raise caffe_model.CaffeError(
+                f"{prototxt}: layer {got['name']!r} ({got['type']}) differs from the caffe_{depth} trunk at "
+                f"{', '.join(f'{k}: {got.get(k)!r}, expected {want.get(k)!r}' for k in keys)}")
+    if len(layers) < len(expected):
+        raise caffe_model.CaffeError(f"{prototxt}: ends after {len(layers)} layers, inside the caffe_{depth} trunk")
+
+
+def _check_caffe_head(prototxt, head, stride):
+    """The head's layers (Reshapes dropped) after the trunk, chained."""
+    chained, blob = [], "res5c"  # the trunk's last blob
+    for layer in head:
+        if layer["bottom"][:1] != (blob,):
+            raise caffe_model.CaffeError(f"{prototxt}: layer {layer['name']!r} ({layer['type']}) reads "
+                                         f"{list(layer['bottom'])}, not the previous layer's {blob!r}")
+        blob = layer["top"][0]
+        if layer["type"] != "Reshape":
+            chained.append(layer)
+    kinds = tuple(layer["type"] for layer in chained)
+    if kinds != _CAFFE_HEAD:
+        bad = next((layer for layer, want in zip(chained, _CAFFE_HEAD) if layer["type"] != want), None)
+        where = f"layer {bad['name']!r} ({bad['type']})" if bad else f"the head ends after {len(chained)} layers"
+        raise caffe_model.CaffeError(f"{prototxt}: {where}: the R-MAC head must be {' -> '.join(_CAFFE_HEAD)} "
+                                     "(with Reshapes between)")
+    roi, _, shift, pca = chained[:4]
+    if roi["bottom"][1:] != ("rois",) or roi["pooled"] != (1, 1) or abs(roi["spatial_scale"] * stride - 1) > 1e-6:
+        raise caffe_model.CaffeError(f"{prototxt}: layer {roi['name']!r}: ROI pooling must take 'rois' into one "
+                                     f"1x1 bin at spatial_scale 1/{stride}; it has {roi}")
+    if not shift["bias"] or not pca["bias"]:
+        raise caffe_model.CaffeError(f"{prototxt}: layers {shift['name']!r} and {pca['name']!r}: the shift and the "
+                                     "PCA must both have a bias")
+    return shift["name"], pca["name"], pca["num_output"]
+
+
+def import_caffe(prototxt, caffemodel, image_size=CAFFE_IMAGE_SIZE, scales=None):
+    """The DIR Caffe release (``prototxt`` structure, ``caffemodel``
+    weights) as a `DescriptorModel` (see the module docstring).
+
+    Returns:
+        ``(model, summary)``, as `import_checkpoint`.
+    """
+    net = caffe_model.read_net(prototxt)
+    try:
+        layers = [caffe_model.describe(layer) for layer in net.layer]
+    except caffe_model.CaffeError as e:
+        raise caffe_model.CaffeError(f"{prototxt}: {e}") from None
+    depth = _caffe_depth(prototxt, {layer["name"] for layer in layers})
+    count = len(caffe_resnet.caffe_layers(depth))
+    _check_caffe_trunk(prototxt, layers[:count], depth)
+    shift, pca, dim = _check_caffe_head(prototxt, layers[count:], 32)
+    blobs = caffe_model.read_blobs(caffemodel)
+    scales = tuple(scales or PAPER_SCALES)
+    config = DescriptorConfig(
+        backbone=f"caffe_{depth}", weights=None, scales=scales, levels=CAFFE_LEVELS, include_global=False,
+        regions="pixel_grid", whitening_dim=dim, whitening_bias=True, pooling="rmac", multiscale_power=1.0)
+    model = build_descriptor_model(config, image_size)
+    unused = caffe_resnet.load_caffe_blobs(model.backbone, depth, blobs, caffemodel)
+    unused = [name for name in unused if name not in (shift, pca)]
+    if unused:
+        raise ValueError(f"{caffemodel}: weights of layers the prototxt does not use: {', '.join(unused[:8])}")
+    for name, count in ((shift, 2), (pca, 2)):
+        if len(blobs.get(name, ())) != count:
+            raise ValueError(f"{caffemodel}: layer {name!r} needs {count} blobs, has {len(blobs.get(name, ()))}")
+    (scale, shift_bias), (weight, bias) = blobs[shift], blobs[pca]
+    scale, shift_bias, bias = np.ravel(scale), np.ravel(shift_bias), np.ravel(bias)
+    weight = np.asarray(weight, np.float64).reshape(dim, -1)
+    if weight.shape[1] != model.spec.channels or scale.size != weight.shape[1]:
+        raise ValueError(f"{caffemodel}: layers {shift!r} / {pca!r} have shapes {scale.shape} / {weight.shape}; "
+                         f"the trunk gives {model.spec.channels} channels")
+    # (w * x + b) W^T + c = x (diag(w) W^T) + (b W^T + c)
+    model.head.pca.set_pca(np.zeros(weight.shape[1], np.float32), (scale[:, None] * weight.T).astype(np.float32),
+                           (shift_bias @ weight.T + bias).astype(np.float32))
+    return model, {"layout": "caffe", "architecture": depth, "prototxt": str(prototxt), "levels": CAFFE_LEVELS,
+                   "whitening_dim": dim, "scales": list(scales), "image_size": image_size}

@@ -209,3 +209,52 @@ def dynamic_rmac_grid(height, width, levels=3):
             DynamicGridLevel(side=side, xs=xs, ys=ys, pairs=pairs, pair_valid=pair_valid)
         )
     return grid
+
+
+def _roi_cells(first, last, stride, extent):
+    """Caffe's ROIPooling range (one bin) of the inclusive pixel range
+    ``[first, last]``: ``round(first / stride)`` to ``round(last / stride)``
+    (C's ``round``, half away from zero), at least one cell, clipped to
+    ``[0, extent]``; half-open ``[start, stop)``, empty when the ROI starts
+    past the map."""
+    start = ops.floor_divide(2 * first + stride, 2 * stride)
+    end = ops.floor_divide(2 * last + stride, 2 * stride)
+    stop = start + ops.maximum(end - start + 1, 1)
+    return ops.clip(start, 0, extent), ops.clip(stop, 0, extent)
+
+
+def pixel_grid_cells(image_height, image_width, map_height, map_width, levels=2, stride=32):
+    """The regions of the DIR Caffe release: the R-MAC grid computed on the
+    image in pixels (its ``test.py``, after Tolias et al.'s Matlab code),
+    sent to Caffe's ROIPooling as inclusive ``(x, y, x + side - 1, y + side
+    - 1)`` boxes and pooled at ``spatial_scale = 1 / stride`` into cell
+    ranges of the ``map_height x map_width`` feature map.
+
+    The grid's formulas are those of `rmac_grid` on the image size, in exact
+    integers (``test.py`` evaluates them in floating point; its rounding and
+    border pull-back leave the integer offsets unchanged).
+
+    Args:
+        image_height, image_width: the image the network saw, in pixels
+            (ints or scalar tensors).
+        map_height, map_width: its feature map, in cells.
+        levels: the grid's ``L`` (the release uses 2).
+        stride: pixels per feature cell (32 for ResNet).
+
+    Returns:
+        ``(cells, valid)``: int32 ``[R, 4]`` half-open ranges ``(x0, y0, x1,
+        y1)`` over a fixed set of candidate regions (`dynamic_rmac_grid`),
+        and a bool ``[R]`` mask of the real ones. A real region may be
+        empty (``x1 == x0``), which Caffe pools as zeros.
+    """
+    map_height = ops.cast(map_height, "int32")
+    map_width = ops.cast(map_width, "int32")
+    cells, valid = [], []
+    for level in dynamic_rmac_grid(image_height, image_width, levels):
+        ys = ops.take(level.ys, level.pairs[:, 0])
+        xs = ops.take(level.xs, level.pairs[:, 1])
+        x0, x1 = _roi_cells(xs, xs + level.side - 1, stride, map_width)
+        y0, y1 = _roi_cells(ys, ys + level.side - 1, stride, map_height)
+        cells.append(ops.stack([x0, y0, x1, y1], axis=-1))
+        valid.append(level.pair_valid)
+    return ops.concatenate(cells, axis=0), ops.concatenate(valid, axis=0)

@@ -61,6 +61,9 @@ class TrainedPart(keras.Model):
 
     def __init__(self, model, trained, **kwargs):
         super().__init__(**kwargs)
+        if model.config.regions == "pixel_grid":
+            raise ValueError("regions='pixel_grid' pools the image's grid, which cached feature maps do not carry: "
+                             "train without --train_from")
         self.model = model
         self.trained = trained
         self.network = keras.Sequential([trained, model.head], name="trained_network")

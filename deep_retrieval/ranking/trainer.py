@@ -185,7 +185,7 @@ class Trainer:
             inputs = ((i, (self._train_maps([i])[0],)) for i in chosen if i not in self.unusable)
         else:
             pool = extraction.compiled_fn(
-                lambda x: self.model.head.pool_regions(self.model.backbone(self.model.preprocess(x)))
+                lambda x: self.model.head.pool_regions(self.model.backbone(self.model.preprocess(x)), x)
             )
             inputs = pipeline.image_dataset([self.paths[i] for i in chosen], self.config.image_size)
         regions = []

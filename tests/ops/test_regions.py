@@ -141,3 +141,54 @@ def test_dynamic_grid_serves_all_sizes_from_one_trace():
                     got.append((int(xs[ix]), int(ys[iy]), int(side), int(side)))
         assert sorted(got) == sorted(reference.grid_regions(height, width)), (height, width)
     assert fn.experimental_get_tracing_count() == 1
+
+
+def _caffe_resnet_map(side):
+    """The res5c size of an image side through MSRA's ResNet (conv1 7/2 pad 3,
+    pool1 3/2 in ceil mode, three stride-2 1x1 convolutions)."""
+    side = (side - 1) // 2 + 1
+    side = -(-(side - 3) // 2) + 1
+    for _ in range(3):
+        side = (side - 1) // 2 + 1
+    return side
+
+
+def test_pixel_grid_cells_by_hand_600x800():
+    """L = 2 on 600 x 800 px, 19 x 25 cells: level 1 has two 600 px windows at
+    x = 0, 200 (cells round(0/32)..round(599/32) = 0..18 and 6..24); level 2
+    three 400 px windows at x = 0, 200, 400 (400/32 = 12.5 rounds up to 13)
+    by two at y = 0, 200."""
+    cells, valid = regions.pixel_grid_cells(600, 800, 19, 25, levels=2, stride=32)
+    got = np.asarray(cells)[np.asarray(valid)].tolist()
+    assert got == [[0, 0, 20, 19], [6, 0, 25, 19],
+                   [0, 0, 13, 13], [6, 0, 20, 13], [13, 0, 25, 13],
+                   [0, 6, 13, 19], [6, 6, 20, 19], [13, 6, 25, 19]]
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3])
+def test_pixel_grid_cells_follow_the_release_test_script(levels):
+    """Against the release's floating-point grid and Fast R-CNN's rounding,
+    on 300 image sizes from 40 to 1200 px, both orientations and squares
+    (each region once: R-MAC sums them)."""
+    rng = np.random.default_rng(levels)
+    sizes = [(int(h), int(w)) for h, w in rng.integers(40, 1200, (300, 2))] + [(512, 512), (800, 533), (533, 800)]
+    for height, width in sizes:
+        map_h, map_w = _caffe_resnet_map(height), _caffe_resnet_map(width)
+        want = []
+        for x0, y0, x1, y1 in reference.dir_test_script_regions(height, width, levels):
+            (c0, c1), (r0, r1) = (reference.caffe_roi_range(x0, x1, 32, map_w),
+                                  reference.caffe_roi_range(y0, y1, 32, map_h))
+            want.append([c0, r0, c1, r1])
+        cells, valid = regions.pixel_grid_cells(height, width, map_h, map_w, levels, 32)
+        # The candidates of a tall image come column by column: the set is what is summed.
+        assert sorted(np.asarray(cells)[np.asarray(valid)].tolist()) == sorted(want), (height, width)
+
+
+def test_pixel_grid_cells_traced_with_unknown_sizes_match_eager():
+    fn = tf.function(lambda h, w, mh, mw: regions.pixel_grid_cells(h, w, mh, mw, 2, 32),
+                     input_signature=[tf.TensorSpec([], tf.int32)] * 4)
+    for size in [(600, 800), (801, 333), (96, 96)]:
+        maps = [_caffe_resnet_map(s) for s in size]
+        traced = [t.numpy() for t in fn(*size, *maps)]
+        eager = [np.asarray(t) for t in regions.pixel_grid_cells(*size, *maps, 2, 32)]
+        np.testing.assert_array_equal(traced[0][traced[1]], eager[0][eager[1]])
