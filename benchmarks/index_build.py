@@ -9,8 +9,11 @@ for each size in ``--sizes`` (a folder holding the first shards) runs
 as its own process, sampling its memory from ``/proc`` every 0.1 s. Prints
 per size: build time, peak RSS (total, anonymous, and file-backed: pages of
 the memory-mapped lists and shards, which the kernel can drop), index size
-on disk, queries/s (one batch of ``--queries``), and recall@10 against exact
-search over all the shards (each query a database vector plus noise). With
+on disk, and for each of ``--k_factors`` (candidates per result re-ranked
+exactly from the index's float16 descriptors, 1 for the codes' own order)
+queries/s (one batch of ``--queries``, the vectors' pages already cached)
+and recall@10 against exact search over all the shards (each query a
+database vector plus noise). With
 sizes that double, the peak RSS column shows whether memory grows with the
 collection.
 
@@ -109,6 +112,8 @@ def main():
     parser.add_argument("--spread", type=float, default=0.5, help="noise around a centre, relative to its norm")
     parser.add_argument("--factory", default="OPQ64_256,IVF8192_HNSW32,PQ64")
     parser.add_argument("--nprobe", type=int, default=32)
+    parser.add_argument("--k_factors", default="1,4,16,64",
+                        help="candidates per result re-ranked exactly from the float16 descriptors (1: none)")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--noise", type=float, default=0.5, help="query noise norm (the vectors have norm 1)")
     parser.add_argument("--folder", default="/tmp/index_build")
@@ -123,8 +128,10 @@ def main():
     print(f"{shards} shards of {args.shard_rows} x {args.dim} float32 ({on_disk / 1e9:.1f} GB of Parquet) "
           f"ready in {time.perf_counter() - t0:.0f} s; factory {args.factory}, nprobe {args.nprobe}", flush=True)
     rng = np.random.default_rng(1)
-    print("| descriptors | shards | build | peak RSS | anonymous | file-backed | index on disk | queries/s "
-          "| recall@10 |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+    k_factors = [int(k) for k in args.k_factors.split(",")]
+    print("| descriptors | shards | build | peak RSS | anonymous | file-backed | index on disk | "
+          + " | ".join(f"k_factor {k}: q/s, recall@10" for k in k_factors) + " |\n|"
+          + "---|" * (7 + len(k_factors)), flush=True)
     for size in sizes:
         count = -(-size // args.shard_rows)
         subset = os.path.join(args.folder, f"first-{count}")
@@ -144,16 +151,20 @@ def main():
         queries /= np.linalg.norm(queries, axis=1, keepdims=True)
         want = exact_top10(queries, paths[:count])
         index = index_lib.Index.load(output)
-        index.search(queries[:10], 10)  # warm: touch the code paths
-        t0 = time.perf_counter()
-        _, got = index.search(queries, 10)
-        qps = len(queries) / (time.perf_counter() - t0)
         position = {name: i for i, name in enumerate(index.ids)}
-        recall = np.mean([len({position[n] for n in g if n is not None} & set(w.tolist())) / 10
-                          for g, w in zip(got, want)])
+        cells = []
+        for k_factor in k_factors:
+            index.k_factor = k_factor
+            index.search(queries, 10)  # warm: the code paths and the pages the short lists read
+            t0 = time.perf_counter()
+            _, got = index.search(queries, 10)
+            qps = len(queries) / (time.perf_counter() - t0)
+            recall = np.mean([len({position[n] for n in g if n is not None} & set(w.tolist())) / 10
+                              for g, w in zip(got, want)])
+            cells.append(f"{qps:.0f}, {recall:.3f}")
         print(f"| {count * args.shard_rows:,} | {count} | {seconds:.0f} s | {rss / 2**30:.2f} GiB "
               f"| {anon / 2**30:.2f} GiB | {file_backed / 2**30:.2f} GiB | {size_on_disk / 2**30:.2f} GiB "
-              f"| {qps:.0f} | {recall:.3f} |", flush=True)
+              f"| {' | '.join(cells)} |", flush=True)
         del index, position
     print(f"(last build said: {said})")
 

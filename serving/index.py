@@ -41,6 +41,9 @@ def define_flags():
     flags.DEFINE_integer("train_size", None, "ivfpq: random descriptors the quantisers are trained on "
                          "(default: 40 per inverted list).")
     flags.DEFINE_integer("nprobe", 16, "ivfpq: inverted lists visited per query.")
+    flags.DEFINE_integer("k_factor", None, "ivfpq: candidates per result that a search re-ranks by their exact "
+                         "inner product, read from the index's float16 descriptors (default 16, or the "
+                         "appended index's; 1 for none).")
     flags.DEFINE_string("images_root", None, "Folder the image names are relative to (for result pictures).")
     flags.DEFINE_string("model_info", None, "model_info.json of the export that made the descriptors.")
     flags.DEFINE_boolean("append", False, "Add the new images to the existing index at --output.")
@@ -52,7 +55,8 @@ def main(argv):
     if not FLAGS.descriptors or not FLAGS.output:
         raise app.UsageError("--descriptors and --output are required")
     meta = build_index(FLAGS.descriptors, FLAGS.output, FLAGS.kind, FLAGS.factory, FLAGS.nprobe,
-                       FLAGS.images_root, FLAGS.model_info, FLAGS.append, FLAGS.train_size, FLAGS.progress)
+                       FLAGS.images_root, FLAGS.model_info, FLAGS.append, FLAGS.train_size, FLAGS.progress,
+                       FLAGS.k_factor)
     print(f"{FLAGS.output}: {meta['kind']} index of {meta['count']} descriptors of size {meta['dim']}"
           + (f" ({meta['factory']})" if meta["factory"] else ""))
     return 0

@@ -14,6 +14,7 @@ sample, the vectors are added a batch at a time into on-disk lists
 does not grow with the collection.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -232,7 +233,7 @@ def _warn_repeated(source, descriptors, skip):
 
 
 def build_index(source, output, kind=None, factory=None, nprobe=16, images_root=None, model_info=None,
-                append=False, train_size=None, progress=False):
+                append=False, train_size=None, progress=False, k_factor=None):
     """Builds (or extends) the `index.Index` of a descriptor file or folder
     of shards and saves it to ``output`` (atomically); returns what its
     ``meta.json`` holds (kind, count, dim, factory, ...).
@@ -244,6 +245,9 @@ def build_index(source, output, kind=None, factory=None, nprobe=16, images_root=
     first row), with a warning. The run record of the extraction is kept with the index; ``append`` adds
     the images not yet held and refuses another model version (it reads the
     held ids). ``model_info`` (an export's ``model_info.json``) is stored too.
+    An ``ivfpq`` build also writes the descriptors as float16
+    (`index.VECTORS_FILE`), as they stream past, for the exact re-ranking of
+    ``k_factor`` (default `index.K_FACTOR`) candidates per result.
     """
     output = output.rstrip("/")
     busy = (f"{output}: another serving.index is writing it (lock held on {output}.lock); "
@@ -252,13 +256,14 @@ def build_index(source, output, kind=None, factory=None, nprobe=16, images_root=
         remove_stale_temporaries(output)  # of builds that were killed: nobody else writes here
         try:
             return _build_index(source, output, kind, factory, nprobe, images_root, model_info, append,
-                                train_size, progress)
+                                train_size, progress, k_factor)
         except OSError as e:  # a full disk, a folder that cannot be written
             raise ValueError(f"{output}: cannot write the index: {e.strerror or e}"
                              + (f" ({e.filename})" if e.filename else "")) from None
 
 
-def _build_index(source, output, kind, factory, nprobe, images_root, model_info, append, train_size, progress):
+def _build_index(source, output, kind, factory, nprobe, images_root, model_info, append, train_size, progress,
+                 k_factor):
     import faiss
     from tqdm import tqdm
 
@@ -281,7 +286,13 @@ def _build_index(source, output, kind, factory, nprobe, images_root, model_info,
                              "one index holds one model's descriptors")
         metadata = {**previous.metadata, **metadata}
         kind, factory, nprobe = previous.kind, previous.factory, previous.nprobe
+        k_factor = k_factor or previous.k_factor
+    k_factor = k_factor or index_lib.K_FACTOR
     kind = kind or index_lib.default_kind(len(descriptors))
+    keep_vectors = kind == "ivfpq" and (previous is None or previous.vectors is not None)
+    if kind == "ivfpq" and not keep_vectors:
+        print(f"warning: {output} was built without {index_lib.VECTORS_FILE}: the extended index searches "
+              "its codes without exact re-ranking; rebuild it for re-ranking", file=sys.stderr)
     if kind == "ivfpq" and previous is not None:
         template = faiss_ivf.empty_template(previous.path)
     elif kind == "ivfpq":
@@ -296,18 +307,27 @@ def _build_index(source, output, kind, factory, nprobe, images_root, model_info,
         skip = repeated_rows(descriptors, os.path.join(folder, "scratch"))
         os.rmdir(os.path.join(folder, "scratch"))
         _warn_repeated(source, descriptors, skip)
-        with index_lib.IdsFile(folder) as ids, \
+        with index_lib.IdsFile(folder) as ids, contextlib.ExitStack() as stack, \
                 tqdm(total=len(descriptors) - len(skip), unit="vec", desc="index", disable=not progress) as bar:
+            vectors_file = None
+            if keep_vectors:
+                vectors_file = stack.enter_context(open(os.path.join(folder, index_lib.VECTORS_FILE), "wb"))
             if previous is not None:
                 ids.write(previous.ids)
+                if vectors_file is not None:
+                    for start in range(0, len(previous), 1 << 18):
+                        vectors_file.write(np.ascontiguousarray(previous.vectors[start:start + (1 << 18)]).tobytes())
 
-            def batches():  # the rows to add; their names go to ids.json as they pass
+            def batches():  # the rows to add; their names (and float16 rows) are written as they pass
                 for names, vectors in _kept(descriptors, skip):
                     bar.update(len(names))
                     if known:
                         keep = np.fromiter((n not in known for n in names), bool, len(names))
                         names, vectors = [n for n, k in zip(names, keep) if k], vectors[keep]
                     ids.write(names)
+                    vectors = reranking.normalize(vectors)
+                    if vectors_file is not None:
+                        vectors_file.write(vectors.astype(np.float16).tobytes())
                     yield vectors
 
             if kind == "ivfpq":
@@ -323,7 +343,7 @@ def _build_index(source, output, kind, factory, nprobe, images_root, model_info,
         if count != ids.count:
             raise RuntimeError(f"{count} vectors written for {ids.count} ids")
         index_lib.write_meta(folder, descriptors.dim, count, kind, factory if kind == "ivfpq" else None, nprobe,
-                          metadata)
+                             metadata, k_factor)
 
     atomic_write(output.rstrip("/"), write)
     with open(os.path.join(output, "meta.json")) as f:

@@ -186,13 +186,15 @@ def write_on_disk(template, batches, folder, previous=None, part_rows=1 << 20):
 def check_free_space(folder, template, count):
     """Refuses (ValueError) to build ``count`` vectors of the serialised
     index ``template`` into ``folder`` when its disk cannot hold them: the
-    parts and then the lists file, each ``count`` codes and ids. The lists
+    parts and then the lists file, each ``count`` codes and ids, and the
+    float16 descriptors kept for re-ranking. The lists
     file is written through a memory map, where a full disk is not an error
     but a SIGBUS that kills the process."""
     import faiss
 
-    ivf = faiss.extract_index_ivf(faiss.deserialize_index(template))
-    needed = 2 * count * (ivf.code_size + 8) + (64 << 20)
+    index = faiss.deserialize_index(template)
+    ivf = faiss.extract_index_ivf(index)  # a view into index, which must stay alive
+    needed = 2 * count * (ivf.code_size + 8) + count * index.d * 2 + (64 << 20)
     free = shutil.disk_usage(folder).free
     if free < needed:
         raise ValueError(f"{folder}: the index needs about {needed / 2**30:.2f} GiB of disk, "

@@ -8,9 +8,14 @@ Three kinds:
 * ``ivfpq``: a FAISS inverted file built from an ``index_factory`` string
   (by default `faiss_ivf.default_factory`: an OPQ rotation, inverted lists
   over a trained coarse quantiser, product-quantised codes), approximate,
-  for large collections; only the codes are kept, so αQE and DBA need one of
-  the exact kinds. Built from shards (`faiss_ivf.write_on_disk`), its lists
-  live in a file beside the index and are read through a memory map.
+  for large collections; αQE and DBA need one of the exact kinds. Built
+  from shards (`faiss_ivf.write_on_disk`), its lists live in a file beside
+  the index and are read through a memory map. Its descriptors are kept
+  too, as float16 in `VECTORS_FILE` (read through a memory map): a search
+  takes ``k_factor * k`` candidates from the codes and re-ranks them by
+  their exact inner product (`reranking.rescore`), as Faiss's
+  ``IndexRefine`` does, so that the codes only have to find the
+  neighbours, not order them.
 
 `default_kind` picks by collection size.
 """
@@ -30,11 +35,24 @@ from deep_retrieval.retrieval.faiss_ivf import (
     set_nprobe,
     train_index,
 )
-from deep_retrieval.retrieval.reranking import RERANK_M, alpha_query_expansion, normalize, superglobal_rerank, topk
+from deep_retrieval.retrieval.reranking import (
+    RERANK_M,
+    alpha_query_expansion,
+    normalize,
+    rescore,
+    superglobal_rerank,
+    topk,
+)
 
 FORMAT_VERSION = 1
 
 KINDS = ("exact", "flat", "ivfpq")
+
+VECTORS_FILE = "vectors.f16"
+"""An ``ivfpq`` index's descriptors, float16 rows in id order, no header."""
+
+K_FACTOR = 16
+"""Candidates per result an ``ivfpq`` search re-ranks exactly."""
 
 
 def default_kind(count):
@@ -42,14 +60,14 @@ def default_kind(count):
     return "exact" if count < 1_000_000 else "ivfpq"
 
 
-META_KEYS = ("format_version", "dim", "count", "kind", "factory", "nprobe")
+META_KEYS = ("format_version", "dim", "count", "kind", "factory", "nprobe", "k_factor")
 
 
-def write_meta(folder, dim, count, kind, factory, nprobe, metadata):
+def write_meta(folder, dim, count, kind, factory, nprobe, metadata, k_factor=K_FACTOR):
     """``folder/meta.json``: the format version, the index's shape and
     parameters, then the free-form ``metadata``."""
     meta = {"format_version": FORMAT_VERSION, "dim": int(dim), "count": int(count), "kind": kind,
-            "factory": factory, "nprobe": int(nprobe), **metadata}
+            "factory": factory, "nprobe": int(nprobe), "k_factor": int(k_factor), **metadata}
     with open(os.path.join(folder, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
 
@@ -93,16 +111,22 @@ class Index:
         factory: for ``ivfpq``, the Faiss ``index_factory`` string
             (default: `default_factory` for the collection size).
         nprobe: inverted lists visited per query (``ivfpq``).
+        k_factor: ``ivfpq``: candidates per result re-ranked exactly (1:
+            the codes' order, no re-ranking).
     """
 
-    def __init__(self, dim, metadata=None, kind="exact", factory=None, nprobe=16):
+    def __init__(self, dim, metadata=None, kind="exact", factory=None, nprobe=16, k_factor=K_FACTOR):
         if kind not in KINDS:
             raise ValueError(f"unknown index kind {kind!r}; choose one of {KINDS}")
         self.dim = int(dim)
         self.metadata = dict(metadata or {})
         self.kind = kind
         self.factory, self.nprobe = factory, int(nprobe)
+        if int(k_factor) < 1:
+            raise ValueError(f"k_factor must be at least 1, got {k_factor}")
+        self.k_factor = int(k_factor)
         self.descriptors = np.zeros((0, self.dim), dtype=np.float32)
+        self.vectors = np.zeros((0, self.dim), dtype=np.float16) if kind == "ivfpq" else None
         self.ids = []
         self._faiss = None
         self._on_disk = False
@@ -143,6 +167,7 @@ class Index:
             if not self.trained:
                 self.train(descriptors)
             self._faiss.add(descriptors)
+            self.vectors = np.concatenate([self.vectors, descriptors.astype(np.float16)])
         else:
             self.descriptors = np.concatenate([self.descriptors, descriptors])
             if self._faiss is not None:  # a built flat index grows with it
@@ -180,6 +205,9 @@ class Index:
         k = min(int(k), len(self))
         if self.kind == "exact":
             scores, idx = topk(queries, self.descriptors, k, chunk)
+        elif self.kind == "ivfpq" and self.vectors is not None and self.k_factor > 1:
+            _, candidates = self._faiss.search(queries, min(len(self), k * self.k_factor))
+            scores, idx = rescore(queries, self.vectors, candidates, k)
         else:
             index = self._flat() if self.kind == "flat" else self._faiss
             scores, idx = index.search(queries, k)
@@ -199,11 +227,14 @@ class Index:
                 import faiss
 
                 faiss.write_index(self._faiss, os.path.join(folder, "faiss.index"))
+                if self.vectors is not None:
+                    np.ascontiguousarray(self.vectors, np.float16).tofile(os.path.join(folder, VECTORS_FILE))
             else:
                 np.save(os.path.join(folder, "descriptors.npy"), self.descriptors)
             with IdsFile(folder) as ids:
                 ids.write(self.ids)
-            write_meta(folder, self.dim, len(self), self.kind, self.factory, self.nprobe, self.metadata)
+            write_meta(folder, self.dim, len(self), self.kind, self.factory, self.nprobe, self.metadata,
+                       self.k_factor)
 
         path = path.rstrip("/")
         with exclusive_lock(path + ".lock", f"{path}: another process is writing this index"):
@@ -254,12 +285,26 @@ class Index:
         if expected_dim is not None and dim != int(expected_dim):
             raise ValueError(f"{path}: descriptors of size {dim}, but the model produces {expected_dim}")
         extra = {k: v for k, v in meta.items() if k not in META_KEYS + ("nlist", "m")}  # nlist, m: before factories
-        index = cls(dim, extra, kind, meta.get("factory"), meta.get("nprobe", 16))
+        index = cls(dim, extra, kind, meta.get("factory"), meta.get("nprobe", 16), meta.get("k_factor", K_FACTOR))
         index.ids, index.path = list(ids), path
         if kind == "ivfpq":
             set_nprobe(stored, index.nprobe)
             index._faiss = stored
             index._on_disk = os.path.exists(os.path.join(path, LISTS_FILE))
+            index.vectors = read_vectors(path, count, dim)
         else:
             index.descriptors = descriptors.astype(np.float32)
         return index
+
+
+def read_vectors(path, count, dim):
+    """The memory map of index folder ``path``'s `VECTORS_FILE` (``[count,
+    dim]`` float16), or None for an index built without it."""
+    file = os.path.join(path, VECTORS_FILE)
+    if not os.path.exists(file):
+        return None
+    size, want = os.path.getsize(file), count * dim * 2
+    if size != want:
+        raise ValueError(f"{path}: corrupt index ({VECTORS_FILE} holds {size} bytes, {count} x {dim} float16 "
+                         f"are {want}: truncated?)")
+    return np.memmap(file, np.float16, "r", shape=(count, dim)) if count else np.zeros((0, dim), np.float16)

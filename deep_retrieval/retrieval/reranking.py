@@ -51,6 +51,33 @@ def topk(queries, database, k, chunk=65536):
     return np.take_along_axis(best_s, order, axis=1), np.take_along_axis(best_i, order, axis=1)
 
 
+def rescore(queries, vectors, candidates, k, chunk=64):
+    """Exact re-ranking of short lists: ``(scores [nq, k], indices [nq, k])``,
+    the ``k`` best of each query's ``candidates`` (``[nq, c]`` rows of
+    ``vectors``, ``-1`` for none) by their exact inner product.
+
+    ``vectors`` may be a memory map (float16 on disk): each chunk of queries
+    reads the rows its short lists name once, in file order, so the page
+    cache, not the heap, holds them. Missing results are ``-inf`` / ``-1``.
+    """
+    queries = np.asarray(queries, dtype=np.float32)
+    candidates = np.asarray(candidates, dtype=np.int64)
+    k = min(int(k), candidates.shape[1])
+    scores = np.full((len(queries), k), -np.inf, np.float32)
+    indices = np.full((len(queries), k), -1, np.int64)
+    for start in range(0, len(queries), chunk):
+        q, c = queries[start:start + chunk], candidates[start:start + chunk]
+        rows, inverse = np.unique(np.where(c >= 0, c, 0), return_inverse=True)
+        exact = np.asarray(vectors[rows], dtype=np.float32) @ q.T  # [rows, nq]
+        s = exact[inverse.reshape(c.shape), np.arange(len(q))[:, None]]
+        s = np.where(c >= 0, s, -np.inf)
+        order = np.lexsort((c, -s), axis=1)[:, :k]
+        scores[start:start + len(q)] = np.take_along_axis(s, order, axis=1)
+        indices[start:start + len(q)] = np.where(np.isfinite(scores[start:start + len(q)]),
+                                                 np.take_along_axis(c, order, axis=1), -1)
+    return scores, indices
+
+
 def alpha_query_expansion(queries, database, k, alpha=3.0, chunk=65536):
     """αQE: ``L2(q + sum over the top-k of s^α x)`` (see the module docstring)."""
     queries = normalize(queries)

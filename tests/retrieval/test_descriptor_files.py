@@ -80,7 +80,8 @@ def test_a_folder_of_shards_streams_into_the_same_index_as_one_file(tmp_path):
     one = build_index(str(tmp_path / "one.parquet"), str(tmp_path / "one"), "ivfpq", factory, nprobe=8)
     sharded = build_index(folder, str(tmp_path / "sharded"), "ivfpq", factory, nprobe=8)
     assert one["count"] == sharded["count"] == n and sharded["factory"] == factory
-    assert sorted(os.listdir(tmp_path / "sharded")) == ["faiss.index", "ids.json", "lists.ivfdata", "meta.json"]
+    assert sorted(os.listdir(tmp_path / "sharded")) == ["faiss.index", "ids.json", "lists.ivfdata", "meta.json",
+                                                        "vectors.f16"]
     os.rename(tmp_path / "sharded", tmp_path / "moved")  # the lists are found beside the index
     a, b = index_lib.Index.load(str(tmp_path / "one")), index_lib.Index.load(str(tmp_path / "moved"))
     assert a.ids == b.ids == names
@@ -114,6 +115,7 @@ def test_appending_shards_to_an_on_disk_index(tmp_path):
     assert grown["count"] == n and grown["factory"] == "IVF16,PQ8"
     index = index_lib.Index.load(out)
     assert index.ids == names
+    index.k_factor = 1  # the codes' own order, as Faiss gives it
     queries = vectors[::40]
     scores, got = index.search(queries, 5)
     want_scores, want = reference.search(queries, 5)
@@ -225,3 +227,40 @@ def test_a_full_disk_is_a_one_line_error_and_the_previous_index_stays(tmp_path, 
     monkeypatch.undo()
     assert index_lib.Index.load(out).ids == before
     assert sorted(os.listdir(tmp_path)) == ["idx", "idx.lock", "v.parquet"]
+
+
+def test_re_ranked_ivfpq_search_is_exact_when_the_short_list_covers_everything(tmp_path):
+    """Every list probed and k_factor * k >= n: the exact top-k of numpy over
+    the float16 descriptors, after a build from shards and after --append;
+    the float16 rows kept are the descriptors to float16 precision."""
+    n, dim = 4000, 16
+    vectors, names = _clustered(n, dim, 7), [f"{i}" for i in range(n)]
+    folder = _shards(tmp_path / "shards", names, vectors, 4)
+    out = str(tmp_path / "idx")
+    meta = build_index(os.path.join(folder, descriptor_files.shard_name(0, 4)), out, "ivfpq", "IVF8,PQ4",
+                       nprobe=8, train_size=1000, k_factor=500)
+    assert meta["k_factor"] == 500
+    grown = build_index(folder, out, append=True)
+    assert grown["count"] == n and grown["k_factor"] == 500
+    index = index_lib.Index.load(out)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(index.vectors, np.float32), unit, atol=1e-3)
+    queries = unit[::50] + 0.05 * np.random.default_rng(2).normal(size=(80, dim)).astype(np.float32)
+    scores, got = index.search(queries, 10)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    exact = q @ np.asarray(index.vectors, np.float32).T  # brute force over all n
+    want = np.argsort(-exact, axis=1, kind="stable")[:, :10]
+    assert got == [[str(i) for i in row] for row in want]
+    np.testing.assert_allclose(scores, np.take_along_axis(exact, want, 1), atol=1e-5)
+    np.testing.assert_allclose(scores, np.sort(q @ unit.T, axis=1)[:, ::-1][:, :10], atol=2e-3)  # vs float32
+    index.k_factor = 1  # the codes alone order them worse
+    assert index.search(queries, 10)[1] != got
+
+
+def test_a_truncated_vectors_file_is_a_one_line_error(tmp_path):
+    out, _ = _ivfpq(tmp_path)
+    path = os.path.join(out, index_lib.VECTORS_FILE)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 2)
+    with pytest.raises(ValueError, match=r"idx: corrupt index \(vectors.f16 holds 95998 bytes, 3000 x 16 float16"):
+        index_lib.Index.load(out)
