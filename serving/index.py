@@ -42,7 +42,7 @@ def define_flags():
                          "(default: 40 per inverted list).")
     flags.DEFINE_integer("nprobe", 16, "ivfpq: inverted lists visited per query.")
     flags.DEFINE_integer("k_factor", None, "ivfpq: candidates per result that a search re-ranks by their exact "
-                         "inner product, read from the index's float16 descriptors (default 16, or the "
+                         "inner product, read from the index's float16 descriptors (default 32, or the "
                          "appended index's; 1 for none).")
     flags.DEFINE_string("images_root", None, "Folder the image names are relative to (for result pictures).")
     flags.DEFINE_string("model_info", None, "model_info.json of the export that made the descriptors.")

@@ -104,3 +104,32 @@ def textured(height, width, seed=0):
     y, x = np.mgrid[0:height, 0:width]
     smooth = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], -1)
     return np.clip(smooth + rng.uniform(-60, 60, (height, width, 3)), 0, 255).astype(np.uint8)
+
+
+def jpeg_bytes(images, quality=95):
+    """JPEG files of float ``[H, W, 3]`` RGB images in 0..255."""
+    out = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(np.asarray(image).astype(np.uint8)).save(buffer, "JPEG", quality=quality)
+        out.append(buffer.getvalue())
+    return out
+
+
+def served_descriptors(model_name, base_path, blobs):
+    """The descriptors of image files ``blobs`` as the embedded TF Serving
+    server answers a gRPC Predict for the SavedModel versions under
+    ``base_path``."""
+    from serving import client
+    from serving import service as server_lib
+    from serving.model_manager import ModelManager
+
+    manager = ModelManager(model_name, str(base_path), poll_seconds=0)
+    server, port = server_lib.build_server(manager, 0)
+    server.start()
+    try:
+        response = client.prediction_stub(f"127.0.0.1:{port}").Predict(client.predict_request(model_name, blobs),
+                                                                         timeout=120)
+    finally:
+        server.stop(0)
+    return client.descriptors(response)

@@ -51,7 +51,7 @@ KINDS = ("exact", "flat", "ivfpq")
 VECTORS_FILE = "vectors.f16"
 """An ``ivfpq`` index's descriptors, float16 rows in id order, no header."""
 
-K_FACTOR = 16
+K_FACTOR = 32
 """Candidates per result an ``ivfpq`` search re-ranks exactly."""
 
 

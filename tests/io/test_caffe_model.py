@@ -4,20 +4,8 @@ import numpy as np
 import pytest
 
 from deep_retrieval.io import caffe_model
-
-
-def _varint(n):
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number, payload):
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
+from tests.helpers_protobuf import field as _field
+from tests.helpers_protobuf import varint as _varint
 
 CONV = '''layer {
   name: "conv1"  type: "Convolution"  bottom: "data"  top: "conv1"

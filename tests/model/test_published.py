@@ -432,15 +432,8 @@ def test_published_names_download_once_verify_and_then_need_no_network(tmp_path,
 def test_imported_model_exports_and_serves_its_descriptors(tmp_path, monkeypatch):
     """A dirtorch import through export.export_saved_model and the embedded
     TF Serving server: the gRPC answer is the Keras model's descriptor."""
-    import io
-
-    from PIL import Image
-
     from export import export_saved_model
-    from serving import client
-    from serving import service as server_lib
-    from serving.model_manager import ModelManager
-    from tests.helpers_images import reference_descriptors
+    from tests.helpers_images import jpeg_bytes, reference_descriptors, served_descriptors
 
     images = _photos()
     path = str(tmp_path / "Resnet50-AP-GeM.pt")
@@ -450,20 +443,8 @@ def test_imported_model_exports_and_serves_its_descriptors(tmp_path, monkeypatch
     base = tmp_path / "models" / "dir"
     info = export_saved_model.export(str(tmp_path / "imported.keras"), str(base / "1"))
     assert info["descriptor_size"] == 512
-    blobs = []
-    for image in images:
-        buffer = io.BytesIO()
-        Image.fromarray(image.astype(np.uint8)).save(buffer, "JPEG", quality=95)
-        blobs.append(buffer.getvalue())
-    manager = ModelManager("dir", str(base), poll_seconds=0)
-    server, port = server_lib.build_server(manager, 0)
-    server.start()
-    try:
-        response = client.prediction_stub(f"127.0.0.1:{port}").Predict(client.predict_request("dir", blobs),
-                                                                         timeout=120)
-    finally:
-        server.stop(0)
-    served = client.descriptors(response)
+    blobs = jpeg_bytes(images)
+    served = served_descriptors("dir", base, blobs)
     want = reference_descriptors(model, blobs, 320)
     assert served.shape == (3, 512)
     np.testing.assert_allclose(served, want, atol=1e-5)

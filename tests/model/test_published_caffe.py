@@ -21,6 +21,8 @@ from deep_retrieval.data import photos  # noqa: E402
 from deep_retrieval.io import caffe_model  # noqa: E402
 from deep_retrieval.model import published  # noqa: E402
 from tests import reference  # noqa: E402
+from tests.helpers_protobuf import field as _field  # noqa: E402
+from tests.helpers_protobuf import varint as _varint  # noqa: E402
 
 BGR_MEAN = np.array([103.939, 116.779, 123.68], np.float32)
 STAGES = ((2, 3, 64), (3, 4, 128), (4, 23, 256), (5, 3, 512))  # ResNet-101
@@ -114,20 +116,6 @@ def _prototxt(layers, python_normalize=True, extra_head=""):
 
 
 # --- the caffemodel, on the protobuf wire ------------------------------------------------------------------------
-
-def _varint(n):
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number, payload):
-    """A length-delimited field (wire type 2)."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
 
 def _blob(array, legacy=False):
     array = np.asarray(array, np.float32)
@@ -282,15 +270,8 @@ def test_release_imports_with_its_descriptors_single_and_multi_resolution(releas
 def test_release_exports_and_serves_its_descriptors(release, tmp_path):
     """Through export.export_saved_model (image sizes unknown to the graph:
     the grid is computed at run time) and the embedded TF Serving server."""
-    import io
-
-    from PIL import Image
-
     from export import export_saved_model
-    from serving import client
-    from serving import service as server_lib
-    from serving.model_manager import ModelManager
-    from tests.helpers_images import reference_descriptors
+    from tests.helpers_images import jpeg_bytes, reference_descriptors, served_descriptors
 
     folder, layers, blobs = release
     model, _ = published.import_caffe(str(folder / "deploy_resnet101_normpython.prototxt"),
@@ -298,21 +279,9 @@ def test_release_exports_and_serves_its_descriptors(release, tmp_path):
     model.save(tmp_path / "dir.keras")
     info = export_saved_model.export(str(tmp_path / "dir.keras"), str(tmp_path / "models" / "dir" / "1"))
     assert info["descriptor_size"] == 2048
-    blobs_jpeg = []
-    for image in _photos([(240, 320), (300, 200)]):
-        buffer = io.BytesIO()
-        Image.fromarray(image.astype(np.uint8)).save(buffer, "JPEG", quality=95)
-        blobs_jpeg.append(buffer.getvalue())
-    manager = ModelManager("dir", str(tmp_path / "models" / "dir"), poll_seconds=0)
-    server, port = server_lib.build_server(manager, 0)
-    server.start()
-    try:
-        response = client.prediction_stub(f"127.0.0.1:{port}").Predict(client.predict_request("dir", blobs_jpeg),
-                                                                         timeout=120)
-    finally:
-        server.stop(0)
-    served = client.descriptors(response)
-    np.testing.assert_allclose(served, reference_descriptors(model, blobs_jpeg, 256), atol=1e-5)
+    files = jpeg_bytes(_photos([(240, 320), (300, 200)]))
+    served = served_descriptors("dir", tmp_path / "models" / "dir", files)
+    np.testing.assert_allclose(served, reference_descriptors(model, files, 256), atol=1e-5)
 
 
 @pytest.mark.parametrize("edit, message", [

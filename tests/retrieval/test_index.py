@@ -115,7 +115,7 @@ def test_ivfpq_recall_and_round_trip(tmp_path):
     _, got = index.search(q, 10)
     _, want = reranking.topk(reranking.normalize(q), db, 10)
     recall = np.mean([len(set(map(int, g)) & set(w)) / 10 for g, w in zip(got, want)])
-    assert recall >= 0.8  # the codes' 160 candidates re-ranked exactly (nprobe 8 of 32 lists bounds it)
+    assert recall >= 0.8  # the codes' 320 candidates re-ranked exactly (nprobe 8 of 32 lists bounds it)
     assert all(int(g[0]) == j for j, g in enumerate(got[:10]))
     index.k_factor = 1
     _, codes = index.search(q, 10)
