@@ -2,7 +2,7 @@
 
     images [N, H, W, 3] (RGB, 0..255)
       -> backbone preprocessing
-      -> for each scale: resize -> backbone -> R-MAC head (grid or RPN regions, L2,
+      -> for each scale: resize -> backbone -> R-MAC head (grid, RPN or pixel-grid regions, L2,
          PCA-whitening, L2, sum, L2), or GeM head (GeM, L2, fc, L2)
       -> sum over scales (or their generalised mean) -> L2
       -> [post-hoc whitening -> L2]

@@ -1,6 +1,7 @@
-"""The published PyTorch retrieval networks as `DescriptorModel`s.
+"""The published retrieval networks (PyTorch, and the DIR paper's Caffe
+release) as `DescriptorModel`s.
 
-Two checkpoint layouts are recognised, read with the torch-free reader
+Two PyTorch checkpoint layouts are recognised, read with the torch-free reader
 (`torch_checkpoint.load`, with numpy arrays and scikit-learn's ``PCA`` as plain
 data through `pickled_data`):
 
@@ -36,7 +37,7 @@ cirtorch's VGG16 network keeps torchvision's ``features.N`` names
   (``caffe`` mode), images at S = 800 with L = 2, multi-resolution at
   S = 550, 800, 1050 summed (``test.py --multires``).
 
-Both PyTorch families preprocess RGB / 255 with ImageNet's mean and std, which is the
+Both PyTorch families preprocess RGB / 255 with ImageNet's mean and std, the
 ``torch`` mode of `ImagePreprocessing`; a checkpoint with other statistics
 is refused rather than approximated.
 """
