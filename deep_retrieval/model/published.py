@@ -47,7 +47,7 @@ import os
 
 import numpy as np
 
-from deep_retrieval.backbones import caffe_resnet
+from deep_retrieval.backbones import caffe_resnet, registry
 from deep_retrieval.backbones.torchvision_resnet import BLOCKS, load_torch_state
 from deep_retrieval.config import PAPER_SCALES, DescriptorConfig
 from deep_retrieval.io import caffe_model, download, pickled_data, torch_checkpoint
@@ -367,7 +367,7 @@ def import_caffe(prototxt, caffemodel, image_size=CAFFE_IMAGE_SIZE, scales=None)
     depth = _caffe_depth(prototxt, {layer["name"] for layer in layers})
     count = len(caffe_resnet.caffe_layers(depth))
     _check_caffe_trunk(prototxt, layers[:count], depth)
-    shift, pca, dim = _check_caffe_head(prototxt, layers[count:], 32)
+    shift, pca, dim = _check_caffe_head(prototxt, layers[count:], registry.SPECS[f"caffe_{depth}"].stride)
     blobs = caffe_model.read_blobs(caffemodel)
     scales = tuple(scales or PAPER_SCALES)
     config = DescriptorConfig(

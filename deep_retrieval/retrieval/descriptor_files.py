@@ -337,7 +337,7 @@ def _build_index(source, output, kind, factory, nprobe, images_root, model_info,
                                              previous._faiss if previous is not None else None)
             else:
                 held = [previous.descriptors] if previous is not None else []
-                matrix = np.concatenate(held + [reranking.normalize(v) for v in batches()])
+                matrix = np.concatenate(held + list(batches()))  # batches() normalises
                 np.save(os.path.join(folder, "descriptors.npy"), matrix)
                 count = len(matrix)
         if count != ids.count:

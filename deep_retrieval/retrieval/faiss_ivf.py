@@ -131,8 +131,9 @@ def write_on_disk(template, batches, folder, previous=None, part_rows=1 << 20):
     Args:
         template: the trained, empty index (`train_index`), serialised
             (``faiss.serialize_index``).
-        batches: iterable of ``[n, dim]`` float32 vectors, L2-normalised
-            here; their ids follow ``previous``'s.
+        batches: iterable of ``[n, dim]`` float32 vectors, already
+            L2-normalised (the build normalises them once, as it also
+            writes their float16 rows); their ids follow ``previous``'s.
         folder: an existing, empty folder.
         previous: a loaded index whose vectors come first, or None.
         part_rows: vectors per part.
@@ -155,7 +156,6 @@ def write_on_disk(template, batches, folder, previous=None, part_rows=1 << 20):
     for vectors in batches:
         if part is None:
             part = faiss.deserialize_index(template)
-        vectors = normalize(vectors)
         part.add_with_ids(vectors, np.arange(start, start + len(vectors), dtype=np.int64))
         start += len(vectors)
         if part.ntotal >= part_rows:
