@@ -13,7 +13,8 @@ on disk, and for each of ``--k_factors`` (candidates per result re-ranked
 exactly from the index's float16 descriptors, 1 for the codes' own order)
 queries/s (one batch of ``--queries``, the vectors' pages already cached)
 and recall@10 against exact search over all the shards (each query a
-database vector plus noise). With
+database vector plus noise). ``--serving`` then measures the peak RSS of
+``serving.search`` and ``serving.web`` on the largest index. With
 sizes that double, the peak RSS column shows whether memory grows with the
 collection.
 
@@ -61,13 +62,17 @@ def write_shards(folder, count, rows, dim, clusters, spread, seed=0):
 
 
 def run_sampled(command):
-    """Runs ``command``; returns (seconds, peak VmRSS, RssAnon, RssFile in bytes)."""
-    peaks = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
+    """Runs ``command``; returns (seconds, peak RSS, peak RssAnon, peak RssFile
+    in bytes, its last output line), sampled from ``/proc`` every 0.1 s (the
+    peak RSS is the kernel's high-water mark, VmHWM, as last sampled:
+    ``wait4``'s ``ru_maxrss`` would count this process's memory at the fork)."""
+    peaks = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done = threading.Event()
 
     def sample():
-        while process.poll() is None:
+        while not done.is_set():
             try:
                 with open(f"/proc/{process.pid}/status") as f:
                     for line in f:
@@ -75,17 +80,74 @@ def run_sampled(command):
                         if key in peaks:
                             peaks[key] = max(peaks[key], int(line.split()[1]) * 1024)
             except OSError:
-                return
+                pass
             time.sleep(0.1)
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     output = process.communicate()[0]
     seconds = time.perf_counter() - start
+    done.set()
     thread.join()
     if process.returncode:
         sys.exit(f"{' '.join(command)} failed:\n{output}")
-    return seconds, peaks["VmRSS"], peaks["RssAnon"], peaks["RssFile"], output.strip().splitlines()[-1]
+    last = (output.strip().splitlines() or [""])[-1]
+    return seconds, peaks["VmHWM"], peaks["RssAnon"], peaks["RssFile"], last
+
+
+def _status(pid, keys=("VmHWM", "VmRSS", "RssAnon", "RssFile")):
+    with open(f"/proc/{pid}/status") as f:
+        return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split(":")[0] in keys}
+
+
+def serving_memory(index_folder, dim, work):
+    """Peak RSS of ``serving.search`` answering one query on ``index_folder``
+    and of ``serving.web`` once it has answered one search, both with a
+    random ``dim``-D export (the model, not the index, is most of it); and
+    of loading the index alone, then with its names turned into a Python
+    list (what serving held before the id store)."""
+    import urllib.request
+
+    from PIL import Image
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _served import export_random_model, free_port
+
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    base = export_random_model(work, whitening_dim=dim)
+    query = os.path.join(work, "query.jpg")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(query)
+    rows = {}
+    load = "import sys; from deep_retrieval.retrieval.index import Index; index = Index.load(sys.argv[1])"
+    for title, code in (("Index.load", load), ("Index.load, then list(index.ids)", load + "; names = list(index.ids)")):
+        rows[title] = run_sampled([sys.executable, "-c", code, index_folder])[1]
+    model = os.path.join(base, "1")
+    rows["serving.search, one query"] = run_sampled(
+        [sys.executable, "-m", "serving.search", "--index", index_folder, "--saved_model", model, "--query", query,
+         "--top", "10"])[1]
+    port = free_port()
+    web = subprocess.Popen([sys.executable, "-m", "serving.web", "--index", index_folder, "--saved_model", model,
+                            "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in web.stdout:
+            if "search page for" in line:
+                break
+        else:
+            sys.exit(f"serving.web stopped: {web.poll()}")
+        boundary = "----bench"
+        with open(query, "rb") as f:
+            body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.jpg\"\r\n"
+                    "Content-Type: image/jpeg\r\n\r\n").encode() + f.read() + f"\r\n--{boundary}--\r\n".encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/search", body,
+                                         {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        with urllib.request.urlopen(request, timeout=300) as answer:
+            answer.read()
+        rows["serving.web, after one search"] = _status(web.pid)["VmHWM"]
+    finally:
+        web.terminate()
+        web.wait()
+    return rows
 
 
 def exact_top10(queries, paths):
@@ -117,6 +179,8 @@ def main():
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--noise", type=float, default=0.5, help="query noise norm (the vectors have norm 1)")
     parser.add_argument("--folder", default="/tmp/index_build")
+    parser.add_argument("--serving", action="store_true",
+                        help="then measure the peak RSS of serving.search and serving.web on the largest index")
     args = parser.parse_args()
 
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -151,7 +215,6 @@ def main():
         queries /= np.linalg.norm(queries, axis=1, keepdims=True)
         want = exact_top10(queries, paths[:count])
         index = index_lib.Index.load(output)
-        position = {name: i for i, name in enumerate(index.ids)}
         cells = []
         for k_factor in k_factors:
             index.k_factor = k_factor
@@ -159,14 +222,18 @@ def main():
             t0 = time.perf_counter()
             _, got = index.search(queries, 10)
             qps = len(queries) / (time.perf_counter() - t0)
-            recall = np.mean([len({position[n] for n in g if n is not None} & set(w.tolist())) / 10
-                              for g, w in zip(got, want)])
+            recall = np.mean([len(set(index.ids.positions([n for n in g if n is not None]).tolist())
+                                  & set(w.tolist())) / 10 for g, w in zip(got, want)])
             cells.append(f"{qps:.0f}, {recall:.3f}")
         print(f"| {count * args.shard_rows:,} | {count} | {seconds:.0f} s | {rss / 2**30:.2f} GiB "
               f"| {anon / 2**30:.2f} GiB | {file_backed / 2**30:.2f} GiB | {size_on_disk / 2**30:.2f} GiB "
               f"| {' | '.join(cells)} |", flush=True)
-        del index, position
+        del index
     print(f"(last build said: {said})")
+    if args.serving:
+        print("| process, on the last index | peak RSS |\n|---|---|")
+        for title, peak in serving_memory(output, args.dim, os.path.join(args.folder, "serving")).items():
+            print(f"| {title} | {peak / 2**30:.2f} GiB |", flush=True)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,6 @@ class Searcher:
 
         self.index, self.describer = index, describer
         self.images_root = images_root or index.metadata.get("images_root")
-        self.names = set(index.ids)
         self.max_top = max_top
         self.budget = PixelBudget(max_pixels_in_flight)
 
@@ -134,7 +133,7 @@ class Searcher:
 
     def image_path(self, name):
         """The file of an indexed image, or None (not in the index, no root)."""
-        if name not in self.names or not self.images_root:
+        if not self.images_root or name not in self.index.ids:  # a lookup in the id store, not a set in memory
             return None
         root = os.path.realpath(self.images_root)
         path = os.path.realpath(os.path.join(root, name))

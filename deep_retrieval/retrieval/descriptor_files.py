@@ -10,8 +10,8 @@ such a folder.
 `build_index` makes the `index.Index` of a file or folder. Exact kinds hold
 every descriptor; ``ivfpq`` streams: its quantisers are trained on a random
 sample, the vectors are added a batch at a time into on-disk lists
-(`faiss_ivf.write_on_disk`), and the ids are written as they come, so memory
-does not grow with the collection.
+(`faiss_ivf.write_on_disk`), and the ids are written as they come
+(`id_store.IdWriter`), so memory does not grow with the collection.
 """
 
 import contextlib
@@ -24,6 +24,7 @@ import numpy as np
 from deep_retrieval.io.atomic import atomic_write, exclusive_lock, remove_stale_temporaries
 from deep_retrieval.retrieval import faiss_ivf, reranking
 from deep_retrieval.retrieval import index as index_lib
+from deep_retrieval.retrieval.id_store import IdWriter
 
 METADATA_KEY = b"deep_retrieval"
 
@@ -300,20 +301,20 @@ def _build_index(source, output, kind, factory, nprobe, images_root, model_info,
         size = train_size or max(TRAIN_MIN, TRAIN_PER_LIST * faiss_ivf.faiss_lists(factory))
         template = faiss.serialize_index(
             faiss_ivf.train_index(factory, descriptors.dim, _sample(descriptors, size), nprobe))
-    known = set(previous.ids) if previous is not None else set()
 
     def write(folder):
         os.makedirs(folder)
         skip = repeated_rows(descriptors, os.path.join(folder, "scratch"))
         os.rmdir(os.path.join(folder, "scratch"))
         _warn_repeated(source, descriptors, skip)
-        with index_lib.IdsFile(folder) as ids, contextlib.ExitStack() as stack, \
+        expected = len(descriptors) - len(skip) + (len(previous) if previous is not None else 0)
+        with IdWriter(folder, expected) as ids, contextlib.ExitStack() as stack, \
                 tqdm(total=len(descriptors) - len(skip), unit="vec", desc="index", disable=not progress) as bar:
             vectors_file = None
             if keep_vectors:
                 vectors_file = stack.enter_context(open(os.path.join(folder, index_lib.VECTORS_FILE), "wb"))
             if previous is not None:
-                ids.write(previous.ids)
+                ids.copy(previous.ids)
                 if vectors_file is not None:
                     for start in range(0, len(previous), 1 << 18):
                         vectors_file.write(np.ascontiguousarray(previous.vectors[start:start + (1 << 18)]).tobytes())
@@ -321,8 +322,8 @@ def _build_index(source, output, kind, factory, nprobe, images_root, model_info,
             def batches():  # the rows to add; their names (and float16 rows) are written as they pass
                 for names, vectors in _kept(descriptors, skip):
                     bar.update(len(names))
-                    if known:
-                        keep = np.fromiter((n not in known for n in names), bool, len(names))
+                    if previous is not None:  # the images it holds are not added again
+                        keep = previous.ids.positions(names) < 0
                         names, vectors = [n for n, k in zip(names, keep) if k], vectors[keep]
                     ids.write(names)
                     vectors = reranking.normalize(vectors)

@@ -35,6 +35,7 @@ from deep_retrieval.retrieval.faiss_ivf import (
     set_nprobe,
     train_index,
 )
+from deep_retrieval.retrieval.id_store import IdStore, IdWriter
 from deep_retrieval.retrieval.reranking import (
     RERANK_M,
     alpha_query_expansion,
@@ -44,7 +45,9 @@ from deep_retrieval.retrieval.reranking import (
     topk,
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 keeps the ids in an `id_store.IdStore`; version 1 (read too)
+kept them in ``ids.json``."""
 
 KINDS = ("exact", "flat", "ivfpq")
 
@@ -70,34 +73,6 @@ def write_meta(folder, dim, count, kind, factory, nprobe, metadata, k_factor=K_F
             "factory": factory, "nprobe": int(nprobe), "k_factor": int(k_factor), **metadata}
     with open(os.path.join(folder, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
-
-
-class IdsFile:
-    """``folder/ids.json``, a JSON list written a chunk of ids at a time, so
-    that a build never holds them all; ``count`` says how many so far.
-
-    Example:
-
-    >>> with IdsFile(folder) as ids:
-    ...     ids.write(["a.jpg", "b.jpg"])
-    """
-
-    def __init__(self, folder):
-        self._file = open(os.path.join(folder, "ids.json"), "w")
-        self._file.write("[")
-        self.count = 0
-
-    def write(self, names):
-        if len(names):
-            self._file.write(("," if self.count else "") + ",".join(json.dumps(str(n)) for n in names))
-            self.count += len(names)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._file.write("]")
-        self._file.close()
 
 
 class Index:
@@ -127,7 +102,7 @@ class Index:
         self.k_factor = int(k_factor)
         self.descriptors = np.zeros((0, self.dim), dtype=np.float32)
         self.vectors = np.zeros((0, self.dim), dtype=np.float16) if kind == "ivfpq" else None
-        self.ids = []
+        self.ids = IdStore()
         self._faiss = None
         self._on_disk = False
         self.path = None  # the folder it was loaded from
@@ -215,7 +190,8 @@ class Index:
 
     def save(self, path):
         """Writes the folder ``path`` atomically (`deep_retrieval.io.atomic.atomic_write`):
-        descriptors.npy (exact kinds) or faiss.index, ids.json, meta.json.
+        descriptors.npy (exact kinds) or faiss.index, the ids
+        (`id_store.FILES`), meta.json.
         A save killed mid-way leaves the previous index in place (or in
         ``path.old``, which `load` reads)."""
         if self._on_disk:
@@ -231,8 +207,8 @@ class Index:
                     np.ascontiguousarray(self.vectors, np.float16).tofile(os.path.join(folder, VECTORS_FILE))
             else:
                 np.save(os.path.join(folder, "descriptors.npy"), self.descriptors)
-            with IdsFile(folder) as ids:
-                ids.write(self.ids)
+            with IdWriter(folder, len(self)) as ids:
+                ids.copy(self.ids)
             write_meta(folder, self.dim, len(self), self.kind, self.factory, self.nprobe, self.metadata,
                        self.k_factor)
 
@@ -254,11 +230,15 @@ class Index:
         try:
             with open(os.path.join(path, "meta.json")) as f:
                 meta = json.load(f)
-            if meta.get("format_version") != FORMAT_VERSION:
-                raise ValueError(
-                    f"{path}: index format {meta.get('format_version')}, this version reads {FORMAT_VERSION}")
-            with open(os.path.join(path, "ids.json")) as f:
-                ids = json.load(f)
+            version = meta.get("format_version")
+            if version not in (1, FORMAT_VERSION):
+                raise ValueError(f"{path}: index format {version}, this version reads 1 to {FORMAT_VERSION}")
+            if version == 1:
+                ids = IdStore()
+                with open(os.path.join(path, "ids.json")) as f:
+                    ids.extend(json.load(f))
+            else:
+                ids = IdStore(path)
             kind = meta.get("kind", "exact")
             if kind == "ivfpq":
                 stored = read_faiss(os.path.join(path, "faiss.index"))
@@ -286,7 +266,7 @@ class Index:
             raise ValueError(f"{path}: descriptors of size {dim}, but the model produces {expected_dim}")
         extra = {k: v for k, v in meta.items() if k not in META_KEYS + ("nlist", "m")}  # nlist, m: before factories
         index = cls(dim, extra, kind, meta.get("factory"), meta.get("nprobe", 16), meta.get("k_factor", K_FACTOR))
-        index.ids, index.path = list(ids), path
+        index.ids, index.path = ids, path
         if kind == "ivfpq":
             set_nprobe(stored, index.nprobe)
             index._faiss = stored

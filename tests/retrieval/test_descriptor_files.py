@@ -80,11 +80,11 @@ def test_a_folder_of_shards_streams_into_the_same_index_as_one_file(tmp_path):
     one = build_index(str(tmp_path / "one.parquet"), str(tmp_path / "one"), "ivfpq", factory, nprobe=8)
     sharded = build_index(folder, str(tmp_path / "sharded"), "ivfpq", factory, nprobe=8)
     assert one["count"] == sharded["count"] == n and sharded["factory"] == factory
-    assert sorted(os.listdir(tmp_path / "sharded")) == ["faiss.index", "ids.json", "lists.ivfdata", "meta.json",
-                                                        "vectors.f16"]
+    assert sorted(os.listdir(tmp_path / "sharded")) == ["faiss.index", "ids.hashes", "ids.names", "ids.offsets",
+                                                        "ids.order", "lists.ivfdata", "meta.json", "vectors.f16"]
     os.rename(tmp_path / "sharded", tmp_path / "moved")  # the lists are found beside the index
     a, b = index_lib.Index.load(str(tmp_path / "one")), index_lib.Index.load(str(tmp_path / "moved"))
-    assert a.ids == b.ids == names
+    assert list(a.ids) == list(b.ids) == names
     queries = vectors[::97] + 0.05 * np.random.default_rng(1).normal(size=(len(vectors[::97]), dim))
     scores_a, got_a = a.search(queries, 10)
     scores_b, got_b = b.search(queries, 10)
@@ -114,7 +114,7 @@ def test_appending_shards_to_an_on_disk_index(tmp_path):
     grown = build_index(folder, out, append=True)  # the first shard again, and three new ones
     assert grown["count"] == n and grown["factory"] == "IVF16,PQ8"
     index = index_lib.Index.load(out)
-    assert index.ids == names
+    assert list(index.ids) == names
     index.k_factor = 1  # the codes' own order, as Faiss gives it
     queries = vectors[::40]
     scores, got = index.search(queries, 5)
@@ -138,7 +138,7 @@ def test_repeated_names_across_shards_are_indexed_once(tmp_path, capsys):
     assert skipped.tolist() == want
     build_index(folder, str(tmp_path / "idx"))
     index = index_lib.Index.load(str(tmp_path / "idx"))
-    assert index.ids == list(dict.fromkeys(names))
+    assert list(index.ids) == list(dict.fromkeys(names))
     first = {name: names.index(name) for name in index.ids}
     np.testing.assert_allclose(index.descriptors[5], reranking.normalize(vectors[first[index.ids[5]]]), rtol=1e-5)
     assert f"{len(want)} repeated image row(s) skipped" in capsys.readouterr().err
@@ -211,7 +211,7 @@ def test_a_full_disk_is_a_one_line_error_and_the_previous_index_stays(tmp_path, 
     from collections import namedtuple
 
     out, vectors = _ivfpq(tmp_path)
-    before = index_lib.Index.load(out).ids
+    before = list(index_lib.Index.load(out).ids)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - 4096, 4096))
     with pytest.raises(ValueError, match=r"idx\.tmp-.*: the index needs about .* GiB of disk, 0\.00 GiB are free"):
@@ -225,7 +225,7 @@ def test_a_full_disk_is_a_one_line_error_and_the_previous_index_stays(tmp_path, 
     with pytest.raises(ValueError, match=r"idx: cannot write the index: No space left on device \(descriptors.npy\)"):
         build_index(str(tmp_path / "v.parquet"), out, "exact")
     monkeypatch.undo()
-    assert index_lib.Index.load(out).ids == before
+    assert list(index_lib.Index.load(out).ids) == before
     assert sorted(os.listdir(tmp_path)) == ["idx", "idx.lock", "v.parquet"]
 
 

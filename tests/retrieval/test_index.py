@@ -55,7 +55,7 @@ def test_index_search_save_load_round_trip(tmp_path):
     path = str(tmp_path / "idx")
     index.save(path)
     loaded = index_lib.Index.load(path, expected_dim=16)
-    assert loaded.ids == index.ids and loaded.metadata == {"model": "demo"}
+    assert list(loaded.ids) == list(index.ids) and loaded.metadata == {"model": "demo"}
     np.testing.assert_array_equal(loaded.descriptors, index.descriptors)
     index.add(_unit(1, 16, 3), ["new"])
     index.save(path)  # replacing an existing index
@@ -213,3 +213,42 @@ def test_rescore_hand_worked():
     scores, idx = reranking.rescore(queries, vectors, np.array([[2, 0, -1], [1, 1, 0]]), 3)
     assert idx.tolist() == [[0, 2, -1], [1, 1, 0]]
     np.testing.assert_allclose(scores, [[1, 0.6, -np.inf], [1, 1, 0]], atol=1e-3)
+
+
+def _on_disk_index(tmp_path, nlist=64, written=range(0, 64, 5)):
+    """An IVF-Flat index whose on-disk lists hold three vectors in each of ``written``."""
+    import faiss
+
+    quantizer = faiss.IndexFlatIP(4)
+    quantizer.add(np.eye(4, dtype=np.float32)[np.arange(nlist) % 4])
+    index = faiss.IndexIVFFlat(quantizer, 4, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.is_trained = True
+    lists = faiss.OnDiskInvertedLists(nlist, index.code_size, str(tmp_path / faiss_ivf.LISTS_FILE))
+    codes = np.zeros((3, index.code_size), np.uint8)
+    with faiss_ivf.quiet_stdout():
+        for i in written:
+            lists.add_entries(i, 3, faiss.swig_ptr(np.arange(3, dtype=np.int64) + 3 * i), faiss.swig_ptr(codes))
+    index.replace_invlists(lists, True)
+    lists.this.disown()
+    return index, lists
+
+
+def test_list_extents_equal_the_accessors_and_a_changed_layout_falls_back(tmp_path, monkeypatch):
+    index, lists = _on_disk_index(tmp_path)
+    want = np.array([(lists.lists.at(i).size, lists.lists.at(i).capacity, lists.lists.at(i).offset)
+                     for i in range(lists.nlist)], np.uint64)
+    assert want[5, 0] == 3 and want[1, 1] == 0  # written and never-written lists both present
+    np.testing.assert_array_equal(faiss_ivf.list_extents(lists), want)
+    # A Faiss whose struct is laid out otherwise reads as garbage: the accessors are used.
+    monkeypatch.setattr(np.ctypeslib, "as_array", lambda raw: np.full(3 * lists.nlist, 12345, np.uint64))
+    np.testing.assert_array_equal(faiss_ivf.list_extents(lists), want)
+
+
+def test_check_lists_accepts_never_written_lists_and_refuses_a_short_file(tmp_path):
+    index, lists = _on_disk_index(tmp_path)
+    faiss_ivf.check_lists(index, "idx")  # SIZE_MAX offsets of empty lists are not a reach past the file
+    size = os.path.getsize(lists.filename)
+    with open(lists.filename, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(ValueError, match="idx: corrupt index .* truncated"):
+        faiss_ivf.check_lists(index, "idx")

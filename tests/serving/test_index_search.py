@@ -87,7 +87,7 @@ def test_repeated_rows_are_indexed_once_with_a_warning(tmp_path, capsys):
     _parquet(tmp_path / "d.parquet", ["a", "b", "a", "c"], vectors)
     build_index(str(tmp_path / "d.parquet"), str(tmp_path / "idx"))
     index = index_lib.Index.load(str(tmp_path / "idx"))
-    assert index.ids == ["a", "b", "c"]
+    assert list(index.ids) == ["a", "b", "c"]
     np.testing.assert_allclose(index.descriptors[0], vectors[0] / np.linalg.norm(vectors[0]), rtol=1e-5)
     assert "1 repeated image row(s) skipped" in capsys.readouterr().err
 
