@@ -9,7 +9,8 @@ for each size in ``--sizes`` (a folder holding the first shards) runs
 as its own process, sampling its memory from ``/proc`` every 0.1 s. Prints
 per size: build time, peak RSS (total, anonymous, and file-backed: pages of
 the memory-mapped lists and shards, which the kernel can drop), index size
-on disk, and for each of ``--k_factors`` (candidates per result re-ranked
+on disk, and for each of ``--search_nprobes`` (lists visited) and
+``--k_factors`` (candidates per result re-ranked
 exactly from the index's float16 descriptors, 1 for the codes' own order)
 queries/s (one batch of ``--queries``, the vectors' pages already cached)
 and recall@10 against exact search over all the shards (each query a
@@ -35,6 +36,7 @@ import numpy as np
 from deep_retrieval.retrieval import index as index_lib
 from deep_retrieval.retrieval import reranking
 from deep_retrieval.retrieval.descriptor_files import Descriptors, shard_name
+from deep_retrieval.retrieval.faiss_ivf import set_nprobe
 
 
 def write_shards(folder, count, rows, dim, clusters, spread, seed=0):
@@ -103,7 +105,8 @@ def _status(pid, keys=("VmHWM", "VmRSS", "RssAnon", "RssFile")):
 def serving_memory(index_folder, dim, work):
     """Peak RSS of ``serving.search`` answering one query on ``index_folder``
     and of ``serving.web`` once it has answered one search, both with a
-    random ``dim``-D export (the model, not the index, is most of it); and
+    random-weight ``dim``-D export (the model, not the index, is most of
+    it); and
     of loading the index alone, then with its names turned into a Python
     list (what serving held before the id store)."""
     import urllib.request
@@ -115,7 +118,8 @@ def serving_memory(index_folder, dim, work):
 
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
-    base = export_random_model(work, whitening_dim=dim)
+    backbone = "tiny" if dim <= 128 else "efficientnet_lite0"  # the tiny CNN has 128 channels
+    base = export_random_model(work, backbone, whitening_dim=dim)
     query = os.path.join(work, "query.jpg")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(query)
     rows = {}
@@ -173,8 +177,10 @@ def main():
     parser.add_argument("--clusters", type=int, default=20000)
     parser.add_argument("--spread", type=float, default=0.5, help="noise around a centre, relative to its norm")
     parser.add_argument("--factory", default="OPQ64_256,IVF8192_HNSW32,PQ64")
-    parser.add_argument("--nprobe", type=int, default=32)
-    parser.add_argument("--k_factors", default="1,4,16,64",
+    parser.add_argument("--nprobe", type=int, default=16, help="lists visited per query (serving.index's default)")
+    parser.add_argument("--search_nprobes", default=None,
+                        help="comma-separated nprobe values to search with as well (default: --nprobe only)")
+    parser.add_argument("--k_factors", default="1,16,32,64",
                         help="candidates per result re-ranked exactly from the float16 descriptors (1: none)")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--noise", type=float, default=0.5, help="query noise norm (the vectors have norm 1)")
@@ -192,10 +198,11 @@ def main():
     print(f"{shards} shards of {args.shard_rows} x {args.dim} float32 ({on_disk / 1e9:.1f} GB of Parquet) "
           f"ready in {time.perf_counter() - t0:.0f} s; factory {args.factory}, nprobe {args.nprobe}", flush=True)
     rng = np.random.default_rng(1)
-    k_factors = [int(k) for k in args.k_factors.split(",")]
+    nprobes = [int(n) for n in (args.search_nprobes or str(args.nprobe)).split(",")]
+    settings = [(n, int(k)) for n in nprobes for k in args.k_factors.split(",")]
     print("| descriptors | shards | build | peak RSS | anonymous | file-backed | index on disk | "
-          + " | ".join(f"k_factor {k}: q/s, recall@10" for k in k_factors) + " |\n|"
-          + "---|" * (7 + len(k_factors)), flush=True)
+          + " | ".join(f"nprobe {n}, k_factor {k}: q/s, recall@10" for n, k in settings) + " |\n|"
+          + "---|" * (7 + len(settings)), flush=True)
     for size in sizes:
         count = -(-size // args.shard_rows)
         subset = os.path.join(args.folder, f"first-{count}")
@@ -216,7 +223,8 @@ def main():
         want = exact_top10(queries, paths[:count])
         index = index_lib.Index.load(output)
         cells = []
-        for k_factor in k_factors:
+        for nprobe, k_factor in settings:
+            set_nprobe(index._faiss, nprobe)
             index.k_factor = k_factor
             index.search(queries, 10)  # warm: the code paths and the pages the short lists read
             t0 = time.perf_counter()

@@ -17,7 +17,8 @@ Three kinds:
   ``IndexRefine`` does, so that the codes only have to find the
   neighbours, not order them.
 
-`default_kind` picks by collection size.
+Every kind keeps its ids in an `id_store.IdStore`, read through memory
+maps. `default_kind` picks by collection size.
 """
 
 import json
