@@ -38,8 +38,10 @@ SEED = 20261207
 
 
 def _renderers():
-    """The landmark renderers, in a fixed order: ``[(render, background)]``
-    per instance photo, and the two distractor sources."""
+    """``(instances, distractors, difficulty)``: a renderer per instance photo
+    in a fixed order, ``render(rng, size, difficulty)``; the two distractor
+    sources, ``view(rng, size, number)``; the database views' difficulty
+    range."""
     from deep_retrieval.config import SyntheticConfig
     from deep_retrieval.data.landmarks import Photos, Scenes
 
@@ -99,7 +101,6 @@ class Extractor:
     def __init__(self, width, batch=64):
         self.batch = batch
         self.pool = multiprocessing.get_context("spawn").Pool(1, _init_worker, (width,))
-        self.instances = None
 
     def describe(self, items, model, progress):
         chunks = [items[i:i + self.batch] for i in range(0, len(items), self.batch)]
