@@ -39,11 +39,21 @@ from deep_retrieval.retrieval.descriptor_files import Descriptors, shard_name
 from deep_retrieval.retrieval.faiss_ivf import set_nprobe
 
 
-def write_shards(folder, count, rows, dim, clusters, spread, seed=0):
-    """``count`` shards of ``rows`` clustered unit vectors; returns their paths."""
+def write_shard(path, names, vectors):
+    """A Parquet shard as `serving.extract` writes one (``image``,
+    ``descriptor`` columns), written beside ``path`` and renamed into place."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    n, dim = vectors.shape
+    column = pa.ListArray.from_arrays(pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)),
+                                      pa.array(vectors.reshape(-1)))
+    pq.write_table(pa.table({"image": pa.array(names), "descriptor": column}), path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def write_shards(folder, count, rows, dim, clusters, spread, seed=0):
+    """``count`` shards of ``rows`` clustered unit vectors; returns their paths."""
     os.makedirs(folder, exist_ok=True)
     centres = np.random.default_rng(seed).standard_normal((clusters, dim), dtype=np.float32)
     paths = []
@@ -55,11 +65,7 @@ def write_shards(folder, count, rows, dim, clusters, spread, seed=0):
         rng = np.random.default_rng(seed + 1 + i)
         x = centres[rng.integers(0, clusters, rows)] + spread * rng.standard_normal((rows, dim), dtype=np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
-        names = pa.array([f"s{i:05d}/{j:07d}.jpg" for j in range(rows)])
-        column = pa.ListArray.from_arrays(pa.array(np.arange(0, rows * dim + 1, dim, dtype=np.int32)),
-                                          pa.array(x.reshape(-1)))
-        pq.write_table(pa.table({"image": names, "descriptor": column}), path + ".tmp")
-        os.replace(path + ".tmp", path)
+        write_shard(path, [f"s{i:05d}/{j:07d}.jpg" for j in range(rows)], x)
     return paths
 
 

@@ -116,17 +116,6 @@ class Extractor:
         return np.concatenate(out)
 
 
-def write_shard(path, names, vectors):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    n, dim = vectors.shape
-    column = pa.ListArray.from_arrays(pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)),
-                                      pa.array(vectors.reshape(-1)))
-    pq.write_table(pa.table({"image": pa.array(names), "descriptor": column}), path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
 def name_of(item):
     tag, label, k = item
     kind = {1: "db", 2: "query"}[tag]
@@ -141,6 +130,7 @@ def label_of(name):
 def extract(args):
     """Writes (or finds) ``folder/shards/*.parquet``, ``folder/queries.parquet``."""
     import tensorflow as tf
+    from index_build import write_shard
     from tqdm import tqdm
 
     from deep_retrieval.config import DescriptorConfig
@@ -233,8 +223,8 @@ def evaluate(args):
     vectors = np.concatenate(vectors)
     labels = np.asarray([label_of(n) for n in names])
     positives = np.bincount(labels[labels >= 0])
-    query_names, queries = Descriptors(os.path.join(args.folder, "queries.parquet")).take(
-        np.arange(len(Descriptors(os.path.join(args.folder, "queries.parquet")))))
+    query_file = Descriptors(os.path.join(args.folder, "queries.parquet"))
+    query_names, queries = query_file.take(np.arange(len(query_file)))
     query_labels = [label_of(n) for n in query_names]
     _, exact = reranking.topk(queries, vectors, 100)
     index = index_lib.Index.load(output)

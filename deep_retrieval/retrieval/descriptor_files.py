@@ -24,7 +24,7 @@ import numpy as np
 from deep_retrieval.io.atomic import atomic_write, exclusive_lock, remove_stale_temporaries
 from deep_retrieval.retrieval import faiss_ivf, reranking
 from deep_retrieval.retrieval import index as index_lib
-from deep_retrieval.retrieval.id_store import IdWriter
+from deep_retrieval.retrieval.id_store import HashBuckets, IdWriter, encode, name_hashes
 
 METADATA_KEY = b"deep_retrieval"
 
@@ -160,36 +160,26 @@ def _vectors(batch, path, dim=None):
     return np.asarray(column.flatten(), dtype=np.float32).reshape(len(lengths), dim or 0)
 
 
-def repeated_rows(descriptors, scratch, bucket_rows=1 << 22):
+def repeated_rows(descriptors, scratch, bucket_rows=None):
     """Sorted positions of the rows that repeat an earlier row's image name.
 
-    Memory stays bounded: the names' 64-bit hashes go to bucket files under
-    ``scratch`` by hash value, each bucket is checked alone, and only the
-    rows whose hash repeats are compared by name.
+    Memory stays bounded: the names' hashes (`id_store.name_hashes`) go to
+    `id_store.HashBuckets` under ``scratch`` (removed after), each bucket is
+    checked alone, and only the rows whose hash repeats are compared by name.
     """
-    import pandas as pd
-
-    buckets = max(1, -(-len(descriptors) // bucket_rows))
-    os.makedirs(scratch, exist_ok=True)
-    files = [os.path.join(scratch, f"{b}.hashes") for b in range(buckets)]
+    table = HashBuckets(scratch, len(descriptors), bucket_rows)
     position = 0
     for names, _ in descriptors.batches(vectors=False):
-        hashes = pd.util.hash_array(np.asarray(names, dtype=object))
-        records = np.stack([hashes.view(np.int64), np.arange(position, position + len(names))], axis=1)
-        which = hashes % np.uint64(buckets)
-        for b in np.unique(which):
-            with open(files[b], "ab") as f:
-                records[which == b].tofile(f)
+        table.add(name_hashes([encode(n) for n in names]), np.arange(position, position + len(names)))
         position += len(names)
     candidates = []
-    for path in files:
-        if not os.path.exists(path):
-            continue
-        records = np.fromfile(path, dtype=np.int64).reshape(-1, 2)
-        os.remove(path)
-        _, inverse, counts = np.unique(records[:, 0], return_inverse=True, return_counts=True)
-        candidates.append(records[counts[inverse] > 1, 1])
-    candidates = np.sort(np.concatenate(candidates))
+    for hashes, positions in table.sorted():
+        repeats = np.zeros(len(hashes), bool)
+        repeats[1:] = hashes[1:] == hashes[:-1]
+        repeats[:-1] |= repeats[1:]  # every row of a repeated hash, its first included
+        candidates.append(positions[repeats])
+    table.close()
+    candidates = np.sort(np.concatenate(candidates)) if candidates else np.zeros(0, np.int64)
     if not len(candidates):
         return candidates
     seen, repeated = set(), []
@@ -305,7 +295,6 @@ def _build_index(source, output, kind, factory, nprobe, images_root, model_info,
     def write(folder):
         os.makedirs(folder)
         skip = repeated_rows(descriptors, os.path.join(folder, "scratch"))
-        os.rmdir(os.path.join(folder, "scratch"))
         _warn_repeated(source, descriptors, skip)
         expected = len(descriptors) - len(skip) + (len(previous) if previous is not None else 0)
         with IdWriter(folder, expected) as ids, contextlib.ExitStack() as stack, \

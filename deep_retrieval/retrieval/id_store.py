@@ -49,11 +49,12 @@ def name_hashes(encoded):
     return np.frombuffer(digests, "<u8").astype(np.uint64)
 
 
-def _map(path, dtype, count):
-    """A read-only memory map of ``count`` items (numpy cannot map an empty file)."""
-    if not count:
-        return np.zeros(0, dtype)
-    return np.memmap(path, dtype, "r", shape=(count,))
+def read_only_map(path, dtype, shape):
+    """A read-only memory map of ``shape`` items of ``dtype`` (zeros when
+    empty: numpy cannot map an empty file)."""
+    if not np.prod(shape):
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype, "r", shape=shape)
 
 
 class IdStore(collections.abc.Sequence):
@@ -89,13 +90,13 @@ class IdStore(collections.abc.Sequence):
                              f"{sizes[OFFSETS_FILE]} bytes, {HASHES_FILE} {sizes[HASHES_FILE]}, {ORDER_FILE} "
                              f"{sizes[ORDER_FILE]}: truncated?)")
         self._stored = count
-        self._offsets = np.memmap(os.path.join(folder, OFFSETS_FILE), "<u8", "r", shape=(count + 1,))
+        self._offsets = read_only_map(os.path.join(folder, OFFSETS_FILE), "<u8", (count + 1,))
         if int(self._offsets[-1]) != sizes[NAMES_FILE]:
             raise ValueError(f"{folder}: corrupt index ({NAMES_FILE} holds {sizes[NAMES_FILE]} bytes, "
                              f"{OFFSETS_FILE} says {int(self._offsets[-1])}: truncated?)")
-        self._names = _map(os.path.join(folder, NAMES_FILE), np.uint8, sizes[NAMES_FILE])
-        self._hashes = _map(os.path.join(folder, HASHES_FILE), np.uint64, count)
-        self._order = _map(os.path.join(folder, ORDER_FILE), "<i8", count)
+        self._names = read_only_map(os.path.join(folder, NAMES_FILE), np.uint8, (sizes[NAMES_FILE],))
+        self._hashes = read_only_map(os.path.join(folder, HASHES_FILE), np.uint64, (count,))
+        self._order = read_only_map(os.path.join(folder, ORDER_FILE), "<i8", (count,))
 
     def __len__(self):
         return self._stored + len(self._added)
@@ -150,15 +151,47 @@ class IdStore(collections.abc.Sequence):
             self._added.append(name)
 
 
+class HashBuckets:
+    """``(hash, position)`` records spilled to bucket files under ``folder``
+    by the hashes' top bits, then read back a bucket at a time, so that
+    memory stays at one bucket (``bucket_rows``, default `BUCKET_ROWS`,
+    records for ``expected`` in all; a wrong guess costs memory, not
+    correctness). The folder is removed by `close`."""
+
+    def __init__(self, folder, expected, bucket_rows=None):
+        self.folder = folder
+        self._bits = max(0, math.ceil(math.log2(max(expected, 1) / (bucket_rows or BUCKET_ROWS))))
+        os.makedirs(folder, exist_ok=True)
+
+    def add(self, hashes, positions):
+        """Appends the records of uint64 ``hashes`` and int64 ``positions``."""
+        which = hashes >> np.uint64(64 - self._bits) if self._bits else np.zeros(len(hashes), np.uint64)
+        for b in np.unique(which):
+            keep = which == b
+            with open(os.path.join(self.folder, f"{int(b):06d}"), "ab") as f:
+                np.stack([hashes[keep].view(np.int64), positions[keep]], axis=1).astype("<i8").tofile(f)
+
+    def sorted(self):
+        """Yields ``(hashes, positions)`` a bucket at a time, in hash order
+        overall, by hash then position within a bucket."""
+        for bucket in sorted(os.listdir(self.folder)):
+            records = np.fromfile(os.path.join(self.folder, bucket), "<i8").reshape(-1, 2)
+            hashes = records[:, 0].view(np.uint64)
+            order = np.lexsort((records[:, 1], hashes))
+            yield hashes[order], records[order, 1]
+
+    def close(self):
+        shutil.rmtree(self.folder)
+
+
 class IdWriter:
     """Writes an `IdStore`'s files into ``folder`` a chunk of names at a
     time; ``count`` says how many so far.
 
     Args:
         folder: an existing folder.
-        expected: about how many names will be written (sizes the buckets
-            of the sorted table; a wrong guess costs memory, not
-            correctness).
+        expected: about how many names will be written (sizes the
+            `HashBuckets` of the sorted table).
 
     Example:
 
@@ -168,20 +201,10 @@ class IdWriter:
 
     def __init__(self, folder, expected=0):
         self.folder, self.count, self._end = folder, 0, 0
-        self._bits = max(0, math.ceil(math.log2(max(expected, 1) / BUCKET_ROWS)))
-        self._scratch = os.path.join(folder, "ids.scratch")
-        os.makedirs(self._scratch)
+        self._table = HashBuckets(os.path.join(folder, "ids.scratch"), expected)
         self._names = open(os.path.join(folder, NAMES_FILE), "wb")
         self._offsets = open(os.path.join(folder, OFFSETS_FILE), "wb")
         self._offsets.write(np.zeros(1, "<u8").tobytes())
-
-    def _spill(self, hashes, positions):
-        """Appends ``(hash, position)`` records to their buckets' files."""
-        which = hashes >> np.uint64(64 - self._bits) if self._bits else np.zeros(len(hashes), np.uint64)
-        for b in np.unique(which):
-            keep = which == b
-            with open(os.path.join(self._scratch, f"{int(b):06d}"), "ab") as f:
-                np.stack([hashes[keep].view(np.int64), positions[keep]], axis=1).astype("<i8").tofile(f)
 
     def write(self, names):
         encoded = [encode(n) for n in names]
@@ -191,7 +214,7 @@ class IdWriter:
         self._names.write(b"".join(encoded))
         self._offsets.write(ends.astype("<u8").tobytes())
         self._end = int(ends[-1])
-        self._spill(name_hashes(encoded), np.arange(self.count, self.count + len(encoded), dtype=np.int64))
+        self._table.add(name_hashes(encoded), np.arange(self.count, self.count + len(encoded), dtype=np.int64))
         self.count += len(encoded)
 
     def copy(self, store):
@@ -204,7 +227,7 @@ class IdWriter:
             ends = np.asarray(store._offsets[start + 1:stop + 1], np.uint64) - np.uint64(first) + np.uint64(self._end)
             self._offsets.write(ends.astype("<u8").tobytes())
             self._end = int(ends[-1])
-            self._spill(np.asarray(store._hashes[start:stop]), np.asarray(store._order[start:stop]) + self.count)
+            self._table.add(np.asarray(store._hashes[start:stop]), np.asarray(store._order[start:stop]) + self.count)
         self.count += store._stored
         self.write(store._added)
 
@@ -217,10 +240,7 @@ class IdWriter:
         if kind is None:
             with open(os.path.join(self.folder, HASHES_FILE), "wb") as hashes, \
                     open(os.path.join(self.folder, ORDER_FILE), "wb") as order:
-                for bucket in sorted(os.listdir(self._scratch)):
-                    records = np.fromfile(os.path.join(self._scratch, bucket), "<i8").reshape(-1, 2)
-                    values = records[:, 0].view(np.uint64)
-                    sort = np.lexsort((records[:, 1], values))  # by hash, then position: the first comes first
-                    values[sort].astype("<u8").tofile(hashes)
-                    records[sort, 1].tofile(order)
-        shutil.rmtree(self._scratch)
+                for values, positions in self._table.sorted():  # a name's first position comes first
+                    values.astype("<u8").tofile(hashes)
+                    positions.astype("<i8").tofile(order)
+        self._table.close()

@@ -36,7 +36,7 @@ from deep_retrieval.retrieval.faiss_ivf import (
     set_nprobe,
     train_index,
 )
-from deep_retrieval.retrieval.id_store import IdStore, IdWriter
+from deep_retrieval.retrieval.id_store import IdStore, IdWriter, read_only_map
 from deep_retrieval.retrieval.reranking import (
     RERANK_M,
     alpha_query_expansion,
@@ -288,4 +288,4 @@ def read_vectors(path, count, dim):
     if size != want:
         raise ValueError(f"{path}: corrupt index ({VECTORS_FILE} holds {size} bytes, {count} x {dim} float16 "
                          f"are {want}: truncated?)")
-    return np.memmap(file, np.float16, "r", shape=(count, dim)) if count else np.zeros((0, dim), np.float16)
+    return read_only_map(file, np.float16, (count, dim))
