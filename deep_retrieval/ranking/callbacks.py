@@ -43,7 +43,7 @@ class Mining(keras.callbacks.Callback):
 
 
 class Evaluation(keras.callbacks.Callback):
-    """Scores the validation split (`Trainer.evaluate`), which selects the
+    """Scores the validation splits (`Trainer.evaluate`), which select the
     saved model, after the rounds that reach a multiple of ``eval_every``
     (not the last one: the trainer evaluates the final model itself); the
     scores join the epoch's logs, so `keras.callbacks.TensorBoard` records
@@ -57,9 +57,10 @@ class Evaluation(keras.callbacks.Callback):
         c = self.trainer.config
         step = (epoch + 1) * c.mine_every
         if step < c.steps and _reached(c.eval_every, epoch, c.mine_every):
-            record = self.trainer.evaluate(step, validation_only=True)
-            if record is not None and logs is not None:
-                logs.update({f"eval_{k}": v for k, v in record.items() if k not in ("step", "time", "dataset")})
+            records = self.trainer.evaluate(step)
+            if records is not None and logs is not None:
+                logs.update({f"eval_{r['dataset']}_{k}": v for r in records for k, v in r.items()
+                             if k not in ("step", "time", "dataset")})
 
 
 class Backup(keras.callbacks.Callback):

@@ -29,8 +29,17 @@ class RankingModel(keras.Model):
         weight_decay: Caffe-style L2 decay ``lambda``: adds
             ``lambda / 2 * ||w||^2`` of the trainable weights to the loss,
             i.e. ``lambda * w`` to every gradient (0: none).
-        replicas: replicas whose gradients are summed (the decay term is
-            divided by it, so it is counted once).
+        replicas: replicas whose gradients are summed (the decay terms are
+            divided by it, so they are counted once).
+        l2_sp: L2-SP strength ``beta`` (Li et al., ICML 2018): adds
+            ``beta / 2 * ||w - w0||^2`` of the trainable weights to the loss,
+            ``w0`` their values at `set_start_point` (0: none). It keeps
+            training near the pretrained model rather than near zero.
+        distill: distillation strength ``gamma``: adds ``gamma`` times the
+            mean over the step's images of ``||d(x) - d0(x)||^2``, ``d0`` the
+            descriptor with the weights at `set_start_point` (0: none). It
+            keeps the descriptor near the one training starts from, where
+            L2-SP keeps the weights.
         vector_logs: step logs as ``[1]`` tensors, for TensorFlow's
             `MultiWorkerMirroredStrategy`: Keras 3 averages logs over workers
             along an axis a scalar lacks (tensorflow/tensorflow#72388).
@@ -51,7 +60,7 @@ class RankingModel(keras.Model):
     """
 
     def __init__(self, descriptor, margin, triplets_per_step, weight_decay=0.0, replicas=1, vector_logs=False,
-                 **kwargs):
+                 l2_sp=0.0, distill=0.0, **kwargs):
         super().__init__(**kwargs)
         self.vector_logs = vector_logs
         self.descriptor = descriptor
@@ -59,8 +68,20 @@ class RankingModel(keras.Model):
         self.triplets_per_step = triplets_per_step
         self.weight_decay = weight_decay
         self.replicas = replicas
+        self.l2_sp, self.distill = l2_sp, distill
+        # The start point of L2-SP and distillation: non-trainable copies,
+        # saved with the model's weights (so a resumed run keeps them).
+        self.start_point = [
+            self.add_weight(shape=v.shape, initializer="zeros", trainable=False, name=f"start_{i}")
+            for i, v in enumerate(descriptor.trainable_variables)
+        ] if l2_sp or distill else []
         # Every weight belongs to the (built) descriptor model.
         self.built = True
+
+    def set_start_point(self):
+        """Takes the trainable weights' current values as L2-SP's ``w0``."""
+        for start, v in zip(self.start_point, self.descriptor.trainable_variables):
+            start.assign(v)
 
     def call(self, inputs, training=None):
         if isinstance(inputs, dict):
@@ -73,13 +94,26 @@ class RankingModel(keras.Model):
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         """The triplet ranking loss of the call (Eq. 1), summed over its
-        triplets and divided by ``triplets_per_step``, plus the L2 decay."""
+        triplets and divided by ``triplets_per_step``, plus the L2 decay,
+        L2-SP and distillation."""
         query, positive, negative = (y_pred[:, k] for k in range(3))
         loss = losses.triplet_ranking_loss_sum(query, positive, negative, self.margin) / self.triplets_per_step
         if self.weight_decay:
             squares = sum(ops.sum(ops.square(v)) for v in self.trainable_variables)
             loss = loss + 0.5 * self.weight_decay * squares / self.replicas
+        if self.l2_sp:
+            moved = sum(ops.sum(ops.square(v - w0))
+                        for v, w0 in zip(self.descriptor.trainable_variables, self.start_point))
+            loss = loss + 0.5 * self.l2_sp * moved / self.replicas
+        if self.distill:
+            loss = loss + self.distill * ops.mean(ops.sum(ops.square(y_pred - self.start_descriptors(x)), axis=-1))
         return loss
+
+    def start_descriptors(self, inputs):
+        """The call's descriptors with the start-point weights (no gradient):
+        the same network, its trainable variables read as `start_point`."""
+        with keras.StatelessScope(state_mapping=list(zip(self.descriptor.trainable_variables, self.start_point))):
+            return ops.stop_gradient(self(inputs, training=False))
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         logs = super().compute_metrics(x, y, y_pred, sample_weight)

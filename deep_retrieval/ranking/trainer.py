@@ -7,8 +7,9 @@ the current model every ``mine_every`` steps (`callbacks.Mining`), and
 `callbacks.Backup` and ``TensorBoard`` keep the run's state and logs.
 Before ranking training the PCA-whitening layer is fitted to region
 descriptors of training images, and that model is saved as
-``initial.keras``; `selection.Selection` keeps the best model on the
-validation split as ``model.keras``. A pretrained backbone's batch-norm
+``initial.keras``; `selection.Selection` keeps as ``model.keras`` the
+round whose worst gain over step 0 across the validation splits is best,
+step 0 included. A pretrained backbone's batch-norm
 statistics stay frozen, as in the reference code; ``train_from`` freezes
 its first layers.
 
@@ -113,7 +114,7 @@ class Trainer:
             self.ranking = RankingModel(
                 self.part or self.model, config.margin, config.batch_size // self.micro_steps,
                 weight_decay=config.weight_decay if config.weight_decay_mode == "l2" else 0.0,
-                replicas=replicas,
+                replicas=replicas, l2_sp=config.l2_sp, distill=config.distill,
                 vector_logs=self.tensorflow and isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy),
             )
             self.ranking.compile(optimizer=make_optimizer(config, self.micro_steps),
@@ -246,13 +247,13 @@ class Trainer:
                              "and other labels must exist")
         self.rounds.start(round_index, triplets)
 
-    def evaluate(self, step, validation_only=False):
-        """Scores the benchmarks (`Selection.evaluate`, from the cached trunk
-        when there is one); the validation's record (chief), else None."""
+    def evaluate(self, step):
+        """Scores every validation split (`Selection.evaluate`, from the
+        cached trunk when there is one); the step's records (chief), else None."""
         if not self.data.eval_datasets or not self.chief:
             return None
         describer = (lambda name: self.caches[name]) if self.caches is not None else (lambda name: self._describe)
-        return self.selection.evaluate(step, describer, validation_only)
+        return self.selection.evaluate(step, describer)
 
     @property
     def records(self):
@@ -261,7 +262,7 @@ class Trainer:
 
     @property
     def best(self):
-        """``(validation score, -step)`` of model.keras (`Selection.best`)."""
+        """``(worst relative gain over step 0, -step)`` of model.keras (`Selection.best`)."""
         return self.selection.best
 
     def save_model(self, name="model.keras"):
@@ -296,6 +297,7 @@ class Trainer:
         self.cache_frozen_trunk()
         if not resumed:
             self.init_whitening()
+            self.ranking.set_start_point()
             # The model before ranking training (pretrained backbone plus
             # fitted whitening), so what training buys can be measured.
             self.save_model(INITIAL_MODEL)

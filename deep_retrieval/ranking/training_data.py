@@ -15,7 +15,7 @@ class TrainingData:
 
     manifest: manifest_lib.Manifest
     eval_datasets: list
-    """The benchmarks, the validation split (which selects the model) first."""
+    """The validation splits, which together select the model (`selection`)."""
 
 
 def resolve_data(config, progress=True):

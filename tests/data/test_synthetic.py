@@ -93,9 +93,39 @@ def test_photo_views_use_disjoint_real_photographs(tmp_path):
         assert sorted(members.tolist()) == [3 * q, 3 * q + 1, 3 * q + 2]
     with Image.open(ds.images[0]) as im:
         assert im.size == (96, 72) and im.mode == "RGB"
-    val = groundtruth.load_dataset(root, "scenes")
-    assert len(val.queries) == len(scenes) and len(val.images) == len(scenes) + 3
-    assert synthetic.benchmarks(root) == ["scenes", "synthetic"]
+    assert synthetic.benchmarks(root) == ["scenes", "scenes_camera", "synthetic"]
+    # The places by each renderer: the same queries and ground truth layout,
+    # other pixels.
+    val, camera = (groundtruth.load_dataset(root, name) for name in ("scenes", "scenes_camera"))
+    for split in (val, camera):
+        assert len(split.queries) == len(scenes) and len(split.images) == len(scenes) + 3
+    assert [os.path.basename(p) for p in val.images] == [os.path.basename(p) for p in camera.images]
+    with Image.open(val.images[0]) as a, Image.open(camera.images[0]) as b:
+        assert a.size == b.size and np.abs(np.asarray(a, float) - np.asarray(b, float)).mean() > 10
+
+
+def test_renderer_chooses_the_training_views_not_the_photos(tmp_path):
+    base = dict(source="photos", train_landmarks=2, images_per_landmark=2, test_landmarks=1,
+                test_images_per_landmark=1, distractors=1, scene_images_per_landmark=1, scene_distractors=1,
+                image_width=96, image_height=72, seed=4)
+    roots = {}
+    for renderer in ("photo_view", "camera"):
+        try:
+            roots[renderer] = synthetic.ensure_dataset(SyntheticConfig(renderer=renderer, **base),
+                                                       cache_dir=str(tmp_path), progress=False)
+        except FileNotFoundError as e:
+            pytest.skip(str(e))
+    a, b = (pd.read_csv(os.path.join(roots[r], "sources.csv")) for r in ("photo_view", "camera"))
+    pd.testing.assert_frame_equal(a, b)  # the same photographs in the same roles
+    for name in ("train/l0000_00.jpg", "synthetic/jpg/t0000_00.jpg"):
+        with Image.open(os.path.join(roots["photo_view"], name)) as x, Image.open(
+                os.path.join(roots["camera"], name)) as y:
+            assert np.abs(np.asarray(x, float) - np.asarray(y, float)).mean() > 10
+    # The places' splits do not depend on the training renderer.
+    for name in ("scenes", "scenes_camera"):
+        assert _digest(os.path.join(roots["photo_view"], name)) == _digest(os.path.join(roots["camera"], name))
+    with pytest.raises(ValueError, match="renderer"):
+        SyntheticConfig(renderer="blender")
 
 
 def test_folder_of_own_photos_becomes_instances(tmp_path):
@@ -123,10 +153,33 @@ def test_folder_of_own_photos_becomes_instances(tmp_path):
     # The packages' scenes validate a user's collection too, when installed.
     try:
         photos.scene_photos()
-        expected = ["scenes", "synthetic"]
+        expected = ["scenes", "scenes_camera", "synthetic"]
     except FileNotFoundError:
         expected = ["synthetic"]
     assert synthetic.benchmarks(root) == expected
     # A changed collection is a new dataset.
     Image.fromarray(np.zeros((240, 320, 3), np.uint8)).save(folder / "p5.jpg")
     assert synthetic.dataset_dir(config, str(tmp_path / "cache")) != root
+
+
+def test_surroundings_set_aside_are_never_instances(tmp_path):
+    config = SyntheticConfig(source="photos", surroundings=12, train_landmarks=4, images_per_landmark=1,
+                             test_landmarks=2, test_images_per_landmark=1, distractors=1, scene_distractors=0,
+                             image_width=96, image_height=72, seed=3)
+    try:
+        root = synthetic.ensure_dataset(config, cache_dir=str(tmp_path), progress=False)
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    sources = pd.read_csv(os.path.join(root, "sources.csv"))
+    aside = set(sources[sources.role == "surroundings"].source)
+    instances = set(sources[sources.role.isin(["train", "test"])].source)
+    assert len(aside) == 12 and not (aside & instances)
+    assert not any(s.startswith("stamps/") for s in aside)  # cut-outs are instances, not surroundings
+    # Without surroundings set aside, those photos may be instances: the same
+    # seed draws other instances once 12 photos are taken out.
+    plain = pd.read_csv(os.path.join(synthetic.ensure_dataset(
+        SyntheticConfig(**{**config.__dict__, "surroundings": 0}), cache_dir=str(tmp_path), progress=False),
+        "sources.csv"))
+    assert "surroundings" not in set(plain.role)
+    with pytest.raises(ValueError, match="surroundings"):
+        SyntheticConfig(surroundings=-1)

@@ -248,7 +248,7 @@ def test_initial_model_is_the_step_zero_model(tmp_path):
     assert initial.image_size == kept.image_size == 64  # the training size travels with the model
 
 
-def test_model_keras_is_the_best_validation_model_so_far(tmp_path):
+def test_model_keras_holds_the_selected_step_across_a_resume(tmp_path):
     import keras
 
     trainer = Trainer(small_config(tmp_path / "run"), progress=False)
@@ -258,10 +258,11 @@ def test_model_keras_is_the_best_validation_model_so_far(tmp_path):
 
     def evaluated(step, trainer):
         marker.assign(np.full(marker.shape, float(step), "float32"))
-        record = {"step": step, "dataset": "synthetic", "medium_map": scores[step]}
+        records = [{"step": step, "dataset": "synthetic", "medium_map": scores[step]}]
         with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        trainer.selection.select(record)
+            f.write(json.dumps(records[0]) + "\n")
+        trainer.selection.select(records)
+        trainer.selection.earlier(step).extend(records)
         return keras.models.load_model(tmp_path / "run" / "model.keras").head.pca.mean.numpy()[0]
 
     assert [evaluated(step, trainer) for step in (0, 2, 4)] == [0.0, 2.0, 2.0]
@@ -269,7 +270,7 @@ def test_model_keras_is_the_best_validation_model_so_far(tmp_path):
     resumed = Trainer(small_config(tmp_path / "run", resume=True), progress=False)
     resumed.model.head.pca.mean.assign(np.zeros(marker.shape, "float32"))
     marker = resumed.model.head.pca.mean
-    assert evaluated(6, resumed) == 2.0 and resumed.best == (60.0, -2)
+    assert evaluated(6, resumed) == 2.0 and resumed.best == (0.2, -2)
 
 
 def test_cached_frozen_trunk_run_resumes_exactly(tmp_path):
@@ -330,11 +331,13 @@ def _frozen_bn_config(tmp_path, **overrides):
     return cfg
 
 
-def _one_step(cfg, images):
+def _one_step(cfg, images, prepare=None):
     import keras
     import tensorflow as tf
 
     trainer = Trainer(cfg, progress=False)
+    if prepare:
+        prepare(trainer)
     keras.utils.set_random_seed(0)
     before = [np.array(v) for v in trainer.model.trainable_variables]
     part = len(images[0]) // trainer.micro_steps
@@ -371,6 +374,54 @@ def test_l2_weight_decay_is_caffe_style(tmp_path):
     _, decayed = _one_step(_frozen_bn_config(tmp_path, batch_size=2, weight_decay=0.01), images)
     for w, a, b in zip(w0, plain, decayed):
         np.testing.assert_allclose(b - a, -0.1 * 0.01 * w, atol=1e-6)
+
+
+def test_l2_sp_pulls_toward_the_start_point(tmp_path):
+    # SGD without momentum, lr 0.1: L2-SP adds beta * (w - w0) to the
+    # gradient. With w0 set 0.5 below the weights, the runs differ by exactly
+    # -lr * beta * 0.5 = -0.01 for beta = 0.2, whatever the weight.
+    images = _triplet_batch(2)
+
+    def lowered_start(trainer):
+        trainer.ranking.set_start_point()
+        for start in trainer.ranking.start_point:
+            start.assign(start - 0.5)
+
+    w0, plain = _one_step(_frozen_bn_config(tmp_path, batch_size=2, weight_decay=0.0), images)
+    _, pulled = _one_step(_frozen_bn_config(tmp_path, batch_size=2, weight_decay=0.0, l2_sp=0.2), images,
+                          lowered_start)
+    for a, b in zip(plain, pulled):
+        np.testing.assert_allclose(b - a, -0.01, atol=1e-6)
+
+
+def test_distillation_term_is_the_distance_to_the_start_descriptors(tmp_path):
+    import tensorflow as tf
+    from keras import ops
+
+    trainer = Trainer(_frozen_bn_config(tmp_path, batch_size=2, weight_decay=0.0, distill=0.5), progress=False)
+    images = {k: tf.constant(x) for k, x in zip(STREAMS, _triplet_batch(2))}
+    ranking = trainer.ranking
+    ranking.set_start_point()
+    now = np.asarray(ranking(images, training=False))
+    # At the start point the student is its own teacher.
+    np.testing.assert_allclose(np.asarray(ranking.start_descriptors(images)), now, atol=1e-6)
+    # Moved start point: the teacher is the network with those weights,
+    # computed here by loading them into the model.
+    for start in ranking.start_point:
+        start.assign(start * 0.9 + 0.01)
+    teacher = np.asarray(ranking.start_descriptors(images))
+    current = [np.array(v) for v in trainer.model.trainable_variables]
+    for v, start in zip(trainer.model.trainable_variables, ranking.start_point):
+        v.assign(start)
+    np.testing.assert_allclose(teacher, np.asarray(ranking(images, training=False)), atol=1e-5)
+    for v, value in zip(trainer.model.trainable_variables, current):
+        v.assign(value)
+    assert np.abs(teacher - now).max() > 1e-3
+    plain = ranking.compute_loss(images, None, ops.convert_to_tensor(now), training=False)
+    ranking.distill = 0.0
+    without = ranking.compute_loss(images, None, ops.convert_to_tensor(now), training=False)
+    expected = 0.5 * np.mean(np.sum((now - teacher) ** 2, axis=-1))
+    assert float(plain) - float(without) == pytest.approx(expected, rel=1e-4)
 
 
 def test_mixed_aspect_triplets_run_one_by_one_at_their_own_sizes(tmp_path):
