@@ -45,7 +45,7 @@ def _renderers():
     from deep_retrieval.config import SyntheticConfig
     from deep_retrieval.data.landmarks import Photos, Scenes
 
-    config = SyntheticConfig()
+    config = SyntheticConfig(surroundings=0)  # every training-source photo an instance, as measured
     photos, scenes = Photos(config), Scenes(config)
     instances = ([photos.landmark("train", i) for i in range(photos.counts["train"])]
                  + [photos.landmark("test", i) for i in range(photos.counts["test"])]

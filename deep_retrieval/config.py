@@ -128,10 +128,11 @@ class SyntheticConfig:
         '(a pinhole camera photographs it as a turned plane, often small or cut by the frame, among other photos, '
         'behind poles and foreground, sensor noise, JPEG) or "mixed" (either, drawn per view). The places are '
         'rendered by both, as the "scenes" and "scenes_camera" validation splits.')
-    surroundings: int = setting(0,
+    surroundings: int = setting(40,
         'with "photos": training-source photographs (not cut-outs) set aside as the surroundings of training views '
-        '(backgrounds, occluders) and never used as instances, so that no training view shows another instance '
-        'around its own (0: the surroundings are the other training instances).')
+        '(backgrounds, occluders, the backdrops of cut-outs) and never used as instances, so that no training view '
+        'shows another instance around its own, which would make it a false negative of the queries of that instance '
+        '(0: the surroundings are the other training instances).')
     train_landmarks: int = setting(0, "landmarks in the training split (0: every photo not held out).")
     images_per_landmark: int = setting(6, "photographs of each training landmark.")
     test_landmarks: int = setting(30, "landmarks of the held-out query/database split drawn from the training "

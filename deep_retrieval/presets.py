@@ -10,16 +10,17 @@ def demo():
     cores: 320 px, the whole backbone but its 1x1 head convolution frozen
     and computed once per image (`frozen_trunk`), the head convolution and
     the whitening trained, Adam at 1e-4, each negative drawn among the 5
-    hardest, 200 steps of 16 triplets, views by `photo_view`; the saved
-    model chosen at steps 0, 100 and 200 by its worst gain over step 0
-    across the three validation splits, one of them rendered by
-    `camera_view`, which training never sees.
+    hardest, 200 steps of 16 triplets, views by `photo_view` with 40
+    photos set aside as surroundings (the data's default); the saved model
+    chosen at steps 0, 100 and 200 by its worst gain over step 0 across the
+    three validation splits, one of them rendered by `camera_view`, which
+    training never sees.
 
     Chosen by leaving one renderer out (docs/results.md): training blocks
     13-15 too (the earlier demo) gains on its own renderer and loses 4.8
     Medium on the other; the head alone gains on the renderer it left out
-    in both directions (+0.8 and +2.4 Medium), and a higher rate (3e-4)
-    loses that gain."""
+    in both directions (+0.8 and +2.4 Medium), +0.8 and +3.5 with the
+    surroundings set aside; a higher rate (3e-4) loses that gain."""
     return TrainConfig(
         descriptor=DescriptorConfig(
             backbone="efficientnet_lite0", weights="imagenet", levels=3, whitening_dim=512,

@@ -75,7 +75,11 @@ def main(argv):
     if path:
         print(f"model saved to {path}")
         if trainer.records and trainer.best is not None:
-            print(summary(trainer.records, -trainer.best[1]))
+            selected = -trainer.best[1]
+            print(summary(trainer.records, selected))
+            if trainer.rpn_after and selected < trainer.step:
+                print(f"model.keras pools the rigid grid: the RPN model of step {trainer.step} did not beat step 0 "
+                      f"on every split (its RPN is in {cfg.output_dir}/rpn.weights.npz, for --rpn_checkpoint)")
     print(f"wall time {time.time() - start:.0f} s")
     return 0
 
