@@ -29,8 +29,8 @@ class RankingModel(keras.Model):
         weight_decay: Caffe-style L2 decay ``lambda``: adds
             ``lambda / 2 * ||w||^2`` of the trainable weights to the loss,
             i.e. ``lambda * w`` to every gradient (0: none).
-        replicas: replicas whose gradients are summed (the decay terms are
-            divided by it, so they are counted once).
+        replicas: replicas whose gradients are summed (the decay and
+            distillation terms are divided by it, so they are counted once).
         l2_sp: L2-SP strength ``beta`` (Li et al., ICML 2018): adds
             ``beta / 2 * ||w - w0||^2`` of the trainable weights to the loss,
             ``w0`` their values at `set_start_point` (0: none). It keeps
@@ -79,7 +79,8 @@ class RankingModel(keras.Model):
         self.built = True
 
     def set_start_point(self):
-        """Takes the trainable weights' current values as L2-SP's ``w0``."""
+        """Takes the trainable weights' current values as the start point
+        ``w0`` that L2-SP and distillation pull toward."""
         for start, v in zip(self.start_point, self.descriptor.trainable_variables):
             start.assign(v)
 
@@ -106,7 +107,8 @@ class RankingModel(keras.Model):
                         for v, w0 in zip(self.descriptor.trainable_variables, self.start_point))
             loss = loss + 0.5 * self.l2_sp * moved / self.replicas
         if self.distill:
-            loss = loss + self.distill * ops.mean(ops.sum(ops.square(y_pred - self.start_descriptors(x)), axis=-1))
+            drift = ops.mean(ops.sum(ops.square(y_pred - self.start_descriptors(x)), axis=-1))
+            loss = loss + self.distill * drift / self.replicas
         return loss
 
     def start_descriptors(self, inputs):
